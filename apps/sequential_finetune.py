@@ -1,0 +1,79 @@
+r"""Learns a sequence of tasks one after another, with MAS or without.
+
+  python apps/sequential_finetune.py --workdir=/tmp/mas
+  python apps/sequential_finetune.py --method=finetune --workdir=/tmp/ft
+  tensorboard --logdir=/tmp
+
+Writes results.json, TensorBoard logs, a checkpoint and a SavedModel per
+task into --workdir; --resume continues an interrupted run.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import tasks
+from keras_mas import training
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
+                               required=True)
+_DATASET = flags.DEFINE_string(
+    "dataset", "digits",
+    "'digits' (bundled) or a TFDS name; comma-separated for --recipe=datasets.")
+_RECIPE = flags.DEFINE_enum("recipe", "permuted", list(tasks.RECIPES),
+                            "How tasks are made from the dataset.")
+_SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
+                              "task-, domain- or class-incremental.")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.")
+_METHOD = flags.DEFINE_enum("method", "mas", list(training.METHODS),
+                            "Continual-learning method.")
+_STRENGTH = flags.DEFINE_float("strength", 1.0, "λ, the MAS penalty strength.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per task.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "Keras optimizer name.")
+_MODEL = flags.DEFINE_string(
+    "model", "mlp", "'mlp', 'cnn' or a keras.applications model name.")
+_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "Local weights file for a keras.applications backbone.")
+_IMPORTANCE_SAMPLES = flags.DEFINE_integer(
+    "importance_samples", None, "Samples per task for importance (all if "
+    "unset).")
+_MAX_ANGLE = flags.DEFINE_float("max_angle", 90.0,
+                                "Rotation of the last task, --recipe=rotated.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_RESUME = flags.DEFINE_bool("resume", False,
+                            "Continue the run in --workdir.")
+_VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.enable_op_determinism()
+  sequence = tasks.make_sequence(
+      _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
+      seed=_SEED.value, max_angle=_MAX_ANGLE.value, data_dir=_DATA_DIR.value)
+  training.run_sequence(
+      sequence, _WORKDIR.value, method=_METHOD.value,
+      strength=_STRENGTH.value, epochs=_EPOCHS.value,
+      batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
+      optimizer=_OPTIMIZER.value, model=_MODEL.value,
+      hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
+      importance_samples=_IMPORTANCE_SAMPLES.value, seed=_SEED.value,
+      resume=_RESUME.value, verbose=_VERBOSE.value,
+      extra={"flags": {f.name: f.value for f in
+                       flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+
+
+if __name__ == "__main__":
+  app.run(main)

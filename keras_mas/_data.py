@@ -1,0 +1,75 @@
+"""Turns the `data` argument of the importance estimators into input batches."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _is_array_like(value):
+  return isinstance(value, (np.ndarray, tf.Tensor, list, tuple, dict)) or (
+      hasattr(value, "__array__") and not isinstance(value, tf.data.Dataset)
+  )
+
+
+def input_batches(data, batch_size=32, num_samples=None):
+  """Yields input batches of `data`, labels and sample weights dropped.
+
+  Args:
+    data: a batched `tf.data.Dataset` whose elements are `x`, `(x,)`,
+      `(x, y)` or `(x, y, sample_weight)`; or the inputs themselves as an
+      array, tensor, or a list/dict of them for multi-input models.
+    batch_size: batch size used when `data` holds arrays.
+    num_samples: stop after this many samples (the last batch is cut short).
+
+  Yields:
+    The input part of each batch, at most `num_samples` samples in all.
+
+  Raises:
+    ValueError: if an argument is invalid or `data` yields no sample.
+  """
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(
+        "Invalid value for argument `batch_size`. Expected a positive "
+        f"integer. Received: batch_size={batch_size!r}"
+    )
+  if num_samples is not None and (
+      not isinstance(num_samples, (int, np.integer)) or num_samples < 1
+  ):
+    raise ValueError(
+        "Invalid value for argument `num_samples`. Expected a positive "
+        f"integer or None. Received: num_samples={num_samples!r}"
+    )
+  if isinstance(data, tf.data.Dataset):
+    batches = (
+        keras.utils.unpack_x_y_sample_weight(element)[0] for element in data
+    )
+  elif data is not None and _is_array_like(data):
+    if isinstance(data, tuple):
+      data = keras.utils.unpack_x_y_sample_weight(data)[0]
+    batches = (
+        x for x in tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+    )
+  else:
+    raise ValueError(
+        "Invalid value for argument `data`. Expected a batched "
+        "`tf.data.Dataset` or an array of inputs. Received: "
+        f"data of type {type(data).__name__}"
+    )
+
+  seen = 0
+  for x in batches:
+    size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+    if num_samples is not None and seen + size > num_samples:
+      size = num_samples - seen
+      x = tf.nest.map_structure(lambda t, n=size: t[:n], x)
+    if size == 0:
+      continue
+    seen += size
+    yield x
+    if num_samples is not None and seen >= num_samples:
+      return
+  if seen == 0:
+    raise ValueError(
+        "Invalid value for argument `data`. Expected at least one sample. "
+        "Received: an empty dataset"
+    )

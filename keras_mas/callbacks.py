@@ -1,0 +1,93 @@
+"""TensorBoard logging for task sequences: drift, importance, accuracy matrix.
+
+Keras's own `keras.callbacks.TensorBoard` logs the training curves (`loss`,
+`task_loss`, `mas_penalty`, `accuracy`); these add what is particular to
+continual learning. Steps keep increasing across tasks: epochs count from
+the start of the sequence, task-level summaries use the task index.
+"""
+
+import io
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["DriftLogger", "log_accuracy_matrix", "log_importance"]
+
+
+def _layer_name(variable):
+  return variable.path.rsplit("/", 1)[0] if "/" in variable.path else (
+      variable.name)
+
+
+class DriftLogger(keras.callbacks.Callback):
+  """Logs `‖θ − θ*‖₂` per layer after every epoch under `drift/<layer>`.
+
+  Args:
+    writer: a `tf.summary` writer.
+  """
+
+  def __init__(self, writer):
+    super().__init__()
+    self.writer = writer
+
+  def on_epoch_end(self, epoch, logs=None):
+    per_layer = {}
+    for v, anchor in zip(self.model._mas.targets, self.model._mas.anchors):
+      diff = tf.cast(v, "float32") - anchor
+      per_layer.setdefault(_layer_name(v), []).append(
+          tf.reduce_sum(tf.square(diff)))
+    with self.writer.as_default():
+      for layer, squares in per_layer.items():
+        tf.summary.scalar(f"drift/{layer}", tf.sqrt(tf.add_n(squares)),
+                          step=epoch)
+
+
+def log_importance(writer, model, step):
+  """Histograms of Ω per variable, under `importance/<variable path>`."""
+  with writer.as_default():
+    for v, omega in zip(model._mas.targets, model._mas.importances):
+      tf.summary.histogram(f"importance/{v.path}", omega, step=step)
+
+
+def log_accuracy_matrix(writer, matrix, metrics, step):
+  """Per-task accuracy, ACC, forgetting and the matrix as an image.
+
+  Args:
+    writer: a `tf.summary` writer.
+    matrix: `T×T` accuracies, rows after `step` filled, the rest NaN.
+    metrics: dict with `acc` and `forgetting` of the tasks so far.
+    step: index of the task just trained.
+  """
+  matrix = np.asarray(matrix, dtype="float64")
+  with writer.as_default():
+    for j, accuracy in enumerate(matrix[step]):
+      tf.summary.scalar(f"accuracy/task_{j}", accuracy, step=step)
+    tf.summary.scalar("sequence/acc", metrics["acc"], step=step)
+    tf.summary.scalar("sequence/forgetting", metrics["forgetting"], step=step)
+    tf.summary.image("accuracy_matrix", _matrix_image(matrix)[None], step=step)
+
+
+def _matrix_image(matrix):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  size = len(matrix)
+  figure, axes = plt.subplots(figsize=(1.0 + 0.7 * size, 0.8 + 0.7 * size))
+  axes.imshow(np.nan_to_num(matrix, nan=0.0), vmin=0.0, vmax=1.0,
+              cmap="viridis")
+  for i in range(size):
+    for j in range(size):
+      if not np.isnan(matrix[i, j]):
+        axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                  color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
+  axes.set_xlabel("evaluated on task j")
+  axes.set_ylabel("after training task i")
+  axes.set_xticks(range(size))
+  axes.set_yticks(range(size))
+  figure.tight_layout()
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=80)
+  plt.close(figure)
+  return tf.image.decode_png(buffer.getvalue(), channels=4)

@@ -1,0 +1,373 @@
+"""MASModel: a keras.Model that owns MAS importance and anchors."""
+
+import keras
+from keras.src.models.functional import Functional
+import numpy as np
+import tensorflow as tf
+
+from keras_mas import importance as importance_lib
+from keras_mas import regularizers
+
+__all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
+
+# Importance estimators `consolidate(method=...)` accepts. Each takes
+# `(model, data, num_samples=, batch_size=, **options)`.
+ESTIMATORS = {
+    "mas": importance_lib.mas,
+    "local_mas": importance_lib.local_mas,
+}
+
+_ACCUMULATE = ("sum", "decay")
+
+
+class _MASState:
+  """Ω, θ* and their regularizers, one each per tracked trainable variable.
+
+  A plain object, so Keras does not track the variables listed here a second
+  time; the Ω and θ* variables themselves are weights of the model.
+  """
+
+  def __init__(self, targets, importances, anchors, strength, tasks):
+    self.targets = targets
+    self.importances = importances
+    self.anchors = anchors
+    self.strength = strength
+    self.tasks = tasks
+    self.regularizers = [
+        regularizers.MASRegularizer(strength, omega, anchor)
+        for omega, anchor in zip(importances, anchors)
+    ]
+
+
+@keras.saving.register_keras_serializable(package="keras_mas")
+class MASModel(keras.Model):
+  """A `keras.Model` that remembers what earlier tasks needed.
+
+  Build it like any functional model, subclass it like `keras.Model`, or turn
+  an existing model into one with `MASModel.from_model`. After training a
+  task, `consolidate` measures each parameter's importance Ω on data (labels
+  not needed) and anchors θ* to the current weights. From then on `fit`
+  minimises `task loss + λ Σ Ω (θ − θ*)²`, reported as `loss`, with the
+  penalty also logged as the metric `mas_penalty`.
+
+  Ω, θ*, λ and the number of consolidated tasks are non-trainable variables
+  of the model, created once when the model is built: the variable list does
+  not change across tasks, and `.keras` files and checkpoints keep them.
+
+  Example:
+
+  ```python
+  inputs = keras.Input((64,))
+  hidden = keras.layers.Dense(128, activation="relu")(inputs)
+  model = keras_mas.MASModel(inputs, keras.layers.Dense(10)(hidden))
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), metrics=["accuracy"])
+  model.fit(x_a, y_a, epochs=5)
+  model.consolidate(x_a, strength=1.0)
+  model.fit(x_b, y_b, epochs=5)  # logs loss, mas_penalty, accuracy
+  ```
+  """
+
+  def __new__(cls, *args, **kwargs):
+    if _functional_init_arguments(args, kwargs) and not issubclass(
+        cls, Functional):
+      if cls is not MASModel:
+        # Keras would splice `Functional` into the bases of `cls` and of
+        # every parent, MASModel included, breaking subclassed MASModels.
+        raise TypeError(
+            f"{cls.__name__} is a subclassed MASModel and cannot be built "
+            "from `inputs` and `outputs`. Subclass "
+            "keras_mas.FunctionalMASModel for a functional model.")
+      return super().__new__(FunctionalMASModel)
+    return super().__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._init_mas()
+
+  def _init_mas(self):
+    self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
+    self.penalty_tracker = keras.metrics.Mean(name="mas_penalty")
+    self._mas = None
+    if self.built:
+      self._ensure_mas_state()
+
+  @classmethod
+  def from_model(cls, model, name=None):
+    """Returns a MASModel computing what `model` computes, sharing its weights.
+
+    Functional and Sequential models become a functional MASModel over the
+    same layers; subclassed models are wrapped. No weight is copied: training
+    the result trains `model`'s layers.
+
+    Args:
+      model: a built `keras.Model`.
+      name: the new model's name; defaults to `model.name`.
+
+    Returns:
+      A `MASModel`.
+
+    Raises:
+      ValueError: if `model` is not a built `keras.Model`.
+    """
+    if not isinstance(model, keras.Model):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected a `keras.Model`. "
+          f"Received: model of type {type(model).__name__}"
+      )
+    if isinstance(model, MASModel):
+      return model
+    if not model.built:
+      raise ValueError(
+          "Invalid value for argument `model`. Expected a built model: call "
+          "it on a batch of data or `model.build(input_shape)` first. "
+          f"Received: unbuilt model '{model.name}'"
+      )
+    name = name or model.name
+    if isinstance(model, keras.Sequential) or _is_functional(model):
+      return cls(inputs=model.inputs, outputs=model.outputs, name=name)
+    return WrappedMASModel(model, name=name)  # pylint: disable=undefined-variable
+
+  # ------------------------------------------------------------------------
+  # State.
+
+  def _ensure_mas_state(self):
+    if self._mas is not None or not self.built:
+      return
+    targets = list(self.trainable_variables)
+    tracker = self._tracker
+    was_locked = tracker.locked
+    tracker.unlock()
+    try:
+      with self.distribute_strategy.scope():
+        strength = self.add_weight(
+            shape=(), dtype="float32", initializer="ones", trainable=False,
+            name="mas_strength")
+        tasks = self.add_weight(
+            shape=(), dtype="int32", initializer="zeros", trainable=False,
+            name="mas_consolidated_tasks")
+        importances, anchors = [], []
+        for i, v in enumerate(targets):
+          importances.append(self.add_weight(
+              shape=v.shape, dtype="float32", initializer="zeros",
+              trainable=False, name=f"mas_importance_{i}"))
+          anchors.append(self.add_weight(
+              shape=v.shape, dtype="float32", initializer="zeros",
+              trainable=False, name=f"mas_anchor_{i}"))
+    finally:
+      if was_locked:
+        tracker.lock()
+    self._mas = _MASState(targets, importances, anchors, strength, tasks)
+
+  def _require_mas_state(self, action):
+    if not self.built:
+      raise ValueError(
+          f"Invalid value for argument `model`. Cannot {action} an unbuilt "
+          "model: call it on a batch of data or `model.build(input_shape)` "
+          f"first. Received: unbuilt model '{self.name}'"
+      )
+    self._ensure_mas_state()
+    current = [id(v) for v in self.trainable_variables]
+    known = {id(v) for v in self._mas.targets}
+    if any(i not in known for i in current):
+      raise ValueError(
+          f"Model '{self.name}' has trainable variables that did not exist "
+          "when its MAS state was created. MASModel tracks the variables "
+          "present when it is first built; create every layer (all task "
+          "heads included) before the first `fit` or `consolidate`."
+      )
+    return self._mas
+
+  @property
+  def importances(self):
+    """Ω: a list of variables, one per tracked trainable variable."""
+    return list(self._require_mas_state("read the importance of").importances)
+
+  @property
+  def anchors(self):
+    """θ*: a list of variables, one per tracked trainable variable."""
+    return list(self._require_mas_state("read the anchors of").anchors)
+
+  @property
+  def strength(self):
+    """λ, the penalty strength, as a float."""
+    return float(self._require_mas_state("read the strength of").strength)
+
+  @strength.setter
+  def strength(self, value):
+    value = regularizers.validate_strength(value)
+    self._require_mas_state("set the strength of").strength.assign(value)
+
+  @property
+  def consolidated_tasks(self):
+    """How many times `consolidate` has run on this model."""
+    return int(self._require_mas_state("count the tasks of").tasks)
+
+  # ------------------------------------------------------------------------
+  # The method.
+
+  def consolidate(self, data, method="mas", strength=None, accumulate="sum",
+                  alpha=0.5, num_samples=None, batch_size=32, **options):
+    """Measures importance on `data` and anchors the current weights.
+
+    Runs after a task is learned: `Ω_new` is computed with `method`, then
+    `Ω ← Ω + Ω_new` (`accumulate="sum"`, the paper's choice) or
+    `Ω ← α·Ω + (1−α)·Ω_new` (`"decay"`, as Avalanche and FACIL do; the first
+    consolidation takes `Ω_new` as it is), and `θ* ← θ`. Nothing changes if
+    an argument is invalid or the importance is not finite.
+
+    Args:
+      data: inputs to measure importance on; labels, if any, are ignored.
+        A batched `tf.data.Dataset` or an array (see `importance.mas`).
+      method: `"mas"` (global, default) or `"local_mas"` (Hebbian).
+      strength: λ for the following tasks; `None` keeps the current value
+        (1.0 until set).
+      accumulate: `"sum"` or `"decay"`.
+      alpha: weight of the old importance for `accumulate="decay"`, in [0, 1].
+      num_samples: use at most this many samples.
+      batch_size: batch size when `data` is an array.
+      **options: passed to the estimator, e.g. `per_sample=False` or
+        `output_fn` for `"mas"`.
+
+    Returns:
+      The new importance `Ω_new`, a list of tensors.
+
+    Raises:
+      ValueError: if an argument is invalid, the model is not built, or the
+        importance contains NaN or infinity.
+    """
+    if method not in ESTIMATORS:
+      raise ValueError(
+          "Invalid value for argument `method`. Expected one of "
+          f"{sorted(ESTIMATORS)}. Received: method={method!r}"
+      )
+    if accumulate not in _ACCUMULATE:
+      raise ValueError(
+          "Invalid value for argument `accumulate`. Expected one of "
+          f"{list(_ACCUMULATE)}. Received: accumulate={accumulate!r}"
+      )
+    try:
+      alpha_value = float(alpha)
+    except (TypeError, ValueError):
+      alpha_value = float("nan")
+    if not 0.0 <= alpha_value <= 1.0:
+      raise ValueError(
+          "Invalid value for argument `alpha`. Expected a number in [0, 1]. "
+          f"Received: alpha={alpha!r}"
+      )
+    if strength is not None:
+      strength = regularizers.validate_strength(strength)
+    state = self._require_mas_state("consolidate")
+
+    measured = ESTIMATORS[method](
+        self, data, num_samples=num_samples, batch_size=batch_size, **options)
+    by_id = dict(zip((id(v) for v in self.trainable_variables), measured))
+    new = [by_id.get(id(v), tf.zeros(v.shape)) for v in state.targets]
+    bad = [v.path for v, omega in zip(state.targets, new)
+           if not np.all(np.isfinite(keras.ops.convert_to_numpy(omega)))]
+    if bad:
+      raise ValueError(
+          f"The importance measured with method={method!r} is not finite for "
+          f"{bad}: the model's outputs or gradients overflow on this data. "
+          "The existing importance and anchors were kept."
+      )
+
+    first = int(state.tasks) == 0
+    for omega, anchor, v, omega_new in zip(
+        state.importances, state.anchors, state.targets, new):
+      if accumulate == "sum" or first:
+        omega.assign(omega + omega_new if accumulate == "sum" else omega_new)
+      else:
+        omega.assign(alpha_value * omega + (1.0 - alpha_value) * omega_new)
+      anchor.assign(tf.cast(v, "float32"))
+    state.tasks.assign_add(1)
+    if strength is not None:
+      state.strength.assign(strength)
+    return new
+
+  def mas_penalty(self):
+    """`λ Σ Ω (θ − θ*)²` over all tracked variables, a float32 scalar."""
+    state = self._require_mas_state("compute the penalty of")
+    terms = [reg(v) for v, reg in zip(state.targets, state.regularizers)]
+    return tf.add_n(terms) if terms else tf.zeros((), "float32")
+
+  # ------------------------------------------------------------------------
+  # Keras integration.
+
+  def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                   training=True):
+    loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+    penalty = self.mas_penalty()
+    self.task_loss_tracker.update_state(loss)
+    self.penalty_tracker.update_state(penalty)
+    # Like a regularization loss: summed, and scaled per replica under
+    # tf.distribute so that the summed gradients are right.
+    penalty = self._aggregate_additional_loss(penalty)
+    return loss + tf.cast(penalty, loss.dtype)
+
+  def make_train_function(self, force=False):
+    # Subclassed models may first be built inside `fit`: create Ω and θ*
+    # before the train step is traced, so they are part of the graph.
+    self._ensure_mas_state()
+    return super().make_train_function(force=force)
+
+  def make_test_function(self, force=False):
+    self._ensure_mas_state()
+    return super().make_test_function(force=force)
+
+  def save_own_variables(self, store):
+    self._ensure_mas_state()
+    super().save_own_variables(store)
+
+  def load_own_variables(self, store):
+    self._ensure_mas_state()
+    super().load_own_variables(store)
+
+
+@keras.saving.register_keras_serializable(package="keras_mas")
+class FunctionalMASModel(MASModel, Functional):
+  """The class of `MASModel(inputs, outputs)`: a functional MASModel."""
+
+  def __init__(self, inputs, outputs, name=None, **kwargs):
+    Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+    self._init_mas()
+
+
+def _functional_init_arguments(args, kwargs):
+  return (len(args) == 2
+          or (len(args) == 1 and "outputs" in kwargs)
+          or ("inputs" in kwargs and "outputs" in kwargs))
+
+
+def _is_functional(model):
+  return hasattr(model, "_operations") and hasattr(model, "_run_through_graph")
+
+
+@keras.saving.register_keras_serializable(package="keras_mas")
+class WrappedMASModel(MASModel):
+  """A MASModel around an existing subclassed model (see `from_model`)."""
+
+  def __init__(self, model, **kwargs):
+    super().__init__(**kwargs)
+    self.model = model
+    if model.built:
+      self.built = True
+      self._ensure_mas_state()
+
+  def build(self, input_shape):
+    if not self.model.built:
+      self.model.build(input_shape)
+
+  def call(self, inputs, training=None):
+    return self.model(inputs, training=training)
+
+  def get_config(self):
+    config = super().get_config()
+    config["model"] = keras.saving.serialize_keras_object(self.model)
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    model = keras.saving.deserialize_keras_object(config.pop("model"))
+    return cls(model, **config)

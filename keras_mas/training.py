@@ -1,0 +1,303 @@
+"""run_sequence: learn a task sequence one task after another.
+
+For each task: `fit` (one call, epochs counted from the start of the
+sequence), evaluate every task, consolidate on the task's training inputs
+(labels dropped), checkpoint, export, log. The library reads no flags: the
+apps pass plain arguments.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_mas import architectures
+from keras_mas import callbacks as callbacks_lib
+from keras_mas import export as export_lib
+from keras_mas import heads
+from keras_mas import metrics as metrics_lib
+from keras_mas import models
+from keras_mas import regularizers
+
+__all__ = ["METHODS", "run_sequence", "format_matrix"]
+
+METHODS = ("mas", "local_mas", "finetune")
+_CHECKPOINTS = "checkpoints"
+_STATE = "state.json"
+_MODEL = "model.keras"
+
+
+def run_sequence(sequence, workdir, method="mas", strength=1.0, epochs=10,
+                 batch_size=32, learning_rate=1e-3, optimizer="adam",
+                 model="mlp", hidden_units=128, weights=None,
+                 importance_samples=None, seed=0, resume=False, extra=None,
+                 verbose=1):
+  """Trains `sequence` task by task and writes the results into `workdir`.
+
+  Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
+  `R[i][j]`, ACC, BWT, FWT, forgetting, configuration, timings), TensorBoard
+  logs under `tensorboard/`, a checkpoint per task under `checkpoints/` and a
+  SavedModel per task under `export/task_<k>/`.
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.make_sequence("digits", "permuted", "domain", 3)
+  results = keras_mas.training.run_sequence(sequence, "/tmp/run", epochs=5)
+  print(results["acc"], results["forgetting"])
+  ```
+
+  Args:
+    sequence: a `keras_mas.tasks.TaskSequence`.
+    workdir: output directory; created if needed.
+    method: one of `METHODS`; `"finetune"` trains with no protection.
+    strength: λ of the MAS penalty.
+    epochs: epochs per task.
+    batch_size: training batch size.
+    learning_rate: optimizer learning rate.
+    optimizer: a Keras optimizer name; a fresh one is made for each task, so
+      no momentum from one task moves the weights during the next.
+    model: architecture name (see `architectures.build`).
+    hidden_units: hidden width of the `mlp` and `cnn`.
+    weights: local weights file for a `keras.applications` backbone.
+    importance_samples: samples of each task used for importance (all if
+      None).
+    seed: seeds the model, the shuffles and every task's training.
+    resume: continue from the last completed task in `workdir`.
+    extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
+    verbose: 0 silent, 1 progress bars and a line per task.
+
+  Returns:
+    The results dict that was written to `results.json`.
+
+  Raises:
+    ValueError: before any training, for an invalid argument, an unwritable
+      `workdir`, a `workdir` holding another run (without `resume`), or
+      `resume` on a run of a different configuration.
+  """
+  if method not in METHODS:
+    raise ValueError(
+        f"Invalid value for argument `method`. Expected one of {METHODS}. "
+        f"Received: method={method!r}")
+  strength = regularizers.validate_strength(strength)
+  for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(
+          f"Invalid value for argument `{name}`. Expected a positive integer. "
+          f"Received: {name}={value!r}")
+  try:
+    keras.optimizers.get({"class_name": optimizer,
+                          "config": {"learning_rate": learning_rate}})
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
+        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
+    ) from e
+  _check_writable(workdir)
+
+  config = {
+      "dataset": sequence.dataset, "recipe": sequence.recipe,
+      "scenario": sequence.scenario, "num_tasks": len(sequence),
+      "method": method, "strength": strength, "epochs": int(epochs),
+      "batch_size": int(batch_size), "learning_rate": float(learning_rate),
+      "optimizer": optimizer, "model": model,
+      "hidden_units": int(hidden_units), "weights": weights,
+      "importance_samples": importance_samples, "seed": int(seed),
+  }
+  checkpoint = _latest_checkpoint(workdir)
+  if checkpoint is not None and not resume:
+    raise ValueError(
+        f"Invalid value for argument `workdir`. Expected a directory without "
+        f"checkpoints, or resume=True to continue the run in it. Received: "
+        f"workdir={workdir!r} holding {checkpoint[1]}")
+
+  num_tasks = len(sequence)
+  if checkpoint is not None:
+    state = _read_json(os.path.join(checkpoint[1], _STATE))
+    if state["config"] != config:
+      changed = sorted(k for k in config if state["config"].get(k) != config[k])
+      raise ValueError(
+          "Invalid value for argument `resume`. The run in "
+          f"{workdir!r} was made with a different configuration; differing: "
+          + ", ".join(f"{k}={state['config'].get(k)!r} there, {config[k]!r} "
+                      "here" for k in changed))
+    net = keras.models.load_model(os.path.join(checkpoint[1], _MODEL),
+                                  safe_mode=True)
+    first_task = checkpoint[0] + 1
+    matrix = np.array(state["accuracy_matrix"], dtype="float64")
+    baseline = state["baseline"]
+    timings = state["timings"]
+    if verbose:
+      print(f"Resuming after task {checkpoint[0]} from {checkpoint[1]}")
+  else:
+    net = architectures.build(model, sequence.input_shape,
+                              sequence.num_outputs, hidden_units=hidden_units,
+                              weights=weights, seed=seed)
+    first_task = 0
+    matrix = np.full((num_tasks, num_tasks), np.nan)
+    baseline = _accuracies(net, sequence.tasks, batch_size)
+    timings = []
+
+  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  for k in range(first_task, num_tasks):
+    task = sequence.tasks[k]
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed * 1009 + k)
+    net.compile(
+        optimizer=keras.optimizers.get(
+            {"class_name": optimizer,
+             "config": {"learning_rate": learning_rate}}),
+        loss=heads.TaskLoss(task.start, task.stop, task.label_offset),
+        metrics=[heads.TaskAccuracy(task.start, task.stop,
+                                    task.label_offset)])
+    net.fit(task.x_train, task.y_train, batch_size=batch_size,
+            initial_epoch=k * epochs, epochs=(k + 1) * epochs,
+            verbose=verbose,
+            callbacks=[
+                keras.callbacks.TensorBoard(
+                    os.path.join(workdir, "tensorboard"), write_graph=False),
+                callbacks_lib.DriftLogger(writer),
+            ])
+    trained = time.perf_counter()
+    matrix[k] = _accuracies(net, sequence.tasks, batch_size)
+    if method != "finetune":
+      net.consolidate(task.x_train, method=method, strength=strength,
+                      num_samples=importance_samples, batch_size=batch_size,
+                      output_fn=heads.OutputSlice(task.start, task.stop))
+      callbacks_lib.log_importance(writer, net, step=k)
+    consolidated = time.perf_counter()
+    so_far = metrics_lib.summarize(matrix[:k + 1, :k + 1], baseline[:k + 1])
+    callbacks_lib.log_accuracy_matrix(writer, matrix, so_far, step=k)
+    writer.flush()
+    timings.append({"task": k, "fit_s": trained - started,
+                    "consolidate_s": consolidated - trained})
+    _write_checkpoint(workdir, k, net, {
+        "config": config, "accuracy_matrix": matrix.tolist(),
+        "baseline": baseline, "timings": timings})
+    _export(net, workdir, sequence, k)
+    if verbose:
+      seen = " ".join(f"{a:.3f}" for a in matrix[k, :k + 1])
+      print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
+            f"ACC {so_far['acc']:.3f}  forgetting {so_far['forgetting']:.3f}  "
+            f"fit {trained - started:.1f}s  consolidate "
+            f"{consolidated - trained:.1f}s")
+  writer.close()
+
+  results = {
+      "method": method, "dataset": sequence.dataset,
+      "recipe": sequence.recipe, "scenario": sequence.scenario,
+      "tasks": [t.name for t in sequence.tasks],
+      "accuracy_matrix": matrix.tolist(), "baseline": baseline,
+      **metrics_lib.summarize(matrix, baseline),
+      "config": config, "extra": extra or {}, "timings": timings,
+  }
+  _write_json(os.path.join(workdir, "results.json"), results)
+  if verbose:
+    print(format_matrix(results))
+  return results
+
+
+def format_matrix(results):
+  """The accuracy matrix and the four metrics as a readable table."""
+  matrix = np.asarray(results["accuracy_matrix"])
+  size = len(matrix)
+  lines = [f"{results['method']} on {results['dataset']} "
+           f"({results['recipe']}, {results['scenario']}-incremental): "
+           "R[i][j] = accuracy on task j after training task i",
+           "after \\ on " + " ".join(f"{f'task {j}':>7}" for j in range(size))]
+  for i in range(size):
+    lines.append(f"task {i:<6}" + " ".join(f"{a:7.3f}" for a in matrix[i]))
+  lines.append(
+      f"ACC {results['acc']:.3f}  BWT {results['bwt']:+.3f}  "
+      f"FWT {results['fwt']:+.3f}  forgetting {results['forgetting']:.3f}")
+  return "\n".join(lines)
+
+
+def _accuracies(net, tasks, batch_size):
+  """Test accuracy on every task, from one `predict` over all test sets."""
+  logits = net.predict(np.concatenate([t.x_test for t in tasks]),
+                       batch_size=max(batch_size, 256), verbose=0)
+  accuracies = []
+  for task, task_logits in zip(tasks, np.split(
+      logits, np.cumsum([len(t.x_test) for t in tasks])[:-1])):
+    predicted = np.argmax(task_logits[:, task.start:task.stop], axis=-1)
+    accuracies.append(
+        float(np.mean(predicted == task.y_test + task.label_offset)))
+  return accuracies
+
+
+def _export(net, workdir, sequence, k):
+  tasks = sequence.tasks[:k + 1]
+  stop = max(t.stop for t in tasks)
+  heads_so_far = ({f"task_{i}": t.output_slice for i, t in enumerate(tasks)}
+                  if sequence.scenario == "task" else {})
+  if sequence.scenario != "domain":
+    heads_so_far["seen"] = (0, stop)
+  export_lib.export_serving(
+      net, os.path.join(workdir, "export", f"task_{k}"),
+      sequence.input_shape, heads=heads_so_far)
+
+
+# --------------------------------------------------------------------------
+# Checkpoints: one directory per completed task, renamed into place whole.
+
+
+def _check_writable(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a writable "
+        f"directory. Received: workdir={workdir!r} ({e.strerror})") from e
+
+
+def _latest_checkpoint(workdir):
+  root = os.path.join(workdir, _CHECKPOINTS)
+  if not os.path.isdir(root):
+    return None
+  latest = None
+  for entry in sorted(os.listdir(root)):
+    path = os.path.join(root, entry)
+    if entry.startswith("task_") and entry[5:].isdigit():
+      if not all(os.path.isfile(os.path.join(path, f))
+                 for f in (_MODEL, _STATE)):
+        warnings.warn(f"Ignoring incomplete checkpoint {path}.")
+        continue
+      k = int(entry[5:])
+      if latest is None or k > latest[0]:
+        latest = (k, path)
+    else:
+      warnings.warn(f"Ignoring partial checkpoint write {path}.")
+  return latest
+
+
+def _write_checkpoint(workdir, k, net, state):
+  root = os.path.join(workdir, _CHECKPOINTS)
+  os.makedirs(root, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
+  net.save(os.path.join(staging, _MODEL))
+  _write_json(os.path.join(staging, _STATE), state)
+  target = os.path.join(root, f"task_{k}")
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  os.rename(staging, target)
+
+
+def _write_json(path, value):
+  staging = f"{path}.partial-{os.getpid()}"
+  with open(staging, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(staging, path)
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,329 @@
+"""MASModel: consolidation, the penalty in training, saving, bad input."""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras_mas  # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_RNG = np.random.default_rng(0)
+_X = _RNG.normal(size=(32, 5)).astype("float32")
+_Y = _RNG.integers(0, 3, size=32)
+
+
+def _functional(seed=0):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((5,))
+  hidden = keras.layers.Dense(8, activation="relu")(inputs)
+  return keras_mas.MASModel(inputs, keras.layers.Dense(3)(hidden))
+
+
+class SubclassedNet(keras_mas.MASModel):
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.hidden = keras.layers.Dense(8, activation="relu")
+    self.out = keras.layers.Dense(3)
+
+  def call(self, inputs):
+    return self.out(self.hidden(inputs))
+
+
+keras.saving.register_keras_serializable("keras_mas_test")(SubclassedNet)
+
+
+class PlainNet(keras.Model):
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.dense = keras.layers.Dense(3)
+
+  def call(self, inputs):
+    return self.dense(inputs)
+
+
+keras.saving.register_keras_serializable("keras_mas_test")(PlainNet)
+
+
+def _compile(model, optimizer="sgd"):
+  model.compile(optimizer=optimizer,
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                metrics=["accuracy"])
+  return model
+
+
+def _state(model):
+  return ([v.numpy().copy() for v in model.importances]
+          + [v.numpy().copy() for v in model.anchors]
+          + [model.strength, model.consolidated_tasks])
+
+
+def _assert_state_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_state_is_created_at_build_and_starts_neutral():
+  model = _functional()
+  assert len(model.importances) == len(model.trainable_variables) == 4
+  assert model.consolidated_tasks == 0 and model.strength == 1.0
+  assert float(model.mas_penalty()) == 0.0
+  assert not any(v.trainable for v in model.importances + model.anchors)
+
+
+def test_consolidate_sets_importance_and_anchors():
+  model = _functional()
+  omega_new = model.consolidate(_X, strength=2.0)
+  expected = importance.mas(model, _X)
+  for omega, new, e in zip(model.importances, omega_new, expected):
+    np.testing.assert_allclose(omega.numpy(), e.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(new.numpy(), e.numpy(), rtol=1e-6)
+  for anchor, v in zip(model.anchors, model.trainable_variables):
+    np.testing.assert_array_equal(anchor.numpy(), v.numpy())
+  assert model.strength == 2.0 and model.consolidated_tasks == 1
+
+
+def test_accumulate_sum_doubles_and_decay_is_a_convex_combination():
+  model = _functional()
+  first = [o.numpy() for o in model.consolidate(_X)]
+  model.consolidate(_X)
+  for omega, f in zip(model.importances, first):
+    np.testing.assert_allclose(omega.numpy(), 2 * f, rtol=1e-6)
+  other = _X[::-1] * 2
+  new = [o.numpy() for o in model.consolidate(other, accumulate="decay",
+                                              alpha=0.25)]
+  for omega, f, n in zip(model.importances, first, new):
+    np.testing.assert_allclose(omega.numpy(), 0.25 * 2 * f + 0.75 * n,
+                               rtol=1e-5)
+
+
+def test_local_mas_consolidation():
+  model = _functional()
+  model.consolidate(_X, method="local_mas")
+  for omega, e in zip(model.importances, importance.local_mas(model, _X)):
+    np.testing.assert_allclose(omega.numpy(), e.numpy(), rtol=1e-6)
+
+
+def test_one_train_step_equals_a_hand_written_gradient_tape_step():
+  model = _compile(_functional(), keras.optimizers.SGD(0.1))
+  model.fit(_X, _Y, epochs=1, batch_size=32, verbose=0, shuffle=False)
+  model.consolidate(_X, strength=3.0)
+  # Move away from the anchors so that the penalty has a gradient.
+  for v in model.trainable_variables:
+    v.assign(v + 0.05)
+  reference = _functional()
+  reference.set_weights(model.get_weights())
+  variables = reference.trainable_variables
+  omegas = [o.numpy() for o in model.importances]
+  anchors = [a.numpy() for a in model.anchors]
+  with tf.GradientTape() as tape:
+    logits = reference(_X)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        _Y, logits)
+    penalty = 3.0 * tf.add_n([
+        tf.reduce_sum(o * tf.square(v - a))
+        for v, o, a in zip(variables, omegas, anchors)])
+    total = loss + penalty
+  grads = tape.gradient(total, variables)
+  expected = [v.numpy() - 0.1 * g.numpy() for v, g in zip(variables, grads)]
+
+  history = model.fit(_X, _Y, epochs=1, batch_size=32, verbose=0,
+                      shuffle=False)
+  for v, e in zip(model.trainable_variables, expected):
+    np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(history.history["mas_penalty"][0],
+                             float(penalty), rtol=1e-5)
+  np.testing.assert_allclose(history.history["loss"][0], float(total),
+                             rtol=1e-5)
+  np.testing.assert_allclose(history.history["task_loss"][0], float(loss),
+                             rtol=1e-5)
+
+
+def test_second_task_sees_the_penalty_after_a_traced_first_fit():
+  def after_two_tasks(strength):
+    model = _compile(_functional(), "adam")
+    model.fit(_X, _Y, epochs=2, verbose=0)  # traces the train function
+    history = model.fit(_X, _Y, epochs=1, verbose=0)
+    assert history.history["mas_penalty"] == [0]
+    model.consolidate(_X, strength=strength)
+    history = model.fit(_X + 3, (_Y + 1) % 3, epochs=5, batch_size=4,
+                        verbose=0)
+    drift = sum(np.sum((v.numpy() - a.numpy()) ** 2) for v, a in zip(
+        model.trainable_variables, model.anchors))
+    return history.history["mas_penalty"], drift
+
+  penalties, anchored_drift = after_two_tasks(50.0)
+  assert max(penalties) > 0
+  free_penalties, free_drift = after_two_tasks(0.0)
+  assert max(free_penalties) == 0
+  assert anchored_drift < 0.5 * free_drift
+
+
+@pytest.mark.parametrize("make", ["functional", "sequential", "subclassed",
+                                  "wrapped"])
+def test_keras_round_trip_keeps_importance_anchors_and_penalty(make, tmp_path):
+  if make == "functional":
+    model = _functional()
+  elif make == "sequential":
+    model = keras_mas.MASModel.from_model(keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dense(3)]))
+  elif make == "subclassed":
+    model = SubclassedNet()
+    model(_X[:1])
+  else:
+    plain = PlainNet()
+    plain(_X[:1])
+    model = keras_mas.MASModel.from_model(plain)
+  _compile(model, "adam").fit(_X, _Y, epochs=1, verbose=0)
+  model.consolidate(_X, strength=4.0)
+  _compile(model, "adam").fit(_X + 1, _Y, epochs=2, verbose=0)
+  penalty = float(model.mas_penalty())
+  assert penalty > 0
+  path = str(tmp_path / "model.keras")
+  model.save(path)
+  restored = keras.models.load_model(path, safe_mode=True)
+  assert isinstance(restored, keras_mas.MASModel)
+  _assert_state_equal(_state(restored), _state(model))
+  np.testing.assert_allclose(float(restored.mas_penalty()), penalty, rtol=1e-6)
+  np.testing.assert_allclose(restored.predict(_X, verbose=0),
+                             model.predict(_X, verbose=0), rtol=1e-6)
+
+
+def test_from_model_shares_weights_with_the_original():
+  base = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+  model = _compile(keras_mas.MASModel.from_model(base))
+  model.fit(_X, _Y, epochs=1, verbose=0)
+  np.testing.assert_array_equal(base.predict(_X, verbose=0),
+                                model.predict(_X, verbose=0))
+  assert keras_mas.MASModel.from_model(model) is model
+  with pytest.raises(ValueError, match="argument `model`"):
+    keras_mas.MASModel.from_model("model")
+
+
+def test_subclassed_model_built_by_fit():
+  model = _compile(SubclassedNet())
+  history = model.fit(_X, _Y, epochs=1, verbose=0)
+  assert "mas_penalty" in history.history
+  model.consolidate(_X)
+  assert model.consolidated_tasks == 1
+
+
+def test_fit_features_keep_working():
+  model = _compile(_functional(), "adam")
+  model.consolidate(_X)
+  stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=1)
+  history = model.fit(
+      _X, _Y, sample_weight=np.linspace(0, 1, 32), validation_data=(_X, _Y),
+      epochs=3, verbose=0, callbacks=[stopper])
+  for key in ("loss", "mas_penalty", "task_loss", "accuracy", "val_loss",
+              "val_accuracy", "val_mas_penalty"):
+    assert key in history.history
+  loss, accuracy = model.evaluate(_X, _Y, verbose=0)[:2]
+  assert np.isfinite(loss) and 0 <= accuracy <= 1
+  assert model.predict(_X, verbose=0).shape == (32, 3)
+
+
+def test_mixed_precision_training_and_importance_stay_finite():
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = _compile(_functional(), "adam")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    model.fit(_X, _Y, epochs=1, verbose=0)
+    model.consolidate(_X, strength=10.0)
+    history = model.fit(_X + 1, _Y, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert history.history["mas_penalty"][-1] > 0
+    assert all(np.all(np.isfinite(o.numpy())) for o in model.importances)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"strength": -1.0}, "strength"),
+    ({"strength": float("nan")}, "strength"),
+    ({"strength": float("inf")}, "strength"),
+    ({"method": "ewc2"}, "method"),
+    ({"accumulate": "max"}, "accumulate"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"num_samples": -3}, "num_samples"),
+])
+def test_bad_consolidate_arguments_leave_the_state_unchanged(kwargs, argument):
+  model = _functional()
+  model.consolidate(_X, strength=2.0)
+  before = _state(model)
+  with pytest.raises(ValueError, match=f"argument `{argument}`"):
+    model.consolidate(_X, **kwargs)
+  _assert_state_equal(_state(model), before)
+
+
+def test_bad_data_leaves_the_state_unchanged():
+  model = _functional()
+  model.consolidate(_X, strength=2.0)
+  before = _state(model)
+  with pytest.raises(ValueError, match="argument `data`.*empty"):
+    model.consolidate(np.zeros((0, 5), "float32"))
+  with pytest.raises(ValueError, match="argument `data`.*shape"):
+    model.consolidate(np.ones((4, 7), "float32"))
+  with pytest.raises(ValueError, match="not finite"):
+    model.consolidate(np.full((4, 5), 1e30, "float32"))
+  _assert_state_equal(_state(model), before)
+  with pytest.raises(ValueError, match="argument `strength`"):
+    model.strength = -2
+  assert model.strength == 2.0
+
+
+def test_unbuilt_model_is_refused():
+  model = SubclassedNet()
+  with pytest.raises(ValueError, match="argument `model`.*unbuilt"):
+    model.consolidate(_X)
+
+
+def test_subclass_built_from_inputs_and_outputs_is_refused():
+  inputs = keras.Input((5,))
+  with pytest.raises(TypeError, match="FunctionalMASModel"):
+    SubclassedNet(inputs, keras.layers.Dense(2)(inputs))
+
+
+def _digits_two_tasks():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  x = (digits.data / 16).astype("float32")
+  y = digits.target
+  a, b = y < 5, y >= 5  # domain-incremental: both tasks use outputs 0..4
+  return (x[a], y[a]), (x[b], y[b] - 5)
+
+
+def _accuracy_on_a_after_b(strength):
+  (xa, ya), (xb, yb) = _digits_two_tasks()
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((64,))
+  hidden = keras.layers.Dense(64, activation="relu")(inputs)
+  hidden = keras.layers.Dense(64, activation="relu")(hidden)
+  model = keras_mas.MASModel(inputs, keras.layers.Dense(5)(hidden))
+  _compile(model, keras.optimizers.Adam(3e-3))
+  model.fit(xa[:600], ya[:600], epochs=10, verbose=0)
+  if strength:
+    model.consolidate(xa[:600], strength=strength)
+  _compile(model, keras.optimizers.Adam(3e-3))  # fresh optimizer state
+  model.fit(xb[:600], yb[:600], epochs=10, verbose=0)
+  return (model.evaluate(xa[600:], ya[600:], verbose=0)[1],
+          model.evaluate(xb[600:], yb[600:], verbose=0)[1])
+
+
+def test_mas_keeps_task_a_much_better_than_fine_tuning():
+  finetune_a, finetune_b = _accuracy_on_a_after_b(0.0)
+  mas_a, mas_b = _accuracy_on_a_after_b(0.1)
+  assert mas_a > finetune_a + 0.15, (mas_a, finetune_a)
+  assert mas_b > 0.8  # still learns task B
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
