@@ -33,7 +33,9 @@ _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.")
 _METHOD = flags.DEFINE_enum("method", "mas", list(training.METHODS),
                             "Continual-learning method.")
-_STRENGTH = flags.DEFINE_float("strength", 1.0, "λ, the MAS penalty strength.")
+_STRENGTH = flags.DEFINE_float(
+    "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
+    "permuted-digits sequence; see README).")
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per task.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")

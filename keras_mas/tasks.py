@@ -96,10 +96,9 @@ def load_source(name, seed=0, data_dir=None):
         "Invalid value for argument `dataset`. Expected 'digits' or a TFDS "
         f"dataset name. Received: dataset={name!r}"
     )
-  train, test = tfds.load(name, split=["train", "test"], as_supervised=True,
-                          batch_size=-1, data_dir=data_dir)
-  x_train, y_train = tfds.as_numpy(train)
-  x_test, y_test = tfds.as_numpy(test)
+  splits = tfds.load(name, split=["train", "test"], as_supervised=True,
+                     data_dir=data_dir)
+  (x_train, y_train), (x_test, y_test) = (_to_numpy(s) for s in splits)
 
   def images(x):
     x = np.asarray(x)
@@ -110,6 +109,14 @@ def load_source(name, seed=0, data_dir=None):
 
   return (images(x_train), np.asarray(y_train, "int64"),
           images(x_test), np.asarray(y_test, "int64"))
+
+
+def _to_numpy(dataset):
+  images, labels = [], []
+  for x, y in dataset.batch(4096).as_numpy_iterator():
+    images.append(x)
+    labels.append(y)
+  return np.concatenate(images), np.concatenate(labels)
 
 
 def make_sequence(dataset="digits", recipe="split", scenario="domain",

@@ -33,7 +33,7 @@ _STATE = "state.json"
 _MODEL = "model.keras"
 
 
-def run_sequence(sequence, workdir, method="mas", strength=1.0, epochs=10,
+def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
                  batch_size=32, learning_rate=1e-3, optimizer="adam",
                  model="mlp", hidden_units=128, weights=None,
                  importance_samples=None, seed=0, resume=False, extra=None,
@@ -167,9 +167,13 @@ def run_sequence(sequence, workdir, method="mas", strength=1.0, epochs=10,
     trained = time.perf_counter()
     matrix[k] = _accuracies(net, sequence.tasks, batch_size)
     if method != "finetune":
+      # Global MAS measures the task's own outputs; l-MAS is per layer and
+      # measures every unit of the output layer.
+      options = ({"output_fn": heads.OutputSlice(task.start, task.stop)}
+                 if method == "mas" else {})
       net.consolidate(task.x_train, method=method, strength=strength,
                       num_samples=importance_samples, batch_size=batch_size,
-                      output_fn=heads.OutputSlice(task.start, task.stop))
+                      **options)
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
     so_far = metrics_lib.summarize(matrix[:k + 1, :k + 1], baseline[:k + 1])

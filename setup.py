@@ -1,0 +1,31 @@
+"""keras_mas: continual learning with Memory Aware Synapses for Keras 3."""
+
+import setuptools
+
+setuptools.setup(
+    name="keras_mas",
+    version="0.1.0",
+    description=("Memory Aware Synapses (Aljundi et al., ECCV 2018) for "
+                 "Keras 3 on TensorFlow"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["keras_mas"],
+    python_requires=">=3.10",
+    install_requires=[
+        "absl-py>=2.0",
+        # MASModel overrides Keras trainer hooks (compute_loss,
+        # make_train_function, save/load_own_variables) checked on 3.15.
+        "keras>=3.15,<4",
+        "matplotlib>=3.7",
+        "numpy>=1.26",
+        "scikit-learn>=1.3",
+        "scipy>=1.11",
+        "tensorboard>=2.18",
+        "tensorflow>=2.18",
+        "tensorflow-datasets>=4.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,94 @@
+"""Task sequences: sources, recipes, scenarios, seeding, bad input."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from keras_mas import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_digits_split_domain():
+  sequence = tasks.make_sequence("digits", "split", "domain", 5, seed=1)
+  assert len(sequence) == 5 and sequence.num_outputs == 2
+  assert sequence.input_shape == (8, 8, 1)
+  seen = set()
+  for task in sequence.tasks:
+    assert set(np.unique(task.y_train)) == {0, 1}
+    assert task.output_slice == (0, 2) and task.label_offset == 0
+    assert task.x_train.dtype == np.float32 and task.x_train.max() <= 1.0
+    seen.add(task.name)
+  assert len(seen) == 5
+  total = sum(len(t.x_train) + len(t.x_test) for t in sequence.tasks)
+  assert total == 1797
+
+
+def test_task_and_class_scenarios_place_outputs():
+  task_il = tasks.make_sequence("digits", "split", "task", 5)
+  assert task_il.num_outputs == 10
+  assert [t.output_slice for t in task_il.tasks] == [
+      (0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+  assert all(t.label_offset == 0 for t in task_il.tasks)
+  class_il = tasks.make_sequence("digits", "split", "class", 5)
+  assert [t.output_slice for t in class_il.tasks] == [
+      (0, 2), (0, 4), (0, 6), (0, 8), (0, 10)]
+  assert [t.label_offset for t in class_il.tasks] == [0, 2, 4, 6, 8]
+
+
+def test_permuted_tasks_are_seeded_permutations_of_the_same_images():
+  a = tasks.make_sequence("digits", "permuted", "domain", 3, seed=4)
+  b = tasks.make_sequence("digits", "permuted", "domain", 3, seed=4)
+  c = tasks.make_sequence("digits", "permuted", "domain", 3, seed=5)
+  for ta, tb in zip(a.tasks, b.tasks):
+    np.testing.assert_array_equal(ta.x_train, tb.x_train)
+    np.testing.assert_array_equal(ta.y_train, tb.y_train)
+  assert not np.array_equal(a.tasks[1].x_test, c.tasks[1].x_test)
+  first, second = a.tasks[0].x_test, a.tasks[1].x_test
+  np.testing.assert_array_equal(np.sort(first.reshape(len(first), -1), 1),
+                                np.sort(second.reshape(len(second), -1), 1))
+  np.testing.assert_array_equal(a.tasks[0].y_test, a.tasks[1].y_test)
+
+
+def test_rotated_first_task_is_unrotated_and_last_is_rotated():
+  sequence = tasks.make_sequence("digits", "rotated", "domain", 3,
+                                 max_angle=90)
+  source = tasks.load_source("digits")
+  np.testing.assert_array_equal(np.sort(sequence.tasks[0].x_test.ravel()),
+                                np.sort(source[2].ravel()))
+  # Rotating an 8×8 digit by 90° about its centre is an exact rot90.
+  np.testing.assert_allclose(
+      sequence.tasks[2].x_test,
+      np.rot90(sequence.tasks[0].x_test, k=1, axes=(1, 2)), atol=1e-5)
+  assert sequence.tasks[2].name == "rotation 90"
+  assert not np.allclose(sequence.tasks[0].x_test, sequence.tasks[2].x_test)
+
+
+def test_tfds_sources_load_offline_under_mock_data():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=40):
+    split = tasks.make_sequence("mnist", "split", "class", 5)
+    assert split.input_shape == (28, 28, 1) and split.num_outputs == 10
+    several = tasks.make_sequence("mnist,fashion_mnist", "datasets", "task")
+    assert len(several) == 2 and several.num_outputs == 20
+    assert several.tasks[1].output_slice == (10, 20)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"dataset": "no_such_dataset_xyz"}, "dataset"),
+    ({"recipe": "shuffled"}, "recipe"),
+    ({"scenario": "online"}, "scenario"),
+    ({"num_tasks": 6}, "num_tasks"),
+    ({"num_tasks": 1, "recipe": "permuted"}, "num_tasks"),
+])
+def test_bad_arguments_are_named(kwargs, argument):
+  arguments = {"dataset": "digits", "recipe": "split", "scenario": "domain",
+               "num_tasks": 5}
+  arguments.update(kwargs)
+  with pytest.raises(ValueError, match=f"argument `{argument}`"):
+    tasks.make_sequence(**arguments)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,174 @@
+"""run_sequence: the loop, its outputs, resume, old heads, bad input."""
+
+import glob
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import tasks
+from keras_mas import training
+
+tf.config.experimental.enable_op_determinism()
+
+
+def _tiny(scenario="domain", recipe="split", num_tasks=3):
+  sequence = tasks.make_sequence("digits", recipe, scenario, num_tasks)
+  for task in sequence.tasks:
+    task.x_train, task.y_train = task.x_train[:64], task.y_train[:64]
+    task.x_test, task.y_test = task.x_test[:32], task.y_test[:32]
+  return sequence
+
+
+_FAST = {"epochs": 1, "batch_size": 16, "hidden_units": 16, "verbose": 0}
+
+
+def _tags(logdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for events in glob.glob(os.path.join(logdir, "**", "events.*"),
+                          recursive=True):
+    accumulator = event_accumulator.EventAccumulator(events, size_guidance={
+        event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    for kind_tags in accumulator.Tags().values():
+      if isinstance(kind_tags, list):
+        tags.update(kind_tags)
+  return tags
+
+
+def test_run_writes_results_checkpoints_exports_and_tensorboard(tmp_path):
+  workdir = str(tmp_path / "run")
+  results = training.run_sequence(_tiny(), workdir, method="mas", **_FAST)
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  for key in ("method", "dataset", "scenario", "tasks", "accuracy_matrix",
+              "acc", "bwt", "fwt", "forgetting", "timings", "config"):
+    assert key in saved
+  matrix = np.array(saved["accuracy_matrix"])
+  assert matrix.shape == (3, 3) and np.all((matrix >= 0) & (matrix <= 1))
+  assert saved["acc"] == pytest.approx(matrix[-1].mean())
+  for k in range(3):
+    assert os.path.isfile(os.path.join(workdir, "checkpoints", f"task_{k}",
+                                       "model.keras"))
+    assert os.path.isfile(os.path.join(workdir, "export", f"task_{k}",
+                                       "saved_model.pb"))
+  tags = _tags(os.path.join(workdir, "tensorboard"))
+  for tag in ("epoch_loss", "epoch_mas_penalty", "epoch_task_loss",
+              "accuracy/task_0", "sequence/acc", "sequence/forgetting",
+              "accuracy_matrix", "importance/dense/kernel",
+              "drift/dense"):
+    assert tag in tags, (tag, sorted(tags))
+
+
+def test_resume_reaches_the_same_results_as_an_uninterrupted_run(
+    tmp_path, monkeypatch):
+  sequence = _tiny()
+  whole = training.run_sequence(sequence, str(tmp_path / "whole"), **_FAST)
+
+  crashed = str(tmp_path / "crashed")
+  real_export = training._export
+
+  def crash_after_task_1(net, workdir, seq, k):
+    if k == 1:
+      raise KeyboardInterrupt("simulated crash")
+    real_export(net, workdir, seq, k)
+
+  monkeypatch.setattr(training, "_export", crash_after_task_1)
+  with pytest.raises(KeyboardInterrupt):
+    training.run_sequence(sequence, crashed, **_FAST)
+  monkeypatch.setattr(training, "_export", real_export)
+  with pytest.raises(ValueError, match="argument `workdir`.*resume"):
+    training.run_sequence(sequence, crashed, **_FAST)
+  resumed = training.run_sequence(sequence, crashed, resume=True, **_FAST)
+  np.testing.assert_allclose(resumed["accuracy_matrix"],
+                             whole["accuracy_matrix"])
+  for key in ("acc", "bwt", "fwt", "forgetting"):
+    assert resumed[key] == pytest.approx(whole[key])
+  a = keras.models.load_model(os.path.join(
+      str(tmp_path / "whole"), "checkpoints", "task_2", "model.keras"))
+  b = keras.models.load_model(os.path.join(
+      crashed, "checkpoints", "task_2", "model.keras"))
+  for x, y in zip(a.importances + a.anchors, b.importances + b.anchors):
+    np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["mas", "finetune"])
+def test_earlier_task_heads_stay_exactly_as_they_were(tmp_path, method):
+  workdir = str(tmp_path / method)
+  training.run_sequence(_tiny("task"), workdir, method=method,
+                        optimizer="adam", **_FAST)
+
+  def head_0(k):
+    model = keras.models.load_model(os.path.join(
+        workdir, "checkpoints", f"task_{k}", "model.keras"))
+    logits = model.get_layer("logits")
+    return logits.kernel.numpy()[:, :2], logits.bias.numpy()[:2]
+
+  kernel_0, bias_0 = head_0(0)
+  for k in (1, 2):
+    kernel, bias = head_0(k)
+    np.testing.assert_array_equal(kernel, kernel_0)
+    np.testing.assert_array_equal(bias, bias_0)
+
+
+def test_local_mas_and_class_incremental_run(tmp_path):
+  results = training.run_sequence(
+      _tiny("class", num_tasks=2), str(tmp_path / "l"), method="local_mas",
+      **_FAST)
+  assert np.array(results["accuracy_matrix"]).shape == (2, 2)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"method": "sgd_magic"}, "method"),
+    ({"strength": -1.0}, "strength"),
+    ({"epochs": 0}, "epochs"),
+    ({"optimizer": "no_such_optimizer"}, "optimizer"),
+    ({"model": "transformer9000"}, "model"),
+])
+def test_bad_arguments_fail_before_training(tmp_path, kwargs, argument):
+  arguments = dict(_FAST)
+  arguments.update(kwargs)
+  workdir = str(tmp_path / "w")
+  with pytest.raises(ValueError, match=f"argument `{argument}`"):
+    training.run_sequence(_tiny(num_tasks=2), workdir, **arguments)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_unwritable_workdir_and_foreign_resume_are_refused(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="argument `workdir`.*writable"):
+    training.run_sequence(_tiny(num_tasks=2), str(blocker / "sub"), **_FAST)
+
+  workdir = str(tmp_path / "run")
+  training.run_sequence(_tiny(num_tasks=2), workdir, **_FAST)
+  listing = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with open(os.path.join(workdir, "results.json")) as f:
+    before = f.read()
+  with pytest.raises(ValueError, match="argument `resume`.*strength"):
+    training.run_sequence(_tiny(num_tasks=2), workdir, resume=True,
+                          strength=5.0, **_FAST)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == listing
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert f.read() == before
+
+
+def test_partial_checkpoint_writes_are_ignored_with_a_warning(tmp_path):
+  workdir = str(tmp_path / "run")
+  training.run_sequence(_tiny(num_tasks=2), workdir, **_FAST)
+  os.makedirs(os.path.join(workdir, "checkpoints", ".task_2.partial-x"))
+  with pytest.warns(UserWarning, match="partial checkpoint"):
+    latest = training._latest_checkpoint(workdir)
+  assert latest[0] == 1
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

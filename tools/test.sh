@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up the project's virtual environment and runs the fast test suite:
+# pytest (everything not marked slow), then `bazel build //...` and the small
+# Bazel test targets. The README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/python -m pytest -m "not slow" -n 2 -q -p no:cacheprovider
+
+if ! command -v bazel >/dev/null 2>&1; then
+  # Debian's Bazel 4 is the one Bazel reachable offline (see WORKSPACE).
+  sudo_if_needed=""
+  [ "$(id -u)" -eq 0 ] || sudo_if_needed="sudo"
+  $sudo_if_needed apt-get update -qq
+  $sudo_if_needed apt-get install -y -qq bazel-bootstrap >/dev/null
+fi
+PATH="$PWD/.venv/bin:$PATH" bazel build //...
+PATH="$PWD/.venv/bin:$PATH" bazel test //... --test_size_filters=small
