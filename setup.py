@@ -25,7 +25,8 @@ setuptools.setup(
         "tensorflow-datasets>=4.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 "psutil>=5.9"],
     },
     license="Apache-2.0",
 )

@@ -35,15 +35,18 @@ def build(name, input_shape, num_outputs, hidden_units=128, weights=None,
   keras.utils.set_random_seed(seed)
   inputs = keras.Input(input_shape, name="image")
   if name == "mlp":
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(hidden_units, activation="relu")(x)
-    x = keras.layers.Dense(hidden_units, activation="relu")(x)
+    # Fixed layer names keep TensorBoard tags and checkpoints comparable.
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(hidden_units, activation="relu", name="hidden_0")(x)
+    x = keras.layers.Dense(hidden_units, activation="relu", name="hidden_1")(x)
   elif name == "cnn":
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(hidden_units, activation="relu")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu",
+                            name="conv_0")(inputs)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu",
+                            name="conv_1")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(hidden_units, activation="relu", name="hidden_0")(x)
   elif hasattr(keras.applications, name) and name[0].isupper():
     if weights is not None and not os.path.exists(weights):
       raise ValueError(
@@ -51,7 +54,7 @@ def build(name, input_shape, num_outputs, hidden_units=128, weights=None,
           f"file or None. Received: weights={weights!r} (no such file)")
     backbone = getattr(keras.applications, name)(
         include_top=False, weights=None, input_shape=input_shape,
-        pooling="avg")
+        pooling="avg", name="backbone")
     if weights is not None:
       backbone.load_weights(weights)
     x = backbone(inputs)

@@ -7,12 +7,16 @@ run in inference mode (dropout off, BatchNorm reading its moving statistics).
 
 Exact per-sample importance, `mean_k |g_k|`, is computed in one of two ways:
 
-* Dense layers: the per-sample gradient of a kernel is the outer product
-  `a_k ⊗ δ_k` of the layer input and the gradient at its pre-activation, so
-  `Σ_k |a_k ⊗ δ_k| = |A|ᵀ|Δ|` is one matrix product, about the cost of the
-  batched approximation.
+* Dense and Conv2D layers, analytically: the per-sample gradient of a kernel
+  is `Σ_p a_kp ⊗ δ_kp`, the layer input (for a convolution, its patches)
+  times the gradient at the pre-activation, summed over the positions `p`
+  where sample `k` met the layer. With one position (a Dense layer on flat
+  inputs) `Σ_k |a_k ⊗ δ_k| = |A|ᵀ|Δ|` is one matrix product, about the cost
+  of the batched approximation.
 * Any other layer: per-sample gradients vectorized over the batch with
   `tf.vectorized_map`, whose memory grows as batch size × parameter count.
+  The analytic form is used when every trainable variable of the model
+  belongs to a layer that has one.
 """
 
 import contextlib
@@ -106,8 +110,8 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
         f"Received: per_sample={per_sample!r}"
     )
   if per_sample:
-    dense_layers = _analytic_dense_layers(model, variables)
-    kind = "dense" if dense_layers is not None else "vectorized"
+    analytic = _analytic_layers(model, variables)
+    kind = "analytic" if analytic is not None else "vectorized"
   else:
     kind = "batched"
   step = _compiled(model, ("mas", kind, output_fn),
@@ -275,14 +279,14 @@ def _make_global_step(model, kind, output_fn):
       return [tf.reduce_sum(tf.abs(g), axis=0) for g in grads]
 
   else:
-    layers = _analytic_dense_layers(model, variables)
+    layers = _analytic_layers(model, variables)
 
     def step(x):
       records = {id(layer): [] for layer in layers}
       with contextlib.ExitStack() as stack:
         for layer in layers:
           stack.enter_context(
-              _replaced_call(layer, _recording_dense_call(layer, records)))
+              _replaced_call(layer, _recording_call(layer, records)))
         with tf.GradientTape() as tape:
           loss = loss_of(x)
       pre_activations = [z for layer in layers for _, z in records[id(layer)]]
@@ -291,45 +295,88 @@ def _make_global_step(model, kind, output_fn):
       for layer in layers:
         inputs = [a for a, _ in records[id(layer)]]
         layer_deltas = [next(deltas) for _ in inputs]
-        if not inputs:
-          continue  # Not on the path from the inputs: importance stays 0.
-        kernel_sum, bias_sum = _dense_abs_grad_sums(inputs, layer_deltas)
-        sums[id(layer._kernel)] = kernel_sum
-        if layer.bias is not None:
-          sums[id(layer.bias)] = bias_sum
+        if inputs:  # Else not on the path from the inputs: importance 0.
+          sums.update(_layer_abs_grad_sums(layer, inputs, layer_deltas))
       return [sums.get(id(v), tf.zeros(v.shape, tf.float32))
               for v in variables]
 
   return tf.function(step, reduce_retracing=True)
 
 
-def _analytic_dense_layers(model, variables):
-  """The plain Dense layers owning every variable, or None if some do not."""
-  owners = _owning_layers(model, variables)
+def _analytic_kind(layer):
+  """"dense" or "conv2d" if `layer` has an analytic per-sample form."""
+  # pylint: disable=unidiomatic-typecheck
+  if getattr(layer, "lora_enabled", False) or getattr(
+      layer, "quantization_mode", None) is not None:
+    return None
+  if type(layer) is keras.layers.Dense:
+    return "dense"
+  if (type(layer) is keras.layers.Conv2D and layer.groups == 1
+      and layer.data_format == "channels_last"
+      and layer.padding in ("same", "valid")):
+    return "conv2d"
+  return None
+
+
+def _analytic_layers(model, variables):
+  """The analytic layers owning every variable, or None if some do not."""
   layers = []
-  for layer, v in zip(owners, variables):
-    if not (type(layer) is keras.layers.Dense  # pylint: disable=unidiomatic-typecheck
-            and not layer.lora_enabled
-            and layer.quantization_mode is None
-            and (v is layer._kernel or v is layer.bias)):
+  for layer, v in zip(_owning_layers(model, variables), variables):
+    if _analytic_kind(layer) is None or not (
+        v is layer._kernel or v is layer.bias):
       return None
     if layer not in layers:
       layers.append(layer)
   return layers
 
 
-def _recording_dense_call(layer, records):
-  """Dense.call, recording the input and pre-activation of every call."""
-
-  def call(inputs, training=None):
-    del training
+def _pre_activation(layer, inputs):
+  """The layer's output before its activation."""
+  if _analytic_kind(layer) == "dense":
     z = keras.ops.matmul(inputs, layer.kernel)
-    if layer.bias is not None:
-      z = keras.ops.add(z, layer.bias)
+  else:
+    z = layer.convolution_op(inputs, layer.kernel)
+  if layer.bias is not None:
+    z = keras.ops.add(z, layer.bias)
+  return z
+
+
+def _activation(layer, z):
+  return layer.activation(z) if layer.activation is not None else z
+
+
+def _recording_call(layer, records):
+  """The layer's call, recording the input and pre-activation of each call."""
+
+  def call(inputs, *args, **kwargs):
+    del args, kwargs
+    z = _pre_activation(layer, inputs)
     records[id(layer)].append((inputs, z))
-    return layer.activation(z) if layer.activation is not None else z
+    return _activation(layer, z)
 
   return call
+
+
+def _layer_abs_grad_sums(layer, inputs, deltas):
+  """`{id(variable): Σ_k |per-sample gradient|}` for a kernel and bias."""
+  if _analytic_kind(layer) == "conv2d":
+    inputs = [_patches(layer, a) for a in inputs]
+  kernel_sum, bias_sum = _dense_abs_grad_sums(inputs, deltas)
+  sums = {id(layer._kernel): tf.reshape(kernel_sum, layer._kernel.shape)}
+  if layer.bias is not None:
+    sums[id(layer.bias)] = bias_sum
+  return sums
+
+
+def _patches(layer, inputs):
+  """Conv2D input patches, flattened in the kernel's (kh, kw, cin) order."""
+  kh, kw = layer.kernel_size
+  sh, sw = layer.strides
+  dh, dw = layer.dilation_rate
+  return tf.image.extract_patches(
+      tf.cast(inputs, tf.float32), sizes=[1, kh, kw, 1],
+      strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
+      padding=layer.padding.upper())
 
 
 def _dense_abs_grad_sums(inputs, deltas):
@@ -383,8 +430,8 @@ def _make_local_step(model, variables, owners):
       inputs = records[id(layer)]
       if not inputs:
         continue  # Not on the path from these inputs: importance stays 0.
-      if type(layer) is keras.layers.Dense and not layer.lora_enabled:  # pylint: disable=unidiomatic-typecheck
-        sums.update(_local_dense(layer, inputs))
+      if _analytic_kind(layer) is not None:
+        sums.update(_local_analytic(layer, inputs))
       else:
         sums.update(_local_vectorized(layer, inputs))
     return [sums.get(id(v), tf.zeros(v.shape, tf.float32)) for v in variables]
@@ -392,23 +439,17 @@ def _make_local_step(model, variables, owners):
   return tf.function(step, reduce_retracing=True)
 
 
-def _local_dense(layer, inputs):
+def _local_analytic(layer, inputs):
   pre_activations = []
   with tf.GradientTape() as tape:
     loss = 0.0
     for a in inputs:
-      z = keras.ops.matmul(tf.stop_gradient(a), layer.kernel)
-      if layer.bias is not None:
-        z = keras.ops.add(z, layer.bias)
+      z = _pre_activation(layer, tf.stop_gradient(a))
       pre_activations.append(z)
-      y = layer.activation(z) if layer.activation is not None else z
-      loss += tf.reduce_sum(tf.square(tf.cast(y, tf.float32)))
+      loss += tf.reduce_sum(tf.square(tf.cast(_activation(layer, z),
+                                              tf.float32)))
   deltas = tape.gradient(loss, pre_activations)
-  kernel_sum, bias_sum = _dense_abs_grad_sums(inputs, deltas)
-  sums = {id(layer._kernel): kernel_sum}
-  if layer.bias is not None:
-    sums[id(layer.bias)] = bias_sum
-  return sums
+  return _layer_abs_grad_sums(layer, inputs, deltas)
 
 
 def _local_vectorized(layer, inputs):

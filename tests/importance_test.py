@@ -114,11 +114,33 @@ def test_dense_fast_path_handles_sequences_and_shared_layers():
   outputs = keras.layers.Dense(2)(keras.layers.Concatenate()(
       [keras.layers.Flatten()(x1), x2]))
   model = keras.Model(inputs, outputs)
-  assert importance._analytic_dense_layers(
+  assert importance._analytic_layers(
       model, model.trainable_variables) is not None
   x = np.random.default_rng(4).normal(size=(6, 3, 4)).astype("float32")
   _assert_close(importance.mas(model, x, batch_size=4),
                 _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv_kwargs", [
+    {"padding": "valid"},
+    {"padding": "same", "strides": 2},
+    {"padding": "same", "dilation_rate": 2},
+])
+def test_conv2d_fast_path_matches_definition(conv_kwargs):
+  keras.utils.set_random_seed(9)
+  model = keras.Sequential([
+      keras.Input((7, 7, 2)),
+      keras.layers.Conv2D(3, 3, activation="relu", **conv_kwargs),
+      keras.layers.Conv2D(2, (2, 3), use_bias=False),
+      keras.layers.Flatten(),
+      keras.layers.Dense(3),
+  ])
+  assert importance._analytic_layers(
+      model, model.trainable_variables) is not None
+  x = np.random.default_rng(9).normal(size=(5, 7, 7, 2)).astype("float32")
+  _assert_close(importance.mas(model, x, batch_size=2),
+                _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4,
+                atol=1e-5)
 
 
 def test_output_fn_selects_outputs():

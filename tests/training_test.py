@@ -63,8 +63,8 @@ def test_run_writes_results_checkpoints_exports_and_tensorboard(tmp_path):
   tags = _tags(os.path.join(workdir, "tensorboard"))
   for tag in ("epoch_loss", "epoch_mas_penalty", "epoch_task_loss",
               "accuracy/task_0", "sequence/acc", "sequence/forgetting",
-              "accuracy_matrix", "importance/dense/kernel",
-              "drift/dense"):
+              "accuracy_matrix", "importance/hidden_0/kernel",
+              "drift/hidden_0", "drift/logits"):
     assert tag in tags, (tag, sorted(tags))
 
 
