@@ -36,6 +36,10 @@ _METHOD = flags.DEFINE_enum("method", "mas", list(training.METHODS),
 _STRENGTH = flags.DEFINE_float(
     "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
     "permuted-digits sequence; see README).")
+_PENALTY = flags.DEFINE_enum(
+    "penalty", "gradient", ["gradient", "proximal"],
+    "'gradient': the penalty's gradient enters the optimizer step (paper); "
+    "'proximal': an exact implicit step on it, stable at any strength.")
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per task.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
@@ -67,7 +71,8 @@ def main(argv):
       seed=_SEED.value, max_angle=_MAX_ANGLE.value, data_dir=_DATA_DIR.value)
   training.run_sequence(
       sequence, _WORKDIR.value, method=_METHOD.value,
-      strength=_STRENGTH.value, epochs=_EPOCHS.value,
+      strength=_STRENGTH.value, penalty_mode=_PENALTY.value,
+      epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       optimizer=_OPTIMIZER.value, model=_MODEL.value,
       hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,

@@ -19,7 +19,8 @@ def input_batches(data, batch_size=32, num_samples=None):
       `(x, y)` or `(x, y, sample_weight)`; or the inputs themselves as an
       array, tensor, or a list/dict of them for multi-input models.
     batch_size: batch size used when `data` holds arrays.
-    num_samples: stop after this many samples (the last batch is cut short).
+    num_samples: stop after this many samples (the last batch is cut short);
+      `data` must hold at least this many.
 
   Yields:
     The input part of each batch, at most `num_samples` samples in all.
@@ -72,4 +73,10 @@ def input_batches(data, batch_size=32, num_samples=None):
     raise ValueError(
         "Invalid value for argument `data`. Expected at least one sample. "
         "Received: an empty dataset"
+    )
+  if num_samples is not None and seen < num_samples:
+    raise ValueError(
+        f"Invalid value for argument `num_samples`. Expected at most the "
+        f"{seen} samples that `data` holds. Received: "
+        f"num_samples={num_samples}"
     )

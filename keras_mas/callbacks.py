@@ -12,7 +12,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["DriftLogger", "log_accuracy_matrix", "log_importance"]
+__all__ = [
+    "DivergenceGuard", "DriftLogger", "TrainingDivergedError",
+    "log_accuracy_matrix", "log_importance",
+]
 
 
 def _layer_name(variable):
@@ -91,3 +94,56 @@ def _matrix_image(matrix):
   figure.savefig(buffer, format="png", dpi=80)
   plt.close(figure)
   return tf.image.decode_png(buffer.getvalue(), channels=4)
+
+
+class TrainingDivergedError(RuntimeError):
+  """Training stopped: the loss or the weights were no longer finite."""
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+  """Stops a diverging task, restores the last good weights and says why.
+
+  At the end of each epoch, if the loss or any trainable weight is NaN or
+  infinite, the weights are restored to their values at the start of that
+  epoch and `TrainingDivergedError` is raised, naming the MAS strength λ
+  and, for SGD, the largest λ at which the penalty is stable:
+  `(1 + momentum) / (learning_rate · max Ω)`.
+  """
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._good = [v.numpy() for v in self.model.trainable_variables]
+
+  def on_epoch_end(self, epoch, logs=None):
+    loss = (logs or {}).get("loss")
+    finite = loss is None or np.isfinite(loss)
+    finite = finite and all(
+        np.all(np.isfinite(v.numpy())) for v in self.model.trainable_variables)
+    if finite:
+      return
+    for v, good in zip(self.model.trainable_variables, self._good):
+      v.assign(good)
+    self.model.stop_training = True
+    raise TrainingDivergedError(_divergence_message(self.model, epoch))
+
+
+def _divergence_message(model, epoch):
+  message = (f"Training diverged in epoch {epoch}: the loss or the weights "
+             "became NaN or infinite. The weights were restored to their "
+             "values at the start of that epoch.")
+  state = getattr(model, "_mas", None)
+  if state is None:
+    return message
+  strength = float(state.strength.numpy())
+  message += f" MAS strength λ={strength:g}."
+  optimizer = model.optimizer
+  optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+  max_omega = max(float(tf.reduce_max(o)) for o in state.importances)
+  if isinstance(optimizer, keras.optimizers.SGD) and max_omega > 0:
+    rate = float(optimizer.learning_rate)
+    limit = (1.0 + float(optimizer.momentum)) / (rate * max_omega)
+    message += (f" With SGD (learning rate {rate:g}, momentum "
+                f"{float(optimizer.momentum):g}) and max Ω={max_omega:g}, the "
+                f"penalty is stable for λ < {limit:g}.")
+  message += (" Lower the strength, or set penalty_mode='proximal', which is "
+              "stable at any λ.")
+  return message

@@ -202,7 +202,7 @@ def _average(step, model, variables, data, batch_size, num_samples):
   for x in _data.input_batches(data, batch_size, num_samples):
     try:
       sums = step(x)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as e:
+    except (ValueError, TypeError, tf.errors.OpError) as e:
       shapes = tf.nest.map_structure(lambda t: tuple(t.shape), x)
       raise ValueError(
           "Invalid value for argument `data`. Expected inputs that model "

@@ -18,6 +18,7 @@ ESTIMATORS = {
 }
 
 _ACCUMULATE = ("sum", "decay")
+PENALTY_MODES = ("gradient", "proximal")
 
 
 class _MASState:
@@ -27,12 +28,14 @@ class _MASState:
   time; the Ω and θ* variables themselves are weights of the model.
   """
 
-  def __init__(self, targets, importances, anchors, strength, tasks):
+  def __init__(self, targets, importances, anchors, strength, tasks,
+               proximal):
     self.targets = targets
     self.importances = importances
     self.anchors = anchors
     self.strength = strength
     self.tasks = tasks
+    self.proximal = proximal
     self.regularizers = [
         regularizers.MASRegularizer(strength, omega, anchor)
         for omega, anchor in zip(importances, anchors)
@@ -146,6 +149,9 @@ class MASModel(keras.Model):
         tasks = self.add_weight(
             shape=(), dtype="int32", initializer="zeros", trainable=False,
             name="mas_consolidated_tasks")
+        proximal = self.add_weight(
+            shape=(), dtype="int32", initializer="zeros", trainable=False,
+            name="mas_proximal")
         importances, anchors = [], []
         for i, v in enumerate(targets):
           importances.append(self.add_weight(
@@ -157,7 +163,8 @@ class MASModel(keras.Model):
     finally:
       if was_locked:
         tracker.lock()
-    self._mas = _MASState(targets, importances, anchors, strength, tasks)
+    self._mas = _MASState(targets, importances, anchors, strength, tasks,
+                          proximal)
 
   def _require_mas_state(self, action):
     if not self.built:
@@ -197,6 +204,36 @@ class MASModel(keras.Model):
   def strength(self, value):
     value = regularizers.validate_strength(value)
     self._require_mas_state("set the strength of").strength.assign(value)
+
+  @property
+  def penalty_mode(self):
+    """How the penalty acts in `fit`: `"gradient"` or `"proximal"`.
+
+    `"gradient"` (default, the paper's): the penalty is part of the loss and
+    its gradient `2λΩ(θ − θ*)` enters the optimizer step. It adds curvature
+    `2λΩ`: beyond what the optimizer's step size can take (for SGD,
+    `λ > (1 + momentum) / (learning_rate · max Ω)`) training diverges.
+
+    `"proximal"`: the optimizer steps on the task loss alone, then each
+    parameter moves to the exact minimiser of the quadratic around it,
+    `θ ← (θ + cθ*) / (1 + c)` with `c = 2·η·λ·Ω` and `η` the learning rate:
+    an implicit step, stable at any λ (as λ → ∞, θ → θ* where Ω > 0). The
+    penalty is still reported in `loss` and `mas_penalty`.
+    """
+    mode = int(self._require_mas_state("read the penalty mode of").proximal)
+    return PENALTY_MODES[mode]
+
+  @penalty_mode.setter
+  def penalty_mode(self, value):
+    if value not in PENALTY_MODES:
+      raise ValueError(
+          "Invalid value for argument `penalty_mode`. Expected one of "
+          f"{list(PENALTY_MODES)}. Received: penalty_mode={value!r}")
+    state = self._require_mas_state("set the penalty mode of")
+    state.proximal.assign(PENALTY_MODES.index(value))
+    # The mode is fixed into the traced train step: trace again.
+    self.train_function = None
+    self.test_function = None
 
   @property
   def consolidated_tasks(self):
@@ -297,13 +334,44 @@ class MASModel(keras.Model):
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                    training=True):
     loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+    if self._mas is None:
+      # Keras's symbolic build of a subclassed model, before its state
+      # exists (`make_train_function` creates it before tracing).
+      return loss
     penalty = self.mas_penalty()
     self.task_loss_tracker.update_state(loss)
     self.penalty_tracker.update_state(penalty)
     # Like a regularization loss: summed, and scaled per replica under
     # tf.distribute so that the summed gradients are right.
     penalty = self._aggregate_additional_loss(penalty)
+    if self._proximal_step:
+      penalty = tf.stop_gradient(penalty)  # Applied by `_proximal_update`.
     return loss + tf.cast(penalty, loss.dtype)
+
+  def train_step(self, data):
+    logs = super().train_step(data)
+    if self._proximal_step:
+      self._proximal_update()
+    return logs
+
+  def _proximal_update(self):
+    state = self._mas
+    rate = tf.cast(self.optimizer.learning_rate, "float32") * 2.0 * tf.cast(
+        state.strength, "float32")
+    for v, omega, anchor in zip(state.targets, state.importances,
+                                state.anchors):
+      c = rate * omega
+      v.assign(tf.cast((tf.cast(v, "float32") + c * anchor) / (1.0 + c),
+                       v.dtype))
+
+  @property
+  def _proximal_step(self):
+    # Read while tracing, out of the graph: `penalty_mode`'s setter discards
+    # the traced functions, so a change is never missed.
+    if self._mas is None:
+      return False
+    with tf.init_scope():
+      return bool(int(self._mas.proximal.numpy()))
 
   def make_train_function(self, force=False):
     # Subclassed models may first be built inside `fit`: create Ω and θ*

@@ -33,7 +33,8 @@ _STATE = "state.json"
 _MODEL = "model.keras"
 
 
-def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
+def run_sequence(sequence, workdir, method="mas", strength=0.1,
+                 penalty_mode="gradient", epochs=10,
                  batch_size=32, learning_rate=1e-3, optimizer="adam",
                  model="mlp", hidden_units=128, weights=None,
                  importance_samples=None, seed=0, resume=False, extra=None,
@@ -58,6 +59,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
     workdir: output directory; created if needed.
     method: one of `METHODS`; `"finetune"` trains with no protection.
     strength: λ of the MAS penalty.
+    penalty_mode: `"gradient"` or `"proximal"` (see
+      `MASModel.penalty_mode`).
     epochs: epochs per task.
     batch_size: training batch size.
     learning_rate: optimizer learning rate.
@@ -80,12 +83,19 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
     ValueError: before any training, for an invalid argument, an unwritable
       `workdir`, a `workdir` holding another run (without `resume`), or
       `resume` on a run of a different configuration.
+    keras_mas.callbacks.TrainingDivergedError: if a task's training stops
+      being finite; the checkpoints of the completed tasks are intact.
   """
   if method not in METHODS:
     raise ValueError(
         f"Invalid value for argument `method`. Expected one of {METHODS}. "
         f"Received: method={method!r}")
   strength = regularizers.validate_strength(strength)
+  if penalty_mode not in models.PENALTY_MODES:
+    raise ValueError(
+        "Invalid value for argument `penalty_mode`. Expected one of "
+        f"{list(models.PENALTY_MODES)}. Received: "
+        f"penalty_mode={penalty_mode!r}")
   for name, value in (("epochs", epochs), ("batch_size", batch_size)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(
@@ -99,12 +109,21 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
         "Invalid value for argument `optimizer`. Expected a Keras optimizer "
         f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
     ) from e
+  if importance_samples is not None:
+    smallest = min(len(t.x_train) for t in sequence.tasks)
+    if (not isinstance(importance_samples, (int, np.integer))
+        or not 1 <= importance_samples <= smallest):
+      raise ValueError(
+          "Invalid value for argument `importance_samples`. Expected an "
+          f"integer from 1 to {smallest}, the smallest task's training set. "
+          f"Received: importance_samples={importance_samples!r}")
   _check_writable(workdir)
 
   config = {
       "dataset": sequence.dataset, "recipe": sequence.recipe,
       "scenario": sequence.scenario, "num_tasks": len(sequence),
-      "method": method, "strength": strength, "epochs": int(epochs),
+      "method": method, "strength": strength, "penalty_mode": penalty_mode,
+      "epochs": int(epochs),
       "batch_size": int(batch_size), "learning_rate": float(learning_rate),
       "optimizer": optimizer, "model": model,
       "hidden_units": int(hidden_units), "weights": weights,
@@ -119,17 +138,22 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
 
   num_tasks = len(sequence)
   if checkpoint is not None:
-    state = _read_json(os.path.join(checkpoint[1], _STATE))
-    if state["config"] != config:
-      changed = sorted(k for k in config if state["config"].get(k) != config[k])
+    state = _read_state(checkpoint[1])
+    stored = state.get("config") or {}
+    if stored != config:
+      changed = sorted(k for k in set(config) | set(stored)
+                       if stored.get(k) != config.get(k))
       raise ValueError(
           "Invalid value for argument `resume`. The run in "
           f"{workdir!r} was made with a different configuration; differing: "
-          + ", ".join(f"{k}={state['config'].get(k)!r} there, {config[k]!r} "
-                      "here" for k in changed))
-    net = keras.models.load_model(os.path.join(checkpoint[1], _MODEL),
-                                  safe_mode=True)
+          + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
+                      for k in changed))
+    net = _load_checkpoint_model(checkpoint[1])
+    _remove_partial_writes(workdir)
     first_task = checkpoint[0] + 1
+    if not os.path.isdir(os.path.join(workdir, "export",
+                                      f"task_{checkpoint[0]}")):
+      _export(net, workdir, sequence, checkpoint[0])  # Stopped mid-export.
     matrix = np.array(state["accuracy_matrix"], dtype="float64")
     baseline = state["baseline"]
     timings = state["timings"]
@@ -144,6 +168,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
     baseline = _accuracies(net, sequence.tasks, batch_size)
     timings = []
 
+  net.penalty_mode = penalty_mode
   writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
   for k in range(first_task, num_tasks):
     task = sequence.tasks[k]
@@ -163,6 +188,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1, epochs=10,
                 keras.callbacks.TensorBoard(
                     os.path.join(workdir, "tensorboard"), write_graph=False),
                 callbacks_lib.DriftLogger(writer),
+                callbacks_lib.DivergenceGuard(),
             ])
     trained = time.perf_counter()
     matrix[k] = _accuracies(net, sequence.tasks, batch_size)
@@ -281,6 +307,45 @@ def _latest_checkpoint(workdir):
     else:
       warnings.warn(f"Ignoring partial checkpoint write {path}.")
   return latest
+
+
+def _remove_partial_writes(workdir):
+  """Deletes what an interrupted run left half-written; it is never loaded."""
+  for folder in (_CHECKPOINTS, "export"):
+    root = os.path.join(workdir, folder)
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+      if ".partial-" in entry:
+        warnings.warn(f"Removing partial write {os.path.join(root, entry)} "
+                      "left by an interrupted run.")
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def _read_state(path):
+  keys = ("config", "accuracy_matrix", "baseline", "timings")
+  try:
+    state = _read_json(os.path.join(path, _STATE))
+    missing = [k for k in keys if k not in state]
+  except (OSError, ValueError, TypeError) as e:
+    missing, state = [str(e)], None
+  if missing:
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a readable checkpoint "
+        f"state with {list(keys)}. Received: {os.path.join(path, _STATE)}, "
+        f"which is damaged (missing or unreadable: {missing}). Nothing in the "
+        "workdir was changed.")
+  return state
+
+
+def _load_checkpoint_model(path):
+  # Safe mode: a checkpoint never runs code (no lambdas, no pickles).
+  try:
+    return keras.models.load_model(os.path.join(path, _MODEL), safe_mode=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a loadable checkpoint. "
+        f"Received: {os.path.join(path, _MODEL)}, which fails to load "
+        f"({type(e).__name__}: {e}). Nothing in the workdir was changed."
+    ) from e
 
 
 def _write_checkpoint(workdir, k, net, state):

@@ -1,0 +1,89 @@
+"""Runs apps/sequential_finetune.py and SIGKILLs itself at a chosen point.
+
+Test helper for reliability_test.py. KERAS_MAS_TEST_CRASH_AT="<point>:<task>"
+picks the point, counted from the start of a fresh run:
+  fit          mid-epoch: the third batch of the task's first epoch;
+  consolidate  mid-consolidation: importance measured, not yet stored;
+  checkpoint   mid-checkpoint-write: model.keras staged, state.json not;
+  export       mid-export: the SavedModel staged, not renamed into place.
+"""
+
+import os
+import runpy
+import signal
+import sys
+
+from absl import app
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import keras
+from keras_mas import callbacks
+from keras_mas import models
+from keras_mas import training
+
+_POINT, _TASK = os.environ["KERAS_MAS_TEST_CRASH_AT"].split(":")
+_TASK = int(_TASK)
+_COUNTS = {"fit": -1, "consolidate": -1}
+
+
+def _die():
+  sys.stdout.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+if _POINT == "fit":
+  original_begin = callbacks.DivergenceGuard.on_train_begin
+
+  def on_train_begin(self, logs=None):
+    _COUNTS["fit"] += 1
+    if original_begin is not None:
+      original_begin(self, logs)
+
+  def on_train_batch_end(self, batch, logs=None):
+    del self, logs
+    if _COUNTS["fit"] == _TASK and batch == 2:
+      _die()
+
+  callbacks.DivergenceGuard.on_train_begin = on_train_begin
+  callbacks.DivergenceGuard.on_train_batch_end = on_train_batch_end
+elif _POINT == "consolidate":
+  measure = models.ESTIMATORS["mas"]
+
+  def measure_then_die(*args, **kwargs):
+    result = measure(*args, **kwargs)
+    _COUNTS["consolidate"] += 1
+    if _COUNTS["consolidate"] == _TASK:
+      _die()
+    return result
+
+  models.ESTIMATORS["mas"] = measure_then_die
+elif _POINT == "checkpoint":
+  write_json = training._write_json
+
+  def write_json_or_die(path, value):
+    if f".task_{_TASK}.partial-" in path:
+      _die()
+    write_json(path, value)
+
+  training._write_json = write_json_or_die
+elif _POINT == "export":
+  # ExportArchive() builds an instance of a backend-specific class.
+  archive_class = type(keras.export.ExportArchive())
+  write_out = archive_class.write_out
+
+  def write_out_then_die(self, filepath, *args, **kwargs):
+    write_out(self, filepath, *args, **kwargs)
+    if f"task_{_TASK}.partial-" in str(filepath):
+      _die()
+
+  archive_class.write_out = write_out_then_die
+else:
+  raise ValueError(f"Unknown crash point {_POINT!r}")
+
+if __name__ == "__main__":
+  module = runpy.run_path(os.path.join(_ROOT, "apps",
+                                       "sequential_finetune.py"))
+  app.run(module["main"])
