@@ -32,6 +32,9 @@ import keras_mas
 from keras_mas import importance
 
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repetitions per case.")
+_PARTS = flags.DEFINE_list(
+    "parts", ["fit", "importance", "memory", "scaling"],
+    "Which measurements to run (a partial run prints, writes nothing).")
 _OUTPUT = flags.DEFINE_string(
     "output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "RESULTS.md"), "Where to write the report.")
@@ -209,10 +212,12 @@ def main(argv):
   del argv
   repeats = _REPEATS.value
   names = ("mlp", "cnn", "mlp-2m")
-  fit = [bench_fit(n, repeats) for n in names]
-  imp = [bench_importance(n, repeats) for n in names]
-  mem = [bench_memory(n) for n in names]
-  scaling = bench_scaling(repeats)
+  parts = set(_PARTS.value)
+  fit = [bench_fit(n, repeats) for n in names] if "fit" in parts else []
+  imp = ([bench_importance(n, repeats) for n in names]
+         if "importance" in parts else [])
+  mem = [bench_memory(n) for n in names] if "memory" in parts else []
+  scaling = bench_scaling(repeats) if "scaling" in parts else []
 
   lines = [
       "# keras_mas benchmarks", "",
@@ -258,8 +263,9 @@ def main(argv):
     lines.append(f"| {name} | {params:,} | {samples} | {seconds:.4f} | "
                  f"{1000 * seconds / samples:.4f} |")
   report = "\n".join(lines) + "\n"
-  with open(_OUTPUT.value, "w") as f:
-    f.write(report)
+  if len(parts) == 4:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(report)
   print(report)
 
 

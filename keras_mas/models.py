@@ -1,6 +1,7 @@
 """MASModel: a keras.Model that owns MAS importance and anchors."""
 
 import keras
+from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 import numpy as np
 import tensorflow as tf
@@ -231,6 +232,7 @@ class MASModel(keras.Model):
           f"{list(PENALTY_MODES)}. Received: penalty_mode={value!r}")
     state = self._require_mas_state("set the penalty mode of")
     state.proximal.assign(PENALTY_MODES.index(value))
+    self._proximal = value == "proximal"
     # The mode is fixed into the traced train step: trace again.
     self.train_function = None
     self.test_function = None
@@ -333,6 +335,7 @@ class MASModel(keras.Model):
 
   def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                    training=True):
+    """Task loss plus the MAS penalty, as `evaluate` and users see it."""
     loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
     if self._mas is None:
       # Keras's symbolic build of a subclassed model, before its state
@@ -342,17 +345,65 @@ class MASModel(keras.Model):
     self.task_loss_tracker.update_state(loss)
     self.penalty_tracker.update_state(penalty)
     # Like a regularization loss: summed, and scaled per replica under
-    # tf.distribute so that the summed gradients are right.
-    penalty = self._aggregate_additional_loss(penalty)
-    if self._proximal_step:
-      penalty = tf.stop_gradient(penalty)  # Applied by `_proximal_update`.
-    return loss + tf.cast(penalty, loss.dtype)
+    # tf.distribute.
+    return loss + tf.cast(self._aggregate_additional_loss(penalty), loss.dtype)
 
   def train_step(self, data):
-    logs = super().train_step(data)
-    if self._proximal_step:
+    """One step on `task loss + λ Σ Ω (θ − θ*)²`.
+
+    The task loss is differentiated by the tape; the penalty's gradient
+    `2λΩ(θ − θ*)` is added in closed form, sharing `Ω(θ − θ*)` with the
+    penalty's value: a few element-wise operations per parameter instead of
+    a second trip through autodiff. In proximal mode the optimizer sees the
+    task gradient alone and `_proximal_update` applies the penalty.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      if self._call_has_training_arg:
+        y_pred = self(x, training=True)
+      else:
+        y_pred = self(x)
+      task_loss = super().compute_loss(x, y, y_pred, sample_weight,
+                                       training=True)
+      scaled_loss = (self.optimizer.scale_loss(task_loss)
+                     if self.optimizer is not None else task_loss)
+    variables = self.trainable_variables
+    gradients = tape.gradient(scaled_loss, variables)
+
+    # A subclassed model that `fit` builds is built by the forward pass
+    # above, inside this trace; its MAS state is then created here, once.
+    self._ensure_mas_state()
+    state = self._mas
+    proximal = self._proximal_step
+    strength = tf.cast(state.strength, "float32")
+    # The penalty's gradient meets the task gradient where it stands: scaled
+    # for loss scaling (mixed precision) and divided among replicas.
+    coefficient = 2.0 * strength * tf.cast(
+        self._aggregate_additional_loss(
+            self.optimizer.scale_loss(tf.ones((), "float32"))
+            if self.optimizer is not None else tf.ones((), "float32")),
+        "float32")
+    by_id = {id(v): i for i, v in enumerate(variables)}
+    slots = [by_id.get(id(v)) for v in state.targets]
+    penalty, steps = _penalty_and_gradients(
+        [tf.cast(v, "float32") for v in state.targets],
+        [o.value for o in state.importances], [a.value for a in state.anchors],
+        strength, coefficient)
+    if not proximal:
+      for i, step in zip(slots, steps):
+        if i is not None:
+          step = tf.cast(step, variables[i].dtype)
+          gradients[i] = step if gradients[i] is None else gradients[i] + step
+
+    self._loss_tracker.update_state(
+        task_loss_unscaled(task_loss) + penalty,
+        sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+    self.task_loss_tracker.update_state(task_loss_unscaled(task_loss))
+    self.penalty_tracker.update_state(penalty)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    if proximal:
       self._proximal_update()
-    return logs
+    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
   def _proximal_update(self):
     state = self._mas
@@ -366,12 +417,9 @@ class MASModel(keras.Model):
 
   @property
   def _proximal_step(self):
-    # Read while tracing, out of the graph: `penalty_mode`'s setter discards
-    # the traced functions, so a change is never missed.
-    if self._mas is None:
-      return False
-    with tf.init_scope():
-      return bool(int(self._mas.proximal.numpy()))
+    # Read while tracing; `penalty_mode`'s setter and loading keep it in
+    # step with the saved variable and discard traced functions.
+    return getattr(self, "_proximal", False)
 
   def make_train_function(self, force=False):
     # Subclassed models may first be built inside `fit`: create Ω and θ*
@@ -390,6 +438,7 @@ class MASModel(keras.Model):
   def load_own_variables(self, store):
     self._ensure_mas_state()
     super().load_own_variables(store)
+    self._proximal = bool(int(self._mas.proximal.numpy()))
 
 
 @keras.saving.register_keras_serializable(package="keras_mas")
@@ -399,6 +448,27 @@ class FunctionalMASModel(MASModel, Functional):
   def __init__(self, inputs, outputs, name=None, **kwargs):
     Functional.__init__(self, inputs, outputs, name=name, **kwargs)
     self._init_mas()
+
+
+def _penalty_and_gradients(values, importances, anchors, strength,
+                           coefficient):
+  """`λ Σ Ω (θ − θ*)²` and its gradient `c·Ω(θ − θ*)`, per variable.
+
+  Memory-bound element-wise work: `Ω(θ − θ*)` is formed once and serves both,
+  and the sum is a dot product rather than a product and a reduction.
+  """
+  terms, steps = [], []
+  for v, omega, anchor in zip(values, importances, anchors):
+    drift = tf.reshape(v - anchor, [-1])
+    weighted = tf.reshape(omega, [-1]) * drift
+    terms.append(tf.tensordot(weighted, drift, 1))
+    steps.append(tf.reshape(coefficient * weighted, v.shape))
+  return strength * tf.add_n(terms), steps
+
+
+def task_loss_unscaled(loss):
+  """The per-replica task loss as a whole-batch value (see Keras trainer)."""
+  return loss_module.unscale_loss_for_distribution(loss)
 
 
 def _functional_init_arguments(args, kwargs):

@@ -184,6 +184,7 @@ def test_keras_round_trip_keeps_importance_anchors_and_penalty(make, tmp_path):
     model = keras_mas.MASModel.from_model(plain)
   _compile(model, "adam").fit(_X, _Y, epochs=1, verbose=0)
   model.consolidate(_X, strength=4.0)
+  model.penalty_mode = "proximal"
   _compile(model, "adam").fit(_X + 1, _Y, epochs=2, verbose=0)
   penalty = float(model.mas_penalty())
   assert penalty > 0
@@ -193,6 +194,7 @@ def test_keras_round_trip_keeps_importance_anchors_and_penalty(make, tmp_path):
   assert isinstance(restored, keras_mas.MASModel)
   _assert_state_equal(_state(restored), _state(model))
   np.testing.assert_allclose(float(restored.mas_penalty()), penalty, rtol=1e-6)
+  assert restored.penalty_mode == "proximal"
   np.testing.assert_allclose(restored.predict(_X, verbose=0),
                              model.predict(_X, verbose=0), rtol=1e-6)
 
@@ -212,8 +214,11 @@ def test_subclassed_model_built_by_fit():
   model = _compile(SubclassedNet())
   history = model.fit(_X, _Y, epochs=1, verbose=0)
   assert "mas_penalty" in history.history
-  model.consolidate(_X)
+  model.consolidate(_X, strength=10.0)
   assert model.consolidated_tasks == 1
+  # The train function traced by the first fit must see the new state.
+  history = model.fit(_X + 2, _Y, epochs=2, batch_size=8, verbose=0)
+  assert history.history["mas_penalty"][-1] > 0
 
 
 def test_fit_features_keep_working():
