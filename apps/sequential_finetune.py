@@ -58,6 +58,14 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _RESUME = flags.DEFINE_bool("resume", False,
                             "Continue the run in --workdir.")
+_DISTRIBUTION = flags.DEFINE_enum(
+    "distribution", "none", ["none", "mirrored", "multi_worker"],
+    "tf.distribute strategy: 'mirrored' over this machine's devices, or "
+    "'multi_worker' across the machines named in TF_CONFIG.")
+_VIRTUAL_CPUS = flags.DEFINE_integer(
+    "virtual_cpus", 0,
+    "Split the CPU into this many logical devices (to run 'mirrored' with "
+    "several replicas on a machine without accelerators).")
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
 
 
@@ -65,6 +73,16 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if _VIRTUAL_CPUS.value:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * _VIRTUAL_CPUS.value)
+  # Made first: a multi-worker strategy must exist before other TF work.
+  strategy = {
+      "none": lambda: None,
+      "mirrored": tf.distribute.MirroredStrategy,
+      "multi_worker": tf.distribute.MultiWorkerMirroredStrategy,
+  }[_DISTRIBUTION.value]()
   tf.config.experimental.enable_op_determinism()
   sequence = tasks.make_sequence(
       _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
@@ -77,7 +95,7 @@ def main(argv):
       optimizer=_OPTIMIZER.value, model=_MODEL.value,
       hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
       importance_samples=_IMPORTANCE_SAMPLES.value, seed=_SEED.value,
-      resume=_RESUME.value, verbose=_VERBOSE.value,
+      resume=_RESUME.value, strategy=strategy, verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
 

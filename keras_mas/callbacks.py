@@ -133,7 +133,7 @@ def _divergence_message(model, epoch):
   state = getattr(model, "_mas", None)
   if state is None:
     return message
-  strength = float(state.strength.numpy())
+  strength = float(tf.convert_to_tensor(state.strength.value))
   message += f" MAS strength λ={strength:g}."
   optimizer = model.optimizer
   optimizer = getattr(optimizer, "inner_optimizer", optimizer)

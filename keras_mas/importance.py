@@ -114,9 +114,10 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
     kind = "analytic" if analytic is not None else "vectorized"
   else:
     kind = "batched"
-  step = _compiled(model, ("mas", kind, output_fn),
+  key = ("mas", kind, output_fn)
+  step = _compiled(model, key,
                    lambda: _make_global_step(model, kind, output_fn))
-  return _average(step, model, variables, data, batch_size, num_samples)
+  return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
 def local_mas(model, data, num_samples=None, batch_size=32):
@@ -158,9 +159,10 @@ def local_mas(model, data, num_samples=None, batch_size=32):
           f"Received: layer '{layer.name}' of type {type(layer).__name__} "
           "with trainable variables"
       )
-  step = _compiled(model, ("local_mas",),
+  key = ("local_mas",)
+  step = _compiled(model, key,
                    lambda: _make_local_step(model, variables, owners))
-  return _average(step, model, variables, data, batch_size, num_samples)
+  return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
 # --------------------------------------------------------------------------
@@ -195,13 +197,26 @@ def _compiled(model, key, make):
   return per_model[key]
 
 
-def _average(step, model, variables, data, batch_size, num_samples):
-  """Sums `step` over the batches of `data`, divides by the sample count."""
+def _average(model, key, step, variables, data, batch_size, num_samples):
+  """Sums `step` over the batches of `data`, divides by the sample count.
+
+  Under a `tf.distribute` strategy with several replicas (the model's own,
+  or the one in scope), each batch is split among the replicas, every
+  replica sums over its share and the sums are added across replicas (and
+  workers) before the division by the global sample count.
+  """
+  strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
+  if strategy.num_replicas_in_sync > 1:
+    per_batch = _compiled(model, ("distributed",) + key,
+                          lambda: _distributed(step, strategy))
+    run = lambda x: per_batch(_replica_shares(strategy, x))
+  else:
+    run = step
   totals = [tf.zeros(v.shape, tf.float32) for v in variables]
   count = 0
   for x in _data.input_batches(data, batch_size, num_samples):
     try:
-      sums = step(x)
+      sums = run(x)
     except (ValueError, TypeError, tf.errors.OpError) as e:
       shapes = tf.nest.map_structure(lambda t: tuple(t.shape), x)
       raise ValueError(
@@ -212,6 +227,32 @@ def _average(step, model, variables, data, batch_size, num_samples):
     totals = [t + s for t, s in zip(totals, sums)]
     count += int(tf.shape(tf.nest.flatten(x)[0])[0])
   return [t / count for t in totals]
+
+
+def _distributed(step, strategy):
+  @tf.function(reduce_retracing=True)
+  def per_batch(shares):
+    sums = strategy.run(step, args=(shares,))
+    return [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None)
+            for s in sums]
+  return per_batch
+
+
+def _replica_shares(strategy, x):
+  """Splits a global batch into contiguous per-replica shares.
+
+  Every worker holds the whole batch and takes the shares of its own
+  replicas, so that each sample is counted exactly once across the cluster.
+  """
+  size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+  replicas = strategy.num_replicas_in_sync
+  bounds = [size * i // replicas for i in range(replicas + 1)]
+
+  def share(context):
+    i = context.replica_id_in_sync_group
+    return tf.nest.map_structure(lambda t: t[bounds[i]:bounds[i + 1]], x)
+
+  return strategy.experimental_distribute_values_from_function(share)
 
 
 def _owning_layers(model, variables):

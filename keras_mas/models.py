@@ -199,7 +199,7 @@ class MASModel(keras.Model):
   @property
   def strength(self):
     """λ, the penalty strength, as a float."""
-    return float(self._require_mas_state("read the strength of").strength)
+    return float(_value(self._require_mas_state("read the strength of").strength))
 
   @strength.setter
   def strength(self, value):
@@ -221,7 +221,8 @@ class MASModel(keras.Model):
     an implicit step, stable at any λ (as λ → ∞, θ → θ* where Ω > 0). The
     penalty is still reported in `loss` and `mas_penalty`.
     """
-    mode = int(self._require_mas_state("read the penalty mode of").proximal)
+    mode = int(_value(
+        self._require_mas_state("read the penalty mode of").proximal))
     return PENALTY_MODES[mode]
 
   @penalty_mode.setter
@@ -240,7 +241,7 @@ class MASModel(keras.Model):
   @property
   def consolidated_tasks(self):
     """How many times `consolidate` has run on this model."""
-    return int(self._require_mas_state("count the tasks of").tasks)
+    return int(_value(self._require_mas_state("count the tasks of").tasks))
 
   # ------------------------------------------------------------------------
   # The method.
@@ -311,7 +312,7 @@ class MASModel(keras.Model):
           "The existing importance and anchors were kept."
       )
 
-    first = int(state.tasks) == 0
+    first = int(_value(state.tasks)) == 0
     for omega, anchor, v, omega_new in zip(
         state.importances, state.anchors, state.targets, new):
       if accumulate == "sum" or first:
@@ -403,7 +404,20 @@ class MASModel(keras.Model):
     self.optimizer.apply_gradients(zip(gradients, variables))
     if proximal:
       self._proximal_update()
-    return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    return self._replica_logs(
+        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+  def test_step(self, data):
+    return self._replica_logs(super().test_step(data))
+
+  def _replica_logs(self, logs):
+    # Keras 3 (3.15) reduces each log with `strategy.reduce("MEAN", v,
+    # axis=0)` under MultiWorkerMirroredStrategy, which needs an axis to
+    # reduce (keras-team/keras#20585): give each scalar one.
+    if isinstance(self._distribute_strategy,
+                  tf.distribute.MultiWorkerMirroredStrategy):
+      return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+    return logs
 
   def _proximal_update(self):
     state = self._mas
@@ -427,6 +441,25 @@ class MASModel(keras.Model):
     self._ensure_mas_state()
     return super().make_train_function(force=force)
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras 3 (3.15) builds from a batch it reduces across replicas with
+    # MEAN, which fails under MultiWorkerMirroredStrategy (`fit` raises
+    # "Attempt to convert a value (PerReplica...)", keras-team/keras#20585).
+    # Building from this worker's first local share gives the same shapes.
+    strategy = self._distribute_strategy
+    if iterator is None or not isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return super()._maybe_symbolic_build(iterator=iterator,
+                                           data_batch=data_batch)
+    for _, _, it in iterator:
+      data_batch = tf.nest.map_structure(
+          lambda v: (strategy.experimental_local_results(v)[0]
+                     if isinstance(v, tf.distribute.DistributedValues)
+                     else v), next(it))
+      break
+    with strategy.scope():
+      self._symbolic_build(data_batch=data_batch)
+
   def make_test_function(self, force=False):
     self._ensure_mas_state()
     return super().make_test_function(force=force)
@@ -438,7 +471,7 @@ class MASModel(keras.Model):
   def load_own_variables(self, store):
     self._ensure_mas_state()
     super().load_own_variables(store)
-    self._proximal = bool(int(self._mas.proximal.numpy()))
+    self._proximal = bool(int(_value(self._mas.proximal)))
 
 
 @keras.saving.register_keras_serializable(package="keras_mas")
@@ -469,6 +502,11 @@ def _penalty_and_gradients(values, importances, anchors, strength,
 def task_loss_unscaled(loss):
   """The per-replica task loss as a whole-batch value (see Keras trainer)."""
   return loss_module.unscale_loss_for_distribution(loss)
+
+
+def _value(variable):
+  """A variable's value as NumPy, distributed (mirrored) variables included."""
+  return keras.ops.convert_to_numpy(tf.convert_to_tensor(variable.value))
 
 
 def _functional_init_arguments(args, kwargs):

@@ -6,6 +6,7 @@ sequence), evaluate every task, consolidate on the task's training inputs
 apps pass plain arguments.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,8 +38,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  penalty_mode="gradient", epochs=10,
                  batch_size=32, learning_rate=1e-3, optimizer="adam",
                  model="mlp", hidden_units=128, weights=None,
-                 importance_samples=None, seed=0, resume=False, extra=None,
-                 verbose=1):
+                 importance_samples=None, seed=0, resume=False, strategy=None,
+                 extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -73,6 +74,10 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       None).
     seed: seeds the model, the shuffles and every task's training.
     resume: continue from the last completed task in `workdir`.
+    strategy: a `tf.distribute.Strategy` to train and measure importance
+      under, or None. Under `MultiWorkerMirroredStrategy` every worker runs
+      this function on the same data; only the chief writes into `workdir`
+      (the others write to a temporary directory they delete).
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -129,6 +134,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "hidden_units": int(hidden_units), "weights": weights,
       "importance_samples": importance_samples, "seed": int(seed),
   }
+  scope = strategy.scope if strategy is not None else contextlib.nullcontext
+  write_dir = (workdir if _is_chief(strategy)
+               else tempfile.mkdtemp(prefix="keras_mas_worker_"))
   checkpoint = _latest_checkpoint(workdir)
   if checkpoint is not None and not resume:
     raise ValueError(
@@ -148,45 +156,51 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
           f"{workdir!r} was made with a different configuration; differing: "
           + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
                       for k in changed))
-    net = _load_checkpoint_model(checkpoint[1])
-    _remove_partial_writes(workdir)
+    with scope():
+      net = _load_checkpoint_model(checkpoint[1])
+    _remove_partial_writes(write_dir)
     first_task = checkpoint[0] + 1
-    if not os.path.isdir(os.path.join(workdir, "export",
+    if not os.path.isdir(os.path.join(write_dir, "export",
                                       f"task_{checkpoint[0]}")):
-      _export(net, workdir, sequence, checkpoint[0])  # Stopped mid-export.
+      _export(net, write_dir, sequence, checkpoint[0])  # Stopped mid-export.
     matrix = np.array(state["accuracy_matrix"], dtype="float64")
     baseline = state["baseline"]
     timings = state["timings"]
     if verbose:
       print(f"Resuming after task {checkpoint[0]} from {checkpoint[1]}")
   else:
-    net = architectures.build(model, sequence.input_shape,
-                              sequence.num_outputs, hidden_units=hidden_units,
-                              weights=weights, seed=seed)
+    with scope():
+      net = architectures.build(model, sequence.input_shape,
+                                sequence.num_outputs,
+                                hidden_units=hidden_units, weights=weights,
+                                seed=seed)
     first_task = 0
     matrix = np.full((num_tasks, num_tasks), np.nan)
     baseline = _accuracies(net, sequence.tasks, batch_size)
     timings = []
 
   net.penalty_mode = penalty_mode
-  writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+  writer = tf.summary.create_file_writer(
+      os.path.join(write_dir, "tensorboard"))
   for k in range(first_task, num_tasks):
     task = sequence.tasks[k]
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
-    net.compile(
-        optimizer=keras.optimizers.get(
-            {"class_name": optimizer,
-             "config": {"learning_rate": learning_rate}}),
-        loss=heads.TaskLoss(task.start, task.stop, task.label_offset),
-        metrics=[heads.TaskAccuracy(task.start, task.stop,
-                                    task.label_offset)])
+    with scope():
+      net.compile(
+          optimizer=keras.optimizers.get(
+              {"class_name": optimizer,
+               "config": {"learning_rate": learning_rate}}),
+          loss=heads.TaskLoss(task.start, task.stop, task.label_offset),
+          metrics=[heads.TaskAccuracy(task.start, task.stop,
+                                      task.label_offset)])
     net.fit(task.x_train, task.y_train, batch_size=batch_size,
             initial_epoch=k * epochs, epochs=(k + 1) * epochs,
             verbose=verbose,
             callbacks=[
                 keras.callbacks.TensorBoard(
-                    os.path.join(workdir, "tensorboard"), write_graph=False),
+                    os.path.join(write_dir, "tensorboard"),
+                    write_graph=False),
                 callbacks_lib.DriftLogger(writer),
                 callbacks_lib.DivergenceGuard(),
             ])
@@ -207,10 +221,10 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     writer.flush()
     timings.append({"task": k, "fit_s": trained - started,
                     "consolidate_s": consolidated - trained})
-    _write_checkpoint(workdir, k, net, {
+    _write_checkpoint(write_dir, k, net, {
         "config": config, "accuracy_matrix": matrix.tolist(),
         "baseline": baseline, "timings": timings})
-    _export(net, workdir, sequence, k)
+    _export(net, write_dir, sequence, k)
     if verbose:
       seen = " ".join(f"{a:.3f}" for a in matrix[k, :k + 1])
       print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
@@ -227,7 +241,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       **metrics_lib.summarize(matrix, baseline),
       "config": config, "extra": extra or {}, "timings": timings,
   }
-  _write_json(os.path.join(workdir, "results.json"), results)
+  _write_json(os.path.join(write_dir, "results.json"), results)
+  if write_dir != workdir:
+    shutil.rmtree(write_dir, ignore_errors=True)
   if verbose:
     print(format_matrix(results))
   return results
@@ -276,6 +292,17 @@ def _export(net, workdir, sequence, k):
 
 # --------------------------------------------------------------------------
 # Checkpoints: one directory per completed task, renamed into place whole.
+
+
+def _is_chief(strategy):
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type == "chief":
+    return True
+  return (task_type == "worker" and task_id == 0
+          and "chief" not in resolver.cluster_spec().as_dict())
 
 
 def _check_writable(workdir):
