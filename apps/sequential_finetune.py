@@ -52,6 +52,12 @@ _WEIGHTS = flags.DEFINE_string(
 _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
     "importance_samples", None, "Samples per task for importance (all if "
     "unset).")
+_ALPHA = flags.DEFINE_float(
+    "alpha", 0.5, "online_ewc: weight of the old importance in its decay.")
+_FISHER = flags.DEFINE_enum("fisher", "empirical", ["empirical", "true"],
+                            "ewc, online_ewc: Fisher from labels or sampled.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 2.0,
+                                  "lwf: distillation temperature.")
 _MAX_ANGLE = flags.DEFINE_float("max_angle", 90.0,
                                 "Rotation of the last task, --recipe=rotated.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
@@ -94,7 +100,8 @@ def main(argv):
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       optimizer=_OPTIMIZER.value, model=_MODEL.value,
       hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
-      importance_samples=_IMPORTANCE_SAMPLES.value, seed=_SEED.value,
+      importance_samples=_IMPORTANCE_SAMPLES.value, alpha=_ALPHA.value,
+      fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
       resume=_RESUME.value, strategy=strategy, verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})

@@ -11,8 +11,10 @@ def _is_array_like(value):
   )
 
 
-def input_batches(data, batch_size=32, num_samples=None):
-  """Yields input batches of `data`, labels and sample weights dropped.
+def input_batches(data, batch_size=32, num_samples=None, labels=False):
+  """Yields `(x,)` batches of `data`, or `(x, y)` with `labels=True`.
+
+  Sample weights are always dropped, and labels unless asked for.
 
   Args:
     data: a batched `tf.data.Dataset` whose elements are `x`, `(x,)`,
@@ -22,8 +24,10 @@ def input_batches(data, batch_size=32, num_samples=None):
     num_samples: stop after this many samples (the last batch is cut short);
       `data` must hold at least this many.
 
+    labels: also yield the labels; `data` must then hold them.
+
   Yields:
-    The input part of each batch, at most `num_samples` samples in all.
+    Tuples `(x,)` or `(x, y)`, at most `num_samples` samples in all.
 
   Raises:
     ValueError: if an argument is invalid or `data` yields no sample.
@@ -40,16 +44,22 @@ def input_batches(data, batch_size=32, num_samples=None):
         "Invalid value for argument `num_samples`. Expected a positive "
         f"integer or None. Received: num_samples={num_samples!r}"
     )
+  def parts(element):
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(element)
+    if not labels:
+      return (x,)
+    if y is None:
+      raise ValueError(
+          "Invalid value for argument `data`. Expected labels, as `(x, y)` "
+          "arrays or a dataset of `(x, y)` batches, for an estimator that "
+          "uses them. Received: inputs only")
+    return (x, y)
+
   if isinstance(data, tf.data.Dataset):
-    batches = (
-        keras.utils.unpack_x_y_sample_weight(element)[0] for element in data
-    )
+    batches = (parts(element) for element in data)
   elif data is not None and _is_array_like(data):
-    if isinstance(data, tuple):
-      data = keras.utils.unpack_x_y_sample_weight(data)[0]
-    batches = (
-        x for x in tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
-    )
+    data = parts(data) if isinstance(data, tuple) else parts((data,))
+    batches = iter(tf.data.Dataset.from_tensor_slices(data).batch(batch_size))
   else:
     raise ValueError(
         "Invalid value for argument `data`. Expected a batched "
@@ -58,15 +68,15 @@ def input_batches(data, batch_size=32, num_samples=None):
     )
 
   seen = 0
-  for x in batches:
-    size = int(tf.shape(tf.nest.flatten(x)[0])[0])
+  for batch in batches:
+    size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
     if num_samples is not None and seen + size > num_samples:
       size = num_samples - seen
-      x = tf.nest.map_structure(lambda t, n=size: t[:n], x)
+      batch = tf.nest.map_structure(lambda t, n=size: t[:n], batch)
     if size == 0:
       continue
     seen += size
-    yield x
+    yield tuple(batch)
     if num_samples is not None and seen >= num_samples:
       return
   if seen == 0:

@@ -27,7 +27,8 @@ import tensorflow as tf
 
 from keras_mas import _data
 
-__all__ = ["mas", "local_mas", "squared_output_norm"]
+__all__ = ["fisher", "local_mas", "mas", "path_integral", "squared_output_norm",
+           "uniform"]
 
 # Layers whose local (Hebbian) importance is the layer's own per-sample
 # gradient; anything else has no clear "own output" and is refused.
@@ -115,8 +116,8 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
   else:
     kind = "batched"
   key = ("mas", kind, output_fn)
-  step = _compiled(model, key,
-                   lambda: _make_global_step(model, kind, output_fn))
+  step = _compiled(model, key, lambda: _make_global_step(
+      model, kind, _output_norm(output_fn), tf.abs))
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
@@ -165,6 +166,92 @@ def local_mas(model, data, num_samples=None, batch_size=32):
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
+def fisher(model, data, empirical=True, num_samples=None, batch_size=32,
+           output_fn=None, seed=0):
+  """Diagonal Fisher information, the importance of EWC (Kirkpatrick 2017).
+
+  `F = (1/N) Σ_k (∂ log p(y_k | x_k) / ∂θ)²`, per-sample squared gradients of
+  the log-likelihood of a softmax classifier over the model's logits.
+
+  Args:
+    model: a built `keras.Model` producing logits.
+    data: `(x, y)` arrays or a batched dataset of `(x, y)` when `empirical`
+      (labels are output indices after `output_fn`); inputs alone otherwise.
+    empirical: `True` uses the given labels (empirical Fisher); `False`
+      samples `y_k` from the model's own predictive distribution (the true
+      Fisher, one sample per input).
+    num_samples: use at most this many samples.
+    batch_size: batch size when `data` holds arrays.
+    output_fn: selects the logits of the task, e.g. one head.
+    seed: seeds the labels sampled when `empirical=False`.
+
+  Returns:
+    A list of float32 tensors, one per `model.trainable_variables`.
+  """
+  variables = _check_model(model)
+  kind = ("analytic" if _analytic_layers(model, variables) is not None
+          else "vectorized")
+  key = ("fisher", kind, bool(empirical), output_fn, seed)
+
+  def log_likelihood(outputs, y):
+    logits = tf.cast(output_fn(outputs) if output_fn else outputs, tf.float32)
+    if empirical:
+      labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
+    else:
+      labels = tf.stop_gradient(tf.cast(tf.random.stateless_categorical(
+          logits, 1, seed=[seed, tf.shape(logits)[0]])[:, 0], tf.int32))
+    return -tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits))
+
+  step = _compiled(model, key, lambda: _make_global_step(
+      model, kind, log_likelihood, tf.square))
+  return _average(model, key, step, variables, data, batch_size, num_samples,
+                  labels=bool(empirical))
+
+
+def uniform(model, data=None, **unused_options):
+  """Ω = 1 for every parameter: the plain L2 penalty towards the anchors."""
+  del data, unused_options
+  return [tf.ones(v.shape, tf.float32) for v in _check_model(model)]
+
+
+def path_integral(model, data=None, damping=0.1, **unused_options):
+  """Synaptic Intelligence importance (Zenke et al. 2017) of the last task.
+
+  `Ω = max(ω, 0) / ((θ − θ_start)² + ξ)` with `ω = Σ_steps −g · Δθ`, the
+  path integral of the task-loss gradient along the parameters' trajectory
+  since the task started, which `MASModel` accumulates in `train_step` once
+  `track_path_integral()` has been called. Data are not used.
+
+  Args:
+    model: a `MASModel` tracking its path integral.
+    data: ignored.
+    damping: ξ > 0.
+
+  Returns:
+    A list of float32 tensors, one per `model.trainable_variables`.
+
+  Raises:
+    ValueError: if the model does not track its path integral.
+  """
+  del data, unused_options
+  variables = _check_model(model)
+  path = getattr(model, "_path", None)
+  if path is None:
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a MASModel tracking "
+        "its path integral: call `model.track_path_integral()` before the "
+        f"task's training. Received: model '{model.name}'")
+  by_id = {id(v): (w, s) for v, w, s in zip(path.targets, path.integrals,
+                                            path.starts)}
+  out = []
+  for v in variables:
+    w, start = by_id[id(v)]
+    out.append(tf.nn.relu(tf.convert_to_tensor(w)) / (
+        tf.square(tf.cast(v, tf.float32) - start) + damping))
+  return out
+
+
 # --------------------------------------------------------------------------
 # Shared machinery.
 
@@ -197,7 +284,8 @@ def _compiled(model, key, make):
   return per_model[key]
 
 
-def _average(model, key, step, variables, data, batch_size, num_samples):
+def _average(model, key, step, variables, data, batch_size, num_samples,
+             labels=False):
   """Sums `step` over the batches of `data`, divides by the sample count.
 
   Under a `tf.distribute` strategy with several replicas (the model's own,
@@ -214,9 +302,10 @@ def _average(model, key, step, variables, data, batch_size, num_samples):
     run = step
   totals = [tf.zeros(v.shape, tf.float32) for v in variables]
   count = 0
-  for x in _data.input_batches(data, batch_size, num_samples):
+  for batch in _data.input_batches(data, batch_size, num_samples, labels):
+    x = batch[0]
     try:
-      sums = run(x)
+      sums = run(batch)
     except (ValueError, TypeError, tf.errors.OpError) as e:
       shapes = tf.nest.map_structure(lambda t: tuple(t.shape), x)
       raise ValueError(
@@ -290,46 +379,62 @@ def _zeros_for_missing(grads, variables):
 # Global MAS.
 
 
-def _make_global_step(model, kind, output_fn):
-  variables = list(model.trainable_variables)
+def _output_norm(output_fn):
+  """MAS's objective: `Σ_k ‖F(x_k)‖²`, labels unused."""
 
-  def loss_of(x):
-    outputs = _call_model(model, x)
+  def objective(outputs, y):
+    del y
     if output_fn is not None:
       outputs = output_fn(outputs)
     return tf.reduce_sum(squared_output_norm(outputs))
 
+  return objective
+
+
+def _make_global_step(model, kind, objective, transform):
+  """Per batch, `Σ_k transform(∂ objective_k / ∂θ)` for every variable.
+
+  `objective(outputs, y)` must be a sum of per-sample terms; `transform` is
+  `tf.abs` (MAS) or `tf.square` (Fisher), applied per sample, or to the
+  batch's summed gradient for `kind="batched"`.
+  """
+  variables = list(model.trainable_variables)
+
+  def loss_of(batch):
+    x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+    return objective(_call_model(model, x), y)
+
   if kind == "batched":
 
-    def step(x):
+    def step(batch):
       with tf.GradientTape() as tape:
-        loss = loss_of(x)
+        loss = loss_of(batch)
       grads = _zeros_for_missing(tape.gradient(loss, variables), variables)
-      return [tf.abs(g) for g in grads]
+      return [transform(g) for g in grads]
 
   elif kind == "vectorized":
 
-    def step(x):
-      def one_sample(x_k):
-        x_k = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), x_k)
+    def step(batch):
+      def one_sample(sample):
+        sample = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), sample)
         with tf.GradientTape() as tape:
-          loss = loss_of(x_k)
+          loss = loss_of(sample)
         return _zeros_for_missing(tape.gradient(loss, variables), variables)
 
-      grads = tf.vectorized_map(one_sample, x)
-      return [tf.reduce_sum(tf.abs(g), axis=0) for g in grads]
+      grads = tf.vectorized_map(one_sample, batch)
+      return [tf.reduce_sum(transform(g), axis=0) for g in grads]
 
   else:
     layers = _analytic_layers(model, variables)
 
-    def step(x):
+    def step(batch):
       records = {id(layer): [] for layer in layers}
       with contextlib.ExitStack() as stack:
         for layer in layers:
           stack.enter_context(
               _replaced_call(layer, _recording_call(layer, records)))
         with tf.GradientTape() as tape:
-          loss = loss_of(x)
+          loss = loss_of(batch)
       pre_activations = [z for layer in layers for _, z in records[id(layer)]]
       deltas = iter(tape.gradient(loss, pre_activations))
       sums = {}
@@ -337,7 +442,8 @@ def _make_global_step(model, kind, output_fn):
         inputs = [a for a, _ in records[id(layer)]]
         layer_deltas = [next(deltas) for _ in inputs]
         if inputs:  # Else not on the path from the inputs: importance 0.
-          sums.update(_layer_abs_grad_sums(layer, inputs, layer_deltas))
+          sums.update(_layer_grad_sums(layer, inputs, layer_deltas,
+                                       transform))
       return [sums.get(id(v), tf.zeros(v.shape, tf.float32))
               for v in variables]
 
@@ -398,11 +504,11 @@ def _recording_call(layer, records):
   return call
 
 
-def _layer_abs_grad_sums(layer, inputs, deltas):
-  """`{id(variable): Σ_k |per-sample gradient|}` for a kernel and bias."""
+def _layer_grad_sums(layer, inputs, deltas, transform=tf.abs):
+  """`{id(variable): Σ_k transform(per-sample gradient)}`, kernel and bias."""
   if _analytic_kind(layer) == "conv2d":
     inputs = [_patches(layer, a) for a in inputs]
-  kernel_sum, bias_sum = _dense_abs_grad_sums(inputs, deltas)
+  kernel_sum, bias_sum = _outer_grad_sums(inputs, deltas, transform)
   sums = {id(layer._kernel): tf.reshape(kernel_sum, layer._kernel.shape)}
   if layer.bias is not None:
     sums[id(layer.bias)] = bias_sum
@@ -420,13 +526,14 @@ def _patches(layer, inputs):
       padding=layer.padding.upper())
 
 
-def _dense_abs_grad_sums(inputs, deltas):
-  """`Σ_k |Σ_p a_kp ⊗ δ_kp|` and `Σ_k |Σ_p δ_kp|` over a layer's calls.
+def _outer_grad_sums(inputs, deltas, transform):
+  """`Σ_k f(Σ_p a_kp ⊗ δ_kp)` and `Σ_k f(Σ_p δ_kp)` over a layer's calls.
 
   `p` runs over every position at which sample `k` met the layer: extra input
-  axes (a Dense layer on sequences) and repeated calls (a shared layer). With
-  one position per sample the sum of outer products is a single matmul of
-  absolute values; otherwise the per-sample kernel gradient is formed.
+  axes (a Dense layer on sequences, a convolution's patches) and repeated
+  calls (a shared layer). With one position per sample and `f` = |·| or (·)²,
+  which factor over products, the sum of outer products is a single matmul:
+  `f(A)ᵀ f(Δ)`; otherwise the per-sample kernel gradient is formed.
   """
   def flat(t):
     t = tf.cast(t, tf.float32)
@@ -436,11 +543,11 @@ def _dense_abs_grad_sums(inputs, deltas):
   d = tf.concat([flat(t) for t in deltas], axis=1)
   if a.shape[1] == 1:
     a, d = a[:, 0], d[:, 0]
-    return (tf.matmul(tf.abs(a), tf.abs(d), transpose_a=True),
-            tf.reduce_sum(tf.abs(d), axis=0))
+    return (tf.matmul(transform(a), transform(d), transpose_a=True),
+            tf.reduce_sum(transform(d), axis=0))
   per_sample = tf.einsum("bpi,bpj->bij", a, d)
-  return (tf.reduce_sum(tf.abs(per_sample), axis=0),
-          tf.reduce_sum(tf.abs(tf.reduce_sum(d, axis=1)), axis=0))
+  return (tf.reduce_sum(transform(per_sample), axis=0),
+          tf.reduce_sum(transform(tf.reduce_sum(d, axis=1)), axis=0))
 
 
 # --------------------------------------------------------------------------
@@ -459,13 +566,13 @@ def _make_local_step(model, variables, owners):
       return original(inputs, *args, **kwargs)
     return call
 
-  def step(x):
+  def step(batch):
     records = {id(layer): [] for layer in layers}
     with contextlib.ExitStack() as stack:
       for layer in layers:
         stack.enter_context(_replaced_call(
             layer, recording_call(layer, layer.call, records)))
-      _call_model(model, x)
+      _call_model(model, batch[0])
     sums = {}
     for layer in layers:
       inputs = records[id(layer)]
@@ -490,7 +597,7 @@ def _local_analytic(layer, inputs):
       loss += tf.reduce_sum(tf.square(tf.cast(_activation(layer, z),
                                               tf.float32)))
   deltas = tape.gradient(loss, pre_activations)
-  return _layer_abs_grad_sums(layer, inputs, deltas)
+  return _layer_grad_sums(layer, inputs, deltas)
 
 
 def _local_vectorized(layer, inputs):

@@ -16,10 +16,22 @@ __all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
 ESTIMATORS = {
     "mas": importance_lib.mas,
     "local_mas": importance_lib.local_mas,
+    "fisher": importance_lib.fisher,
+    "uniform": importance_lib.uniform,
+    "path_integral": importance_lib.path_integral,
 }
 
 _ACCUMULATE = ("sum", "decay")
 PENALTY_MODES = ("gradient", "proximal")
+
+
+class _PathState:
+  """Synaptic Intelligence's running path integral ω and start point."""
+
+  def __init__(self, targets, integrals, starts):
+    self.targets = targets
+    self.integrals = integrals
+    self.starts = starts
 
 
 class _MASState:
@@ -93,6 +105,7 @@ class MASModel(keras.Model):
     self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
     self.penalty_tracker = keras.metrics.Mean(name="mas_penalty")
     self._mas = None
+    self._path = None
     if self.built:
       self._ensure_mas_state()
 
@@ -238,6 +251,53 @@ class MASModel(keras.Model):
     self.train_function = None
     self.test_function = None
 
+  def track_path_integral(self):
+    """Accumulates Synaptic Intelligence's path integral during `fit`.
+
+    Adds two non-trainable copies of the parameters: `ω = Σ −g·Δθ` over
+    training steps (g the task-loss gradient, Δθ the step actually taken)
+    and the parameters where the current task started. Both restart at each
+    `consolidate`. Then `consolidate(method="path_integral")` gives SI's
+    importance. Idempotent.
+
+    Raises:
+      ValueError: if the model is unbuilt or trained on several replicas.
+    """
+    state = self._require_mas_state("track the path integral of")
+    if self._path is not None:
+      return
+    if self.distribute_strategy.num_replicas_in_sync > 1:
+      raise ValueError(
+          "Invalid value for argument `model`. The path integral is tracked "
+          "on one replica only. Received: a model under a strategy with "
+          f"{self.distribute_strategy.num_replicas_in_sync} replicas")
+    tracker = self._tracker
+    was_locked = tracker.locked
+    tracker.unlock()
+    try:
+      integrals, starts = [], []
+      for i, v in enumerate(state.targets):
+        integrals.append(self.add_weight(
+            shape=v.shape, dtype="float32", initializer="zeros",
+            trainable=False, name=f"si_path_integral_{i}"))
+        starts.append(self.add_weight(
+            shape=v.shape, dtype="float32", initializer="zeros",
+            trainable=False, name=f"si_start_{i}"))
+    finally:
+      if was_locked:
+        tracker.lock()
+    for start, v in zip(starts, state.targets):
+      start.assign(tf.cast(v, "float32"))
+    self._path = _PathState(state.targets, integrals, starts)
+    self.train_function = None
+
+  def _restart_path(self):
+    if self._path is not None:
+      for w, start, v in zip(self._path.integrals, self._path.starts,
+                             self._path.targets):
+        w.assign(tf.zeros_like(w))
+        start.assign(tf.cast(v, "float32"))
+
   @property
   def consolidated_tasks(self):
     """How many times `consolidate` has run on this model."""
@@ -323,6 +383,7 @@ class MASModel(keras.Model):
     state.tasks.assign_add(1)
     if strength is not None:
       state.strength.assign(strength)
+    self._restart_path()
     return new
 
   def mas_penalty(self):
@@ -370,6 +431,7 @@ class MASModel(keras.Model):
                      if self.optimizer is not None else task_loss)
     variables = self.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
+    task_gradients = list(gradients)
 
     # A subclassed model that `fit` builds is built by the forward pass
     # above, inside this trace; its MAS state is then created here, once.
@@ -401,9 +463,25 @@ class MASModel(keras.Model):
         sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
     self.task_loss_tracker.update_state(task_loss_unscaled(task_loss))
     self.penalty_tracker.update_state(penalty)
+    path = self._path
+    if path is not None:
+      # SI's ω += −g·Δθ, g the task gradient alone (loss scaling undone).
+      unscale = 1.0 / tf.cast(self.optimizer.scale_loss(
+          tf.ones((), "float32")), "float32")
+      by_id = dict(zip((id(v) for v in variables), task_gradients))
+      path_gradients = [
+          None if by_id.get(id(v)) is None
+          else tf.cast(by_id[id(v)], "float32") * unscale
+          for v in path.targets]
+      before = [tf.identity(tf.cast(v, "float32")) for v in path.targets]
     self.optimizer.apply_gradients(zip(gradients, variables))
     if proximal:
       self._proximal_update()
+    if path is not None:
+      for w, g, v, b in zip(path.integrals, path_gradients, path.targets,
+                            before):
+        if g is not None:
+          w.assign_add(-g * (tf.cast(v, "float32") - b))
     return self._replica_logs(
         self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
@@ -482,6 +560,24 @@ class FunctionalMASModel(MASModel, Functional):
     Functional.__init__(self, inputs, outputs, name=name, **kwargs)
     self._init_mas()
 
+  def get_config(self):
+    return _with_path_flag(self, super().get_config())
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    track = config.pop("track_path_integral", False)
+    model = super().from_config(config, custom_objects=custom_objects)
+    if track:
+      model.track_path_integral()  # Its variables exist before loading.
+    return model
+
+
+def _with_path_flag(model, config):
+  if model._path is not None:
+    config["track_path_integral"] = True
+  return config
+
 
 def _penalty_and_gradients(values, importances, anchors, strength,
                            coefficient):
@@ -540,10 +636,14 @@ class WrappedMASModel(MASModel):
   def get_config(self):
     config = super().get_config()
     config["model"] = keras.saving.serialize_keras_object(self.model)
-    return config
+    return _with_path_flag(self, config)
 
   @classmethod
   def from_config(cls, config):
     config = dict(config)
-    model = keras.saving.deserialize_keras_object(config.pop("model"))
-    return cls(model, **config)
+    track = config.pop("track_path_integral", False)
+    model = cls(keras.saving.deserialize_keras_object(config.pop("model")),
+                **config)
+    if track:
+      model.track_path_integral()
+    return model

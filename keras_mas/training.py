@@ -22,13 +22,14 @@ from keras_mas import architectures
 from keras_mas import callbacks as callbacks_lib
 from keras_mas import export as export_lib
 from keras_mas import heads
+from keras_mas import methods as methods_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import models
 from keras_mas import regularizers
 
 __all__ = ["METHODS", "run_sequence", "format_matrix"]
 
-METHODS = ("mas", "local_mas", "finetune")
+METHODS = tuple(methods_lib.METHODS)
 _CHECKPOINTS = "checkpoints"
 _STATE = "state.json"
 _MODEL = "model.keras"
@@ -38,7 +39,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  penalty_mode="gradient", epochs=10,
                  batch_size=32, learning_rate=1e-3, optimizer="adam",
                  model="mlp", hidden_units=128, weights=None,
-                 importance_samples=None, seed=0, resume=False, strategy=None,
+                 importance_samples=None, alpha=0.5, fisher="empirical",
+                 temperature=2.0, seed=0, resume=False, strategy=None,
                  extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
@@ -58,8 +60,10 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   Args:
     sequence: a `keras_mas.tasks.TaskSequence`.
     workdir: output directory; created if needed.
-    method: one of `METHODS`; `"finetune"` trains with no protection.
-    strength: λ of the MAS penalty.
+    method: one of `METHODS` (see `keras_mas.methods`); `"finetune"` trains
+      with no protection.
+    strength: λ of the penalty (`lwf`: weight of the distillation term is
+      1; `finetune`, `joint`: unused).
     penalty_mode: `"gradient"` or `"proximal"` (see
       `MASModel.penalty_mode`).
     epochs: epochs per task.
@@ -72,6 +76,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     weights: local weights file for a `keras.applications` backbone.
     importance_samples: samples of each task used for importance (all if
       None).
+    alpha: weight of the old importance in `online_ewc`'s decay.
+    fisher: `"empirical"` (labels) or `"true"` (sampled) Fisher for EWC.
+    temperature: distillation temperature of `lwf`.
     seed: seeds the model, the shuffles and every task's training.
     resume: continue from the last completed task in `workdir`.
     strategy: a `tf.distribute.Strategy` to train and measure importance
@@ -91,10 +98,19 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     keras_mas.callbacks.TrainingDivergedError: if a task's training stops
       being finite; the checkpoints of the completed tasks are intact.
   """
-  if method not in METHODS:
+  recipe = methods_lib.get(method)
+  if fisher not in ("empirical", "true"):
     raise ValueError(
-        f"Invalid value for argument `method`. Expected one of {METHODS}. "
-        f"Received: method={method!r}")
+        "Invalid value for argument `fisher`. Expected 'empirical' or "
+        f"'true'. Received: fisher={fisher!r}")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(
+        "Invalid value for argument `alpha`. Expected a number in [0, 1]. "
+        f"Received: alpha={alpha!r}")
+  if not temperature > 0:
+    raise ValueError(
+        "Invalid value for argument `temperature`. Expected a number > 0. "
+        f"Received: temperature={temperature!r}")
   strength = regularizers.validate_strength(strength)
   if penalty_mode not in models.PENALTY_MODES:
     raise ValueError(
@@ -132,7 +148,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "batch_size": int(batch_size), "learning_rate": float(learning_rate),
       "optimizer": optimizer, "model": model,
       "hidden_units": int(hidden_units), "weights": weights,
-      "importance_samples": importance_samples, "seed": int(seed),
+      "importance_samples": importance_samples, "alpha": float(alpha),
+      "fisher": fisher, "temperature": float(temperature),
+      "seed": int(seed),
   }
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
   write_dir = (workdir if _is_chief(strategy)
@@ -180,21 +198,23 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     timings = []
 
   net.penalty_mode = penalty_mode
+  if recipe.tracks_path:
+    net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
   for k in range(first_task, num_tasks):
     task = sequence.tasks[k]
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
+    x, y, loss, task_metrics = methods_lib.training_data(
+        recipe, net, sequence, k, batch_size, temperature=temperature)
     with scope():
       net.compile(
           optimizer=keras.optimizers.get(
               {"class_name": optimizer,
                "config": {"learning_rate": learning_rate}}),
-          loss=heads.TaskLoss(task.start, task.stop, task.label_offset),
-          metrics=[heads.TaskAccuracy(task.start, task.stop,
-                                      task.label_offset)])
-    net.fit(task.x_train, task.y_train, batch_size=batch_size,
+          loss=loss, metrics=task_metrics)
+    net.fit(x, y, batch_size=batch_size,
             initial_epoch=k * epochs, epochs=(k + 1) * epochs,
             verbose=verbose,
             callbacks=[
@@ -206,14 +226,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
             ])
     trained = time.perf_counter()
     matrix[k] = _accuracies(net, sequence.tasks, batch_size)
-    if method != "finetune":
-      # Global MAS measures the task's own outputs; l-MAS is per layer and
-      # measures every unit of the output layer.
-      options = ({"output_fn": heads.OutputSlice(task.start, task.stop)}
-                 if method == "mas" else {})
-      net.consolidate(task.x_train, method=method, strength=strength,
-                      num_samples=importance_samples, batch_size=batch_size,
-                      **options)
+    if recipe.estimator is not None:
+      net.consolidate(recipe.consolidation_data(task),
+                      **recipe.consolidation(task, strength, alpha,
+                                             importance_samples, batch_size,
+                                             fisher))
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
     so_far = metrics_lib.summarize(matrix[:k + 1, :k + 1], baseline[:k + 1])

@@ -1,0 +1,138 @@
+"""Continual-learning methods in one machinery: MAS and the baselines.
+
+Every method is a small description of what differs from plain sequential
+training; `training.run_sequence` does the rest the same way for all, so
+comparisons are fair. Penalty methods differ only in how the importance Ω
+of `λ Σ Ω (θ − θ*)²` is measured and accumulated (they share `MASModel`'s
+anchors, penalty and `consolidate`):
+
+| method       | Ω                                                 | accumulate |
+| ------------ | ------------------------------------------------- | ---------- |
+| `mas`        | mean |∂‖F(x)‖²/∂θ| (Aljundi et al. 2018)          | sum        |
+| `local_mas`  | per layer, Hebbian                                | sum        |
+| `l2`         | 1                                                 | sum        |
+| `ewc`        | Fisher, empirical or sampled (Kirkpatrick 2017)   | sum        |
+| `online_ewc` | Fisher (Schwarz et al. 2018)                      | decay      |
+| `si`         | path integral (Zenke et al. 2017)                 | sum        |
+
+`finetune` trains with no protection, `lwf` distils the previous model's
+outputs on the new data (Li & Hoiem 2017) and `joint` trains on every task
+so far (the upper bound).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from keras_mas import heads
+
+__all__ = ["METHODS", "Method", "get"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a method changes in the sequential loop.
+
+  Attributes:
+    name: the method's name.
+    estimator: `consolidate(method=...)` estimator, or None for no penalty.
+    accumulate: `"sum"` or `"decay"` for `consolidate`.
+    labels: whether the estimator reads labels.
+    slice_outputs: whether the estimator takes `output_fn` (the task's
+      outputs) rather than measuring every output.
+    options: extra estimator options.
+    distill: train with distillation targets from the model before the task.
+    rehearse: train on every task so far.
+    tracks_path: the model must track SI's path integral.
+  """
+  name: str
+  estimator: str = None
+  accumulate: str = "sum"
+  labels: bool = False
+  slice_outputs: bool = False
+  options: tuple = ()
+  distill: bool = False
+  rehearse: bool = False
+  tracks_path: bool = False
+
+  def consolidation(self, task, strength, alpha, num_samples, batch_size,
+                    fisher="empirical"):
+    """`(data_kind, kwargs)` for `MASModel.consolidate` after `task`."""
+    options = dict(self.options)
+    if self.slice_outputs:
+      options["output_fn"] = heads.OutputSlice(task.start, task.stop)
+    if self.estimator == "fisher":
+      options["empirical"] = fisher == "empirical"
+    return dict(method=self.estimator, strength=strength,
+                accumulate=self.accumulate, alpha=alpha,
+                num_samples=num_samples, batch_size=batch_size, **options)
+
+  def consolidation_data(self, task):
+    if self.labels:
+      return (task.x_train, task.y_train + task.label_offset)
+    return task.x_train
+
+
+METHODS = {
+    m.name: m for m in (
+        Method("finetune"),
+        Method("mas", estimator="mas", slice_outputs=True),
+        Method("local_mas", estimator="local_mas"),
+        Method("l2", estimator="uniform"),
+        Method("ewc", estimator="fisher", labels=True, slice_outputs=True),
+        Method("online_ewc", estimator="fisher", labels=True,
+               slice_outputs=True, accumulate="decay"),
+        Method("si", estimator="path_integral", tracks_path=True),
+        Method("lwf", distill=True),
+        Method("joint", rehearse=True),
+    )
+}
+
+
+def get(name):
+  """The `Method` called `name`.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  if name not in METHODS:
+    raise ValueError(
+        f"Invalid value for argument `method`. Expected one of "
+        f"{sorted(METHODS)}. Received: method={name!r}")
+  return METHODS[name]
+
+
+def training_data(method, net, sequence, k, batch_size, temperature=2.0):
+  """`(x, y, loss, metrics)` to fit task `k` with `method`.
+
+  Plain methods train on the task's data and loss. `lwf` appends to each
+  label the logits the model gives *before* training on the task, for the
+  outputs of earlier tasks (what a frozen copy would give: it is never
+  updated); `joint` concatenates tasks 0..k, each sample carrying its own
+  output slice.
+  """
+  task = sequence.tasks[k]
+  accuracy = heads.TaskAccuracy(task.start, task.stop, task.label_offset)
+  if method.rehearse and k > 0:
+    seen = sequence.tasks[:k + 1]
+    x = np.concatenate([t.x_train for t in seen])
+    y = np.concatenate([
+        np.stack([t.y_train + t.label_offset + t.start,
+                  np.full(len(t.y_train), t.start),
+                  np.full(len(t.y_train), t.stop)], axis=1)
+        for t in seen]).astype("int64")
+    return x, y, heads.MixedTaskLoss(), []
+  if method.distill and k > 0:
+    old_start = 0
+    old_stop = max(t.stop for t in sequence.tasks[:k])
+    old = net.predict(task.x_train, batch_size=max(batch_size, 256),
+                      verbose=0)[:, old_start:old_stop]
+    y = np.concatenate([task.y_train[:, None].astype("float32"), old], axis=1)
+    loss = heads.DistillationLoss(task.start, task.stop, task.label_offset,
+                                  old_start, old_stop,
+                                  temperature=temperature)
+    return task.x_train, y, loss, [accuracy]
+  return (task.x_train, task.y_train,
+          heads.TaskLoss(task.start, task.stop, task.label_offset),
+          [accuracy])
+
