@@ -1,0 +1,70 @@
+"""apps/compare.py end to end on tiny data, and the selection protocol."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import comparison
+from keras_mas import tasks
+
+
+def test_validation_sequence_never_touches_test_data():
+  sequence = tasks.make_sequence("digits", "split", "domain", 2)
+  validation = comparison.validation_sequence(sequence)
+  for original, held in zip(sequence.tasks, validation.tasks):
+    assert len(held.x_train) + len(held.x_test) == len(original.x_train)
+    # Every sample, validation ones included, comes from the training set.
+    pool = original.x_train.reshape(len(original.x_train), -1)
+    for rows in (held.x_train, held.x_test):
+      flat = rows.reshape(len(rows), -1)
+      assert all((pool == r).all(axis=1).any() for r in flat[:20])
+
+
+def test_compare_app_end_to_end(tmp_path):
+  workdir = str(tmp_path / "compare")
+  done = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "apps", "compare.py"),
+       f"--workdir={workdir}", "--methods=finetune,mas,joint", "--seeds=2",
+       "--num_tasks=2", "--epochs=1", "--hidden_units=8"],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+      text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for name in ("comparison.md", "comparison.csv", "acc_per_task.png",
+               "accuracy_matrices.png", "choices.json"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "comparison.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["method"], r["seed"]) for r in rows] == [
+      ("finetune", "0"), ("finetune", "1"), ("mas", "0"), ("mas", "1"),
+      ("joint", "0"), ("joint", "1")]
+  with open(os.path.join(workdir, "choices.json")) as f:
+    choices = json.load(f)
+  grid = comparison.GRIDS["mas"][1]
+  assert choices["mas"]["value"] in grid
+  assert choices["mas"]["validation_acc"][f"{choices['mas']['value']:g}"] == (
+      max(choices["mas"]["validation_acc"].values()))
+  assert choices["finetune"] == {}
+  with open(os.path.join(workdir, "comparison.md")) as f:
+    table = f.read()
+  assert "| mas | strength" in table and "±" in table
+  assert os.listdir(os.path.join(workdir, "hparams"))
+  acc = np.array([float(r["acc"]) for r in rows])
+  assert np.all((acc >= 0) & (acc <= 1))
+
+
+def test_bad_method_is_named(tmp_path):
+  sequence = tasks.make_sequence("digits", "split", "domain", 2)
+  with pytest.raises(ValueError, match="argument `methods`"):
+    comparison.compare(sequence, str(tmp_path), ["mas", "imm"])
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
