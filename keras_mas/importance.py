@@ -236,7 +236,7 @@ def path_integral(model, data=None, damping=0.1, **unused_options):
   """
   del data, unused_options
   variables = _check_model(model)
-  path = getattr(model, "_path", None)
+  path = getattr(model, "_si_path", None)
   if path is None:
     raise ValueError(
         "Invalid value for argument `model`. Expected a MASModel tracking "

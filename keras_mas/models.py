@@ -1,5 +1,7 @@
 """MASModel: a keras.Model that owns MAS importance and anchors."""
 
+import contextlib
+
 import keras
 from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
@@ -105,7 +107,7 @@ class MASModel(keras.Model):
     self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
     self.penalty_tracker = keras.metrics.Mean(name="mas_penalty")
     self._mas = None
-    self._path = None
+    self._si_path = None
     if self.built:
       self._ensure_mas_state()
 
@@ -152,33 +154,41 @@ class MASModel(keras.Model):
     if self._mas is not None or not self.built:
       return
     targets = list(self.trainable_variables)
+    with self._adding_state():
+      strength = self.add_weight(
+          shape=(), dtype="float32", initializer="ones", trainable=False,
+          name="mas_strength")
+      tasks = self.add_weight(
+          shape=(), dtype="int32", initializer="zeros", trainable=False,
+          name="mas_consolidated_tasks")
+      proximal = self.add_weight(
+          shape=(), dtype="int32", initializer="zeros", trainable=False,
+          name="mas_proximal")
+      importances, anchors = [], []
+      for i, v in enumerate(targets):
+        importances.append(self._copy_shaped(v, f"mas_importance_{i}"))
+        anchors.append(self._copy_shaped(v, f"mas_anchor_{i}"))
+    self._mas = _MASState(targets, importances, anchors, strength, tasks,
+                          proximal)
+
+  @contextlib.contextmanager
+  def _adding_state(self):
+    """Lets variables be added after build, as Keras's LoRA does, under the
+    model's distribution strategy."""
     tracker = self._tracker
     was_locked = tracker.locked
     tracker.unlock()
     try:
       with self.distribute_strategy.scope():
-        strength = self.add_weight(
-            shape=(), dtype="float32", initializer="ones", trainable=False,
-            name="mas_strength")
-        tasks = self.add_weight(
-            shape=(), dtype="int32", initializer="zeros", trainable=False,
-            name="mas_consolidated_tasks")
-        proximal = self.add_weight(
-            shape=(), dtype="int32", initializer="zeros", trainable=False,
-            name="mas_proximal")
-        importances, anchors = [], []
-        for i, v in enumerate(targets):
-          importances.append(self.add_weight(
-              shape=v.shape, dtype="float32", initializer="zeros",
-              trainable=False, name=f"mas_importance_{i}"))
-          anchors.append(self.add_weight(
-              shape=v.shape, dtype="float32", initializer="zeros",
-              trainable=False, name=f"mas_anchor_{i}"))
+        yield
     finally:
       if was_locked:
         tracker.lock()
-    self._mas = _MASState(targets, importances, anchors, strength, tasks,
-                          proximal)
+
+  def _copy_shaped(self, variable, name):
+    """A zero, non-trainable float32 variable shaped like `variable`."""
+    return self.add_weight(shape=variable.shape, dtype="float32",
+                           initializer="zeros", trainable=False, name=name)
 
   def _require_mas_state(self, action):
     if not self.built:
@@ -264,37 +274,27 @@ class MASModel(keras.Model):
       ValueError: if the model is unbuilt or trained on several replicas.
     """
     state = self._require_mas_state("track the path integral of")
-    if self._path is not None:
+    if self._si_path is not None:
       return
     if self.distribute_strategy.num_replicas_in_sync > 1:
       raise ValueError(
           "Invalid value for argument `model`. The path integral is tracked "
           "on one replica only. Received: a model under a strategy with "
           f"{self.distribute_strategy.num_replicas_in_sync} replicas")
-    tracker = self._tracker
-    was_locked = tracker.locked
-    tracker.unlock()
-    try:
+    with self._adding_state():
       integrals, starts = [], []
       for i, v in enumerate(state.targets):
-        integrals.append(self.add_weight(
-            shape=v.shape, dtype="float32", initializer="zeros",
-            trainable=False, name=f"si_path_integral_{i}"))
-        starts.append(self.add_weight(
-            shape=v.shape, dtype="float32", initializer="zeros",
-            trainable=False, name=f"si_start_{i}"))
-    finally:
-      if was_locked:
-        tracker.lock()
+        integrals.append(self._copy_shaped(v, f"si_path_integral_{i}"))
+        starts.append(self._copy_shaped(v, f"si_start_{i}"))
     for start, v in zip(starts, state.targets):
       start.assign(tf.cast(v, "float32"))
-    self._path = _PathState(state.targets, integrals, starts)
+    self._si_path = _PathState(state.targets, integrals, starts)
     self.train_function = None
 
   def _restart_path(self):
-    if self._path is not None:
-      for w, start, v in zip(self._path.integrals, self._path.starts,
-                             self._path.targets):
+    if self._si_path is not None:
+      for w, start, v in zip(self._si_path.integrals, self._si_path.starts,
+                             self._si_path.targets):
         w.assign(tf.zeros_like(w))
         start.assign(tf.cast(v, "float32"))
 
@@ -463,7 +463,7 @@ class MASModel(keras.Model):
         sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
     self.task_loss_tracker.update_state(task_loss_unscaled(task_loss))
     self.penalty_tracker.update_state(penalty)
-    path = self._path
+    path = self._si_path
     if path is not None:
       # SI's ω += −g·Δθ, g the task gradient alone (loss scaling undone).
       unscale = 1.0 / tf.cast(self.optimizer.scale_loss(
@@ -574,7 +574,7 @@ class FunctionalMASModel(MASModel, Functional):
 
 
 def _with_path_flag(model, config):
-  if model._path is not None:
+  if model._si_path is not None:
     config["track_path_integral"] = True
   return config
 

@@ -113,14 +113,14 @@ def test_si_path_integral_on_a_two_step_toy_problem():
   model.fit(x, y, epochs=2, batch_size=1, verbose=0)
   np.testing.assert_allclose(model.layers[-1].kernel.numpy()[0, 0], w,
                              rtol=1e-5)
-  np.testing.assert_allclose(model._path.integrals[0].numpy()[0, 0], omega,
+  np.testing.assert_allclose(model._si_path.integrals[0].numpy()[0, 0], omega,
                              rtol=1e-5)
   new = model.consolidate(None, method="path_integral", damping=0.1)
   np.testing.assert_allclose(new[0].numpy()[0, 0], omega / (w ** 2 + 0.1),
                              rtol=1e-5)
   # The path restarts with the task: ω = 0, start = θ.
-  assert model._path.integrals[0].numpy()[0, 0] == 0.0
-  assert model._path.starts[0].numpy()[0, 0] == pytest.approx(w)
+  assert model._si_path.integrals[0].numpy()[0, 0] == 0.0
+  assert model._si_path.starts[0].numpy()[0, 0] == pytest.approx(w)
 
 
 def test_si_state_survives_a_keras_round_trip(tmp_path):
@@ -132,8 +132,8 @@ def test_si_state_survives_a_keras_round_trip(tmp_path):
   path = str(tmp_path / "si.keras")
   model.save(path)
   restored = keras.models.load_model(path)
-  assert restored._path is not None
-  for a, b in zip(restored._path.integrals, model._path.integrals):
+  assert restored._si_path is not None
+  for a, b in zip(restored._si_path.integrals, model._si_path.integrals):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
