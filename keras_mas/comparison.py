@@ -24,13 +24,13 @@ __all__ = ["GRIDS", "compare", "validation_sequence"]
 # differ because the importances do: MAS sums output norms, the Fisher of a
 # trained classifier is small, L2 weighs every parameter equally.
 GRIDS = {
-    "mas": ("strength", (0.01, 0.1, 1.0)),
-    "local_mas": ("strength", (0.001, 0.01, 0.1)),
-    "l2": ("strength", (0.001, 0.01, 0.1)),
-    "ewc": ("strength", (10.0, 100.0, 1000.0)),
-    "online_ewc": ("strength", (10.0, 100.0, 1000.0)),
-    "si": ("strength", (0.1, 1.0, 10.0)),
-    "lwf": ("temperature", (1.0, 2.0, 4.0)),
+    "mas": ("strength", (0.1, 1.0, 10.0)),
+    "local_mas": ("strength", (0.1, 1.0, 10.0)),
+    "l2": ("strength", (0.01, 0.1, 1.0)),
+    "ewc": ("strength", (100.0, 1000.0, 10000.0)),
+    "online_ewc": ("strength", (100.0, 1000.0, 10000.0)),
+    "si": ("strength", (1.0, 10.0, 100.0)),
+    "lwf": ("temperature", (2.0, 4.0, 8.0)),
 }
 _VALIDATION_FRACTION = 0.2
 
