@@ -65,8 +65,8 @@ class MASModel(keras.Model):
   an existing model into one with `MASModel.from_model`. After training a
   task, `consolidate` measures each parameter's importance Ω on data (labels
   not needed) and anchors θ* to the current weights. From then on `fit`
-  minimises `task loss + λ Σ Ω (θ − θ*)²`, reported as `loss`, with the
-  penalty also logged as the metric `mas_penalty`.
+  minimises `task loss + λ Σ Ω (θ − θ*)²`, reported as `loss`, with its two
+  parts also logged as the metrics `task_loss` and `mas_penalty`.
 
   Ω, θ*, λ and the number of consolidated tasks are non-trainable variables
   of the model, created once when the model is built: the variable list does
@@ -82,7 +82,7 @@ class MASModel(keras.Model):
       from_logits=True), metrics=["accuracy"])
   model.fit(x_a, y_a, epochs=5)
   model.consolidate(x_a, strength=1.0)
-  model.fit(x_b, y_b, epochs=5)  # logs loss, mas_penalty, accuracy
+  model.fit(x_b, y_b, epochs=5)  # logs loss, task_loss, mas_penalty, ...
   ```
   """
 

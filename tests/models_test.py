@@ -236,17 +236,23 @@ def test_fit_features_keep_working():
   assert model.predict(_X, verbose=0).shape == (32, 3)
 
 
-def test_mixed_precision_training_and_importance_stay_finite():
-  keras.mixed_precision.set_global_policy("mixed_float16")
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training_and_importance_stay_finite(policy):
+  keras.mixed_precision.set_global_policy(policy)
   try:
     model = _compile(_functional(), "adam")
-    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    if policy == "mixed_float16":
+      assert isinstance(model.optimizer,
+                        keras.optimizers.LossScaleOptimizer)
     model.fit(_X, _Y, epochs=1, verbose=0)
     model.consolidate(_X, strength=10.0)
     history = model.fit(_X + 1, _Y, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert history.history["mas_penalty"][-1] > 0
     assert all(np.all(np.isfinite(o.numpy())) for o in model.importances)
+    for method in ("mas", "local_mas"):
+      omega = model.consolidate(_X, method=method)
+      assert all(np.all(np.isfinite(o.numpy())) for o in omega)
   finally:
     keras.mixed_precision.set_global_policy("float32")
 
