@@ -194,7 +194,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                                 seed=seed)
     first_task = 0
     matrix = np.full((num_tasks, num_tasks), np.nan)
-    baseline = _accuracies(net, sequence.tasks, batch_size)
+    baseline = _accuracies(net, sequence, batch_size)
     timings = []
 
   net.penalty_mode = penalty_mode
@@ -225,7 +225,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                 callbacks_lib.DivergenceGuard(),
             ])
     trained = time.perf_counter()
-    matrix[k] = _accuracies(net, sequence.tasks, batch_size)
+    matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
     if recipe.estimator is not None:
       net.consolidate(recipe.consolidation_data(task),
                       **recipe.consolidation(task, strength, alpha,
@@ -282,16 +282,28 @@ def format_matrix(results):
   return "\n".join(lines)
 
 
-def _accuracies(net, tasks, batch_size):
-  """Test accuracy on every task, from one `predict` over all test sets."""
+def _accuracies(net, sequence, batch_size, trained=None):
+  """Test accuracy on every task, from one `predict` over all test sets.
+
+  Task- and domain-incremental: each task is scored on its own outputs.
+  Class-incremental: after training task `trained`, every task is scored
+  over all the classes seen so far (and, for a task not yet trained, up to
+  its own classes): the model must tell every seen class from every other.
+  """
+  tasks = sequence.tasks
+  seen = (max(t.stop for t in tasks[:trained + 1])
+          if trained is not None else 0)
   logits = net.predict(np.concatenate([t.x_test for t in tasks]),
                        batch_size=max(batch_size, 256), verbose=0)
   accuracies = []
   for task, task_logits in zip(tasks, np.split(
       logits, np.cumsum([len(t.x_test) for t in tasks])[:-1])):
-    predicted = np.argmax(task_logits[:, task.start:task.stop], axis=-1)
-    accuracies.append(
-        float(np.mean(predicted == task.y_test + task.label_offset)))
+    start, stop = task.start, task.stop
+    if sequence.scenario == "class":
+      stop = max(stop, seen)
+    predicted = start + np.argmax(task_logits[:, start:stop], axis=-1)
+    accuracies.append(float(np.mean(
+        predicted == task.y_test + task.label_offset + task.start)))
   return accuracies
 
 

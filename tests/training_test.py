@@ -172,3 +172,29 @@ def test_partial_checkpoint_writes_are_ignored_with_a_warning(tmp_path):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+class _FixedLogits:
+  """Stands in for a model: the same logits for every input."""
+
+  def __init__(self, logits):
+    self.logits = np.asarray(logits, "float32")
+
+  def predict(self, x, **unused_kwargs):
+    return np.tile(self.logits, (len(x), 1))
+
+
+def test_class_incremental_scores_over_every_class_seen():
+  sequence = _tiny("class", num_tasks=2)  # classes 0-4, then 5-9
+  # Predicts class 1 among the first task's outputs, but class 7 overall.
+  net = _FixedLogits([0, 5, 0, 0, 0, 0, 0, 9, 0, 0])
+  after_first = training._accuracies(net, sequence, 16, trained=0)
+  after_second = training._accuracies(net, sequence, 16, trained=1)
+  task_0 = sequence.tasks[0]
+  assert after_first[0] == pytest.approx(np.mean(task_0.y_test == 1))
+  assert after_second[0] == 0.0  # class 7 now competes, and wins
+  assert after_second[1] == pytest.approx(
+      np.mean(sequence.tasks[1].y_test + 5 == 7))
+  task_il = _tiny("task", num_tasks=2)
+  assert training._accuracies(net, task_il, 16, trained=1)[0] == (
+      pytest.approx(np.mean(task_il.tasks[0].y_test == 1)))
