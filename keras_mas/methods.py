@@ -116,10 +116,14 @@ def training_data(method, net, sequence, k, batch_size, temperature=2.0):
   if method.rehearse and k > 0:
     seen = sequence.tasks[:k + 1]
     x = np.concatenate([t.x_train for t in seen])
+    # Class-incremental: every sample competes with every class seen so far,
+    # as it is scored; otherwise each keeps its own task's outputs.
+    widest = sequence.scenario == "class"
     y = np.concatenate([
         np.stack([t.y_train + t.label_offset + t.start,
                   np.full(len(t.y_train), t.start),
-                  np.full(len(t.y_train), t.stop)], axis=1)
+                  np.full(len(t.y_train), task.stop if widest else t.stop)],
+                 axis=1)
         for t in seen]).astype("int64")
     return x, y, heads.MixedTaskLoss(), []
   if method.distill and k > 0:

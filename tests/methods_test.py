@@ -172,6 +172,12 @@ def test_joint_training_sees_every_task_so_far():
     rows = (y[:, 1] == t.start) & (y[:, 2] == t.stop)
     assert rows.sum() == len(t.x_train)
     np.testing.assert_array_equal(y[rows, 0] - t.start, t.y_train)
+  # Class-incremental: every sample competes with all the classes seen.
+  class_il = tasks.make_sequence("digits", "split", "class", 3)
+  _, y_class, _, _ = methods.training_data(methods.get("joint"), None,
+                                           class_il, 2, 32)
+  assert set(y_class[:, 1]) == {0} and set(y_class[:, 2]) == {
+      class_il.tasks[2].stop}
   # Masked logits: only the sample's own head counts.
   logits = np.zeros((1, sequence.num_outputs), "float32")
   logits[0, 0] = 50.0  # outside the head of task 1
