@@ -223,8 +223,8 @@ def _verdicts(fit, imp, mem, scaling):
         "beside it, so the share is largest for the 2.4M-parameter MLP. It "
         "shrinks with the batch (see batch 256). Fusing it with XLA "
         "(`jit_compile=True` on the helper) was measured slower here (CPU XLA "
-        "kernels), and adding the penalty through autodiff instead of the "
-        "closed form was slower still.")
+        "kernels). Meeting the target would take fusing the penalty into the "
+        "optimizer's own update (one pass), i.e. a custom kernel.")
   if imp:
     worst = max(r["exact_over_approx"] for r in imp)
     slowest = min(r["naive_over_exact"] for r in imp)
