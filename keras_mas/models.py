@@ -459,9 +459,9 @@ class MASModel(keras.Model):
           gradients[i] = step if gradients[i] is None else gradients[i] + step
 
     self._loss_tracker.update_state(
-        task_loss_unscaled(task_loss) + penalty,
+        _whole_batch_loss(task_loss) + penalty,
         sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
-    self.task_loss_tracker.update_state(task_loss_unscaled(task_loss))
+    self.task_loss_tracker.update_state(_whole_batch_loss(task_loss))
     self.penalty_tracker.update_state(penalty)
     path = self._si_path
     if path is not None:
@@ -595,7 +595,7 @@ def _penalty_and_gradients(values, importances, anchors, strength,
   return strength * tf.add_n(terms), steps
 
 
-def task_loss_unscaled(loss):
+def _whole_batch_loss(loss):
   """The per-replica task loss as a whole-batch value (see Keras trainer)."""
   return loss_module.unscale_loss_for_distribution(loss)
 
