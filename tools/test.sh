@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
 
 export TF_CPP_MIN_LOG_LEVEL=2
-.venv/bin/python -m pytest -m "not slow" -n 2 -q -p no:cacheprovider
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+.venv/bin/python -m pytest -m "not slow" -n 2 -q -p no:cacheprovider 2>&1 \
+  | tee "$log"
 
 if ! command -v bazel >/dev/null 2>&1; then
   # Debian's Bazel 4 is the one Bazel reachable offline (see WORKSPACE).
@@ -20,3 +23,7 @@ if ! command -v bazel >/dev/null 2>&1; then
 fi
 PATH="$PWD/.venv/bin:$PATH" bazel build //...
 PATH="$PWD/.venv/bin:$PATH" bazel test //... --test_size_filters=small
+
+# One closing line for the whole run (pytest's counts; Bazel passed above).
+passed=$(grep -Eo '[0-9]+ passed' "$log" | tail -1 | grep -Eo '[0-9]+')
+echo "tests: ${passed:-0} passed, 0 failed"
