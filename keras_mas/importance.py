@@ -110,11 +110,7 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
         "Invalid value for argument `per_sample`. Expected True or False. "
         f"Received: per_sample={per_sample!r}"
     )
-  if per_sample:
-    analytic = _analytic_layers(model, variables)
-    kind = "analytic" if analytic is not None else "vectorized"
-  else:
-    kind = "batched"
+  kind = _per_sample_kind(model, variables) if per_sample else "batched"
   key = ("mas", kind, output_fn)
   step = _compiled(model, key, lambda: _make_global_step(
       model, kind, _output_norm(output_fn), tf.abs))
@@ -189,8 +185,7 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=32,
     A list of float32 tensors, one per `model.trainable_variables`.
   """
   variables = _check_model(model)
-  kind = ("analytic" if _analytic_layers(model, variables) is not None
-          else "vectorized")
+  kind = _per_sample_kind(model, variables)
   key = ("fisher", kind, bool(empirical), output_fn, seed)
 
   def log_likelihood(outputs, y):
@@ -463,6 +458,13 @@ def _analytic_kind(layer):
       and layer.padding in ("same", "valid")):
     return "conv2d"
   return None
+
+
+def _per_sample_kind(model, variables):
+  """"analytic" when every variable's layer has a closed per-sample form."""
+  if _analytic_layers(model, variables) is not None:
+    return "analytic"
+  return "vectorized"
 
 
 def _analytic_layers(model, variables):
