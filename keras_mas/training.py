@@ -21,7 +21,6 @@ import tensorflow as tf
 from keras_mas import architectures
 from keras_mas import callbacks as callbacks_lib
 from keras_mas import export as export_lib
-from keras_mas import heads
 from keras_mas import methods as methods_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import models

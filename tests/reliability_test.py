@@ -130,7 +130,6 @@ def test_proximal_step_is_the_exact_minimiser_for_sgd():
   model.compile(keras.optimizers.SGD(0.05),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   model.penalty_mode = "proximal"
-  start = [v.numpy() for v in model.trainable_variables]
   plain = keras.models.clone_model(model)
   plain.set_weights(model.get_weights())
   plain_model = keras.Model(plain.inputs, plain.outputs)
@@ -141,13 +140,12 @@ def test_proximal_step_is_the_exact_minimiser_for_sgd():
                   shuffle=False)
   model.fit(permuted[:32], y[:32], batch_size=32, epochs=1, verbose=0,
             shuffle=False)
-  for v, p, o, a, s in zip(model.trainable_variables,
-                           plain_model.trainable_variables, model.importances,
-                           model.anchors, start):
+  for v, p, o, a in zip(model.trainable_variables,
+                        plain_model.trainable_variables, model.importances,
+                        model.anchors):
     c = 2 * 0.05 * 3.0 * o.numpy()
     expected = (p.numpy() + c * a.numpy()) / (1 + c)
     np.testing.assert_allclose(v.numpy(), expected, rtol=1e-5, atol=1e-6)
-    del s
 
 
 # --- Properties. ------------------------------------------------------------
