@@ -542,7 +542,31 @@ class MASModel(keras.Model):
     self._ensure_mas_state()
     return super().make_test_function(force=force)
 
+  def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+    """Saves the model as Keras does, Ω, θ*, λ and the task count included.
+
+    Before any file is opened, refuses a model with a `MASRegularizer` set
+    on a variable alone, which Keras would not save (see
+    `keras_mas.regularizers.attach`).
+
+    Loading needs the classes registered: `import keras_mas` before
+    `keras.models.load_model` (Keras imports only its own packages when it
+    meets an unknown class). A subclass of `MASModel` saves like any
+    subclassed Keras model: decorate it with
+    `@keras.saving.register_keras_serializable()` and give it a
+    `get_config` returning its constructor arguments.
+    """
+    regularizers.check_saveable(self)
+    return super().save(filepath, overwrite=overwrite, zipped=zipped,
+                        **kwargs)
+
+  def save_weights(self, filepath, overwrite=True, **kwargs):
+    regularizers.check_saveable(self)  # Before any file is opened.
+    return super().save_weights(filepath, overwrite=overwrite, **kwargs)
+
   def save_own_variables(self, store):
+    # Also reached through `keras.saving.save_model` and `save_weights`.
+    regularizers.check_saveable(self)
     self._ensure_mas_state()
     super().save_own_variables(store)
 
