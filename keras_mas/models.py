@@ -8,6 +8,7 @@ from keras.src.models.functional import Functional
 import numpy as np
 import tensorflow as tf
 
+from keras_mas import callbacks as callbacks_lib
 from keras_mas import importance as importance_lib
 from keras_mas import regularizers
 
@@ -71,6 +72,19 @@ class MASModel(keras.Model):
   Ω, θ*, λ and the number of consolidated tasks are non-trainable variables
   of the model, created once when the model is built: the variable list does
   not change across tasks, and `.keras` files and checkpoints keep them.
+  λ is 1.0 until set, by `consolidate(..., strength=λ)` or `model.strength`.
+
+  Training that diverges stops: `fit` adds a
+  `keras_mas.callbacks.DivergenceGuard` (unless its `callbacks` have one),
+  which, when the loss or a weight becomes NaN or infinite, restores the
+  weights of the start of that epoch and raises `TrainingDivergedError`
+  naming λ and, for SGD, the largest stable λ. Set
+  `model.stop_on_divergence = False` to train on regardless.
+
+  Saving: `model.save("m.keras")` keeps everything; `import keras_mas`
+  before `keras.models.load_model` (Keras imports no other package to find
+  a class). A subclass of `MASModel` needs, as any subclassed Keras model,
+  `@keras.saving.register_keras_serializable()` and a `get_config`.
 
   Example:
 
@@ -108,6 +122,7 @@ class MASModel(keras.Model):
     self.penalty_tracker = keras.metrics.Mean(name="mas_penalty")
     self._mas = None
     self._si_path = None
+    self._stop_on_divergence = True
     if self.built:
       self._ensure_mas_state()
 
@@ -261,6 +276,59 @@ class MASModel(keras.Model):
     self.train_function = None
     self.test_function = None
 
+  @property
+  def stop_on_divergence(self):
+    """Whether `fit` stops when training diverges (default True).
+
+    When True, `fit` adds a `keras_mas.callbacks.DivergenceGuard` unless its
+    `callbacks` already hold one: at the end of an epoch whose loss or
+    weights are NaN or infinite, the weights go back to their values at the
+    start of that epoch and `keras_mas.callbacks.TrainingDivergedError` is
+    raised, naming λ and the stable limit. False trains on regardless.
+    """
+    return self._stop_on_divergence
+
+  @stop_on_divergence.setter
+  def stop_on_divergence(self, value):
+    if not isinstance(value, (bool, np.bool_)):
+      raise ValueError(
+          "Invalid value for argument `stop_on_divergence`. Expected True or "
+          f"False. Received: stop_on_divergence={value!r}")
+    self._stop_on_divergence = bool(value)
+
+  def fit(self, *args, **kwargs):
+    """`keras.Model.fit`, stopping with an error if training diverges.
+
+    See `stop_on_divergence`; everything else is Keras's `fit`.
+
+    Raises:
+      keras_mas.callbacks.TrainingDivergedError: if the loss or the weights
+        become NaN or infinite (the weights are restored first).
+    """
+    # `callbacks` is Keras's sixth positional argument.
+    if len(args) > 5:
+      args = args[:5] + (self._guarded(args[5]),) + args[6:]
+    else:
+      kwargs["callbacks"] = self._guarded(kwargs.get("callbacks"))
+    return super().fit(*args, **kwargs)
+
+  def _guarded(self, callbacks):
+    if not self._stop_on_divergence:
+      return callbacks
+    listed = (callbacks.callbacks
+              if isinstance(callbacks, keras.callbacks.CallbackList)
+              else list(callbacks or []))
+    if any(isinstance(c, callbacks_lib.DivergenceGuard) for c in listed):
+      return callbacks
+    guard = callbacks_lib.DivergenceGuard()
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+      guard.set_model(self)
+      callbacks.callbacks.insert(0, guard)
+      return callbacks
+    # First, so that it restores the weights before a checkpoint callback
+    # at the same epoch end can save diverged ones.
+    return [guard] + listed
+
   def track_path_integral(self):
     """Accumulates Synaptic Intelligence's path integral during `fit`.
 
@@ -320,8 +388,8 @@ class MASModel(keras.Model):
       data: inputs to measure importance on; labels, if any, are ignored.
         A batched `tf.data.Dataset` or an array (see `importance.mas`).
       method: `"mas"` (global, default) or `"local_mas"` (Hebbian).
-      strength: λ for the following tasks; `None` keeps the current value
-        (1.0 until set).
+      strength: λ for the following tasks; `None` keeps the current value,
+        which is 1.0 until set (here or with `model.strength`).
       accumulate: `"sum"` or `"decay"`.
       alpha: weight of the old importance for `accumulate="decay"`, in [0, 1].
       num_samples: use at most this many samples.
@@ -333,8 +401,8 @@ class MASModel(keras.Model):
       The new importance `Ω_new`, a list of tensors.
 
     Raises:
-      ValueError: if an argument is invalid, the model is not built, or the
-        importance contains NaN or infinity.
+      ValueError: if an argument is invalid, the model is not built, its
+        weights are not finite, or the importance contains NaN or infinity.
     """
     if method not in ESTIMATORS:
       raise ValueError(
@@ -358,6 +426,15 @@ class MASModel(keras.Model):
     if strength is not None:
       strength = regularizers.validate_strength(strength)
     state = self._require_mas_state("consolidate")
+    diverged = [v.path for v in state.targets
+                if not np.all(np.isfinite(_value(v)))]
+    if diverged:
+      raise ValueError(
+          f"Cannot consolidate model '{self.name}': its weights {diverged} "
+          "are not finite (NaN or infinite), so training diverged before "
+          "this call; importance measured there would be meaningless. "
+          "Restore good weights (a `fit` that stops on divergence does), "
+          "then consolidate. The existing importance and anchors were kept.")
 
     measured = ESTIMATORS[method](
         self, data, num_samples=num_samples, batch_size=batch_size, **options)

@@ -291,6 +291,72 @@ def test_bad_data_leaves_the_state_unchanged():
   assert model.strength == 2.0
 
 
+def _diverging(strength=1e6):
+  """A model whose second task diverges in gradient mode at this λ."""
+  model = _compile(_functional(), keras.optimizers.SGD(0.1, momentum=0.9))
+  model.fit(_X, _Y, epochs=1, verbose=0)
+  model.consolidate(_X, strength=strength)
+  return model
+
+
+def test_fit_stops_on_divergence_by_default_with_weights_restored():
+  model = _diverging()
+  anchors = [a.numpy() for a in model.anchors]
+  with pytest.raises(keras_mas.callbacks.TrainingDivergedError,
+                     match=r"λ=1e\+06.*stable for λ < [0-9.e+-]+"):
+    model.fit(_X, -_Y + 2, batch_size=2, epochs=2, verbose=0)
+  for v, a in zip(model.trainable_variables, anchors):
+    np.testing.assert_array_equal(v.numpy(), a)  # Start of the failed epoch.
+
+
+def test_a_guard_passed_by_the_caller_is_not_doubled(monkeypatch):
+  began = []
+  original = keras_mas.callbacks.DivergenceGuard.on_epoch_begin
+
+  def on_epoch_begin(self, epoch, logs=None):
+    began.append(self)
+    original(self, epoch, logs)
+
+  monkeypatch.setattr(keras_mas.callbacks.DivergenceGuard, "on_epoch_begin",
+                      on_epoch_begin)
+  model = _compile(_functional())
+  guard = keras_mas.callbacks.DivergenceGuard()
+  model.fit(_X, _Y, epochs=2, verbose=0, callbacks=[guard])
+  assert began == [guard, guard]
+  began.clear()
+  model.fit(_X, _Y, epochs=1, verbose=0)  # Its own, one.
+  assert len(began) == 1 and began[0] is not guard
+  began.clear()
+  model.stop_on_divergence = False
+  model.fit(_X, _Y, epochs=1, verbose=0)
+  assert not began
+
+
+def test_opting_out_trains_on_through_divergence():
+  model = _diverging()
+  model.stop_on_divergence = False
+  history = model.fit(_X, -_Y + 2, batch_size=2, epochs=2, verbose=0)
+  assert not np.isfinite(history.history["loss"][-1])
+
+
+def test_consolidate_on_diverged_weights_blames_the_weights():
+  model = _diverging()
+  model.stop_on_divergence = False
+  model.fit(_X, -_Y + 2, batch_size=2, epochs=2, verbose=0)
+  before = _state(model)
+  with pytest.raises(ValueError, match=r"weights \[.*\] are not finite"):
+    model.consolidate(_X)
+  _assert_state_equal(_state(model), before)
+
+
+@pytest.mark.parametrize("bad", [None, 0, "yes"])
+def test_invalid_stop_on_divergence_is_named(bad):
+  model = _functional()
+  with pytest.raises(ValueError, match="argument `stop_on_divergence`"):
+    model.stop_on_divergence = bad
+  assert model.stop_on_divergence is True
+
+
 def test_unbuilt_model_is_refused():
   model = SubclassedNet()
   with pytest.raises(ValueError, match="argument `model`.*unbuilt"):
