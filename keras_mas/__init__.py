@@ -2,20 +2,52 @@
 
 Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars, "Memory Aware Synapses:
 Learning what (not) to forget", ECCV 2018.
+
+`import keras_mas` registers `MASModel` and `MASRegularizer` with Keras's
+saving: do it before `keras.models.load_model` on a file that holds them
+(Keras imports no package but its own to find a class). The other modules
+(`keras_mas.tasks`, `keras_mas.metrics`, `keras_mas.training`, ...) load on
+first use.
 """
 
+import importlib
+
+from keras_mas import callbacks
 from keras_mas import importance
-from keras_mas.models import MASModel
+from keras_mas import models
+from keras_mas import regularizers
 from keras_mas.models import FunctionalMASModel
+from keras_mas.models import MASModel
 from keras_mas.models import WrappedMASModel
 from keras_mas.regularizers import MASRegularizer
 
 __version__ = "0.1.0"
 
+# Loaded on first attribute access (PEP 562): `import keras_mas` stays as
+# cheap as the core, and `keras_mas.training`, which imports most of the
+# package, cannot meet a half-initialised `keras_mas`.
+_LAZY_MODULES = (
+    "architectures", "comparison", "export", "heads", "methods", "metrics",
+    "tasks", "training",
+)
+
 __all__ = [
-    "MASModel",
     "FunctionalMASModel",
+    "MASModel",
     "MASRegularizer",
     "WrappedMASModel",
+    "callbacks",
     "importance",
-]
+    "models",
+    "regularizers",
+] + list(_LAZY_MODULES)
+
+
+def __getattr__(name):
+  if name in _LAZY_MODULES:
+    return importlib.import_module(f"keras_mas.{name}")
+  raise AttributeError(f"module 'keras_mas' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_MODULES))

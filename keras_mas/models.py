@@ -132,7 +132,9 @@ class MASModel(keras.Model):
 
     Functional and Sequential models become a functional MASModel over the
     same layers; subclassed models are wrapped. No weight is copied: training
-    the result trains `model`'s layers.
+    the result trains `model`'s layers. To save the result of a subclassed
+    `model`, its class needs what any subclassed Keras model needs:
+    `@keras.saving.register_keras_serializable()` and a `get_config`.
 
     Args:
       model: a built `keras.Model`.

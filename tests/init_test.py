@@ -1,0 +1,65 @@
+"""`import keras_mas`: the modules the README lists, lazily; loading saved files."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                        cwd=_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_readme_modules_are_attributes_and_load_on_first_use():
+  result = _run("""
+      import sys
+      import keras_mas
+      assert "keras_mas.training" not in sys.modules  # Lazy.
+      assert callable(keras_mas.training.run_sequence)
+      assert callable(keras_mas.metrics.summarize)
+      assert callable(keras_mas.tasks.make_sequence)
+      for name in ("architectures", "callbacks", "comparison", "export",
+                   "heads", "importance", "methods", "models",
+                   "regularizers"):
+        assert getattr(keras_mas, name).__name__ == "keras_mas." + name
+        assert name in dir(keras_mas)
+      try:
+        keras_mas.no_such_module
+      except AttributeError as e:
+        assert "no_such_module" in str(e)
+      else:
+        raise AssertionError("no AttributeError")
+      print("ok")
+  """)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
+
+
+def test_loading_needs_import_keras_mas_as_documented(tmp_path):
+  path = str(tmp_path / "m.keras")
+  saved = _run(f"""
+      import keras, keras_mas
+      inputs = keras.Input((3,))
+      keras_mas.MASModel(inputs, keras.layers.Dense(2)(inputs)).save({path!r})
+      model = keras.models.load_model({path!r})
+      assert isinstance(model, keras_mas.MASModel), type(model)
+  """)
+  assert saved.returncode == 0, saved.stderr[-3000:]
+  without = _run(f"""
+      import keras
+      keras.models.load_model({path!r})
+  """)
+  assert without.returncode != 0
+  assert "Could not locate class 'FunctionalMASModel'" in without.stderr
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
