@@ -11,6 +11,77 @@ def _is_array_like(value):
   )
 
 
+def _check_arguments(batch_size, num_samples):
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(
+        "Invalid value for argument `batch_size`. Expected a positive "
+        f"integer. Received: batch_size={batch_size!r}"
+    )
+  if num_samples is not None and (
+      not isinstance(num_samples, (int, np.integer)) or num_samples < 1
+  ):
+    raise ValueError(
+        "Invalid value for argument `num_samples`. Expected a positive "
+        f"integer or None. Received: num_samples={num_samples!r}"
+    )
+
+
+def _parts(element, labels):
+  x, y, _ = keras.utils.unpack_x_y_sample_weight(element)
+  if not labels:
+    return (x,)
+  if y is None:
+    raise ValueError(
+        "Invalid value for argument `data`. Expected labels, as `(x, y)` "
+        "arrays or a dataset of `(x, y)` batches, for an estimator that "
+        "uses them. Received: inputs only")
+  return (x, y)
+
+
+def as_dataset(data, batch_size=32, num_samples=None, labels=False):
+  """`data` as a `tf.data.Dataset` of `(x,)` or `(x, y)` batches.
+
+  The same contract as `input_batches`, for a loop compiled whole: arrays
+  are batched, datasets keep their batches (cut to `num_samples`).
+  `check_count` then checks the number of samples the loop saw.
+
+  Raises:
+    ValueError: if an argument is invalid.
+  """
+  _check_arguments(batch_size, num_samples)
+  if isinstance(data, tf.data.Dataset):
+    dataset = data.map(lambda *e: _parts(e if len(e) > 1 else e[0], labels))
+    if num_samples is not None:
+      dataset = dataset.unbatch().take(num_samples).batch(batch_size)
+    return dataset
+  if data is not None and _is_array_like(data):
+    data = _parts(data, labels) if isinstance(data, tuple) else _parts(
+        (data,), labels)
+    if num_samples is not None:
+      data = tf.nest.map_structure(lambda t: t[:num_samples], data)
+    return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+  raise ValueError(
+      "Invalid value for argument `data`. Expected a batched "
+      "`tf.data.Dataset` or an array of inputs. Received: "
+      f"data of type {type(data).__name__}"
+  )
+
+
+def check_count(seen, num_samples):
+  """Raises if `data` held no sample, or fewer than `num_samples`."""
+  if seen == 0:
+    raise ValueError(
+        "Invalid value for argument `data`. Expected at least one sample. "
+        "Received: an empty dataset"
+    )
+  if num_samples is not None and seen < num_samples:
+    raise ValueError(
+        f"Invalid value for argument `num_samples`. Expected at most the "
+        f"{seen} samples that `data` holds. Received: "
+        f"num_samples={num_samples}"
+    )
+
+
 def input_batches(data, batch_size=32, num_samples=None, labels=False):
   """Yields `(x,)` batches of `data`, or `(x, y)` with `labels=True`.
 
@@ -32,28 +103,8 @@ def input_batches(data, batch_size=32, num_samples=None, labels=False):
   Raises:
     ValueError: if an argument is invalid or `data` yields no sample.
   """
-  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(
-        "Invalid value for argument `batch_size`. Expected a positive "
-        f"integer. Received: batch_size={batch_size!r}"
-    )
-  if num_samples is not None and (
-      not isinstance(num_samples, (int, np.integer)) or num_samples < 1
-  ):
-    raise ValueError(
-        "Invalid value for argument `num_samples`. Expected a positive "
-        f"integer or None. Received: num_samples={num_samples!r}"
-    )
-  def parts(element):
-    x, y, _ = keras.utils.unpack_x_y_sample_weight(element)
-    if not labels:
-      return (x,)
-    if y is None:
-      raise ValueError(
-          "Invalid value for argument `data`. Expected labels, as `(x, y)` "
-          "arrays or a dataset of `(x, y)` batches, for an estimator that "
-          "uses them. Received: inputs only")
-    return (x, y)
+  _check_arguments(batch_size, num_samples)
+  parts = lambda element: _parts(element, labels)
 
   if isinstance(data, tf.data.Dataset):
     batches = (parts(element) for element in data)
@@ -79,14 +130,4 @@ def input_batches(data, batch_size=32, num_samples=None, labels=False):
     yield tuple(batch)
     if num_samples is not None and seen >= num_samples:
       return
-  if seen == 0:
-    raise ValueError(
-        "Invalid value for argument `data`. Expected at least one sample. "
-        "Received: an empty dataset"
-    )
-  if num_samples is not None and seen < num_samples:
-    raise ValueError(
-        f"Invalid value for argument `num_samples`. Expected at most the "
-        f"{seen} samples that `data` holds. Received: "
-        f"num_samples={num_samples}"
-    )
+  check_count(seen, num_samples)

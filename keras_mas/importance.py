@@ -1,57 +1,37 @@
-"""Parameter importance estimators: global MAS, local (Hebbian) MAS.
+"""Parameter importance estimators: global MAS, local (Hebbian) MAS, Fisher.
 
 Each estimator is a pure function of a built model and some data. It returns
 one float32 tensor per entry of `model.trainable_variables`, in that order and
 with the same shapes, and changes no variable of the model: the forward passes
 run in inference mode (dropout off, BatchNorm reading its moving statistics).
 
-Exact per-sample importance, `mean_k |g_k|`, is computed in one of two ways:
-
-* Dense and Conv2D layers, analytically: the per-sample gradient of a kernel
-  is `Σ_p a_kp ⊗ δ_kp`, the layer input (for a convolution, its patches)
-  times the gradient at the pre-activation, summed over the positions `p`
-  where sample `k` met the layer. With one position (a Dense layer on flat
-  inputs) `Σ_k |a_k ⊗ δ_k| = |A|ᵀ|Δ|` is one matrix product, about the cost
-  of the batched approximation.
-* Any other layer: per-sample gradients vectorized over the batch with
-  `tf.vectorized_map`, whose memory grows as batch size × parameter count.
-  The analytic form is used when every trainable variable of the model
-  belongs to a layer that has one.
+Exact per-sample importance, `mean_k f(g_k)`, is formed layer by layer
+(`keras_mas.per_sample`): one batched forward/backward pass records each
+layer's input and output gradient, and each layer with a closed form turns
+them into its variables' per-sample gradients (Dense, EinsumDense and so
+MultiHeadAttention, convolutions, Embedding, normalization layers); any other
+layer alone re-runs its own call one sample at a time. The whole pass over
+the data runs in one compiled function, accumulating on the device.
 """
 
-import contextlib
 import weakref
 
 import keras
 import tensorflow as tf
 
 from keras_mas import _data
+from keras_mas import per_sample as per_sample_lib
 
 __all__ = ["fisher", "local_mas", "mas", "path_integral", "squared_output_norm",
            "uniform"]
 
-# Layers whose local (Hebbian) importance is the layer's own per-sample
-# gradient; anything else has no clear "own output" and is refused.
-_LOCAL_LAYER_TYPES = (
-    keras.layers.Dense,
-    keras.layers.EinsumDense,
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Conv1DTranspose,
-    keras.layers.Conv2DTranspose,
-    keras.layers.Conv3DTranspose,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D,
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-)
-
-# Compiled per-batch functions, kept per model so that importance passes
-# over several tasks reuse one trace instead of retracing every time.
+# Compiled functions, kept per model so that importance passes over several
+# tasks reuse one trace instead of retracing every time.
 _COMPILED = weakref.WeakKeyDictionary()
+
+# Batch size for array inputs: large enough that per-batch costs vanish; the
+# per-sample forms bound their own memory (`per_sample._CHUNK_VALUES`).
+DEFAULT_BATCH_SIZE = 256
 
 
 def squared_output_norm(outputs):
@@ -70,13 +50,17 @@ def squared_output_norm(outputs):
   return tf.reduce_sum(tf.square(tf.concat(flat, axis=1)), axis=1)
 
 
-def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
+def mas(model, data, per_sample=True, num_samples=None, batch_size=None,
         output_fn=None):
   """Global MAS importance (Aljundi et al. 2018, eq. 2-3).
 
   `Ω = (1/N) Σ_k |∂‖F(x_k)‖²₂ / ∂θ|`: the gradient of the squared L2 norm of
   the model's output, its absolute value taken per sample, then averaged over
   the `N` samples. Labels are never used.
+
+  Works on any built model whose layers are differentiable: layers with a
+  closed per-sample form (`per_sample.CLOSED_FORM_LAYERS`) cost about one
+  batched pass; any other layer alone is re-run one sample at a time.
 
   Example:
 
@@ -93,7 +77,8 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
       `Σ_batches |Σ_k g_k| / N`, which lets gradients of opposite sign in a
       batch cancel and so underestimates importance.
     num_samples: use at most this many samples of `data`.
-    batch_size: batch size when `data` is an array.
+    batch_size: batch size when `data` is an array; default
+      `DEFAULT_BATCH_SIZE`.
     output_fn: optional function applied to the model's outputs before the
       norm, e.g. to measure one task head of a multi-head model.
 
@@ -110,21 +95,21 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=32,
         "Invalid value for argument `per_sample`. Expected True or False. "
         f"Received: per_sample={per_sample!r}"
     )
-  kind = _per_sample_kind(model, variables) if per_sample else "batched"
-  key = ("mas", kind, output_fn)
+  key = ("mas", per_sample, output_fn)
   step = _compiled(model, key, lambda: _make_global_step(
-      model, kind, _output_norm(output_fn), tf.abs))
+      model, per_sample, _output_norm(output_fn), tf.abs))
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
-def local_mas(model, data, num_samples=None, batch_size=32):
+def local_mas(model, data, num_samples=None, batch_size=None, output_fn=None):
   """Local MAS importance (l-MAS): Hebb's rule, generalised.
 
   For every layer, the per-sample absolute gradient of the squared L2 norm of
   *that layer's own output* with respect to *its own parameters*, the layer's
   input held fixed, averaged over samples. For a ReLU Dense unit
   `y_j = relu(Σ_i θ_ij y_i)` this is `2·|y_i·y_j|`: the co-activation of the
-  two neurons. No gradient flows between layers.
+  two neurons. No gradient flows between layers. A layer without a closed
+  form (see `mas`) is one unit: its whole output, its own variables.
 
   Example:
 
@@ -133,36 +118,30 @@ def local_mas(model, data, num_samples=None, batch_size=32):
   ```
 
   Args:
-    model: a built `keras.Model` whose trainable variables all belong to
-      Dense, EinsumDense, convolution or normalization layers.
+    model: a built `keras.Model`.
     data: as for `mas`.
     num_samples: use at most this many samples of `data`.
     batch_size: batch size when `data` is an array.
+    output_fn: applied to the output of the layer that produces the model's
+      output before its norm, e.g. to measure one task's head
+      (`keras_mas.heads.OutputSlice`): outputs of other tasks then get no
+      importance.
 
   Returns:
     A list of float32 tensors, one per `model.trainable_variables`.
 
   Raises:
-    ValueError: if a trainable variable belongs to a layer type that l-MAS
-      cannot handle (the layer is named), or as for `mas`.
+    ValueError: if `output_fn` is given but no layer with weights produces
+      the model's output, or as for `mas`.
   """
   variables = _check_model(model)
-  owners = _owning_layers(model, variables)
-  for layer in owners:
-    if layer is model or not isinstance(layer, _LOCAL_LAYER_TYPES):
-      raise ValueError(
-          "Invalid value for argument `model`. local_mas supports layers of "
-          f"types {sorted(t.__name__ for t in _LOCAL_LAYER_TYPES)}. "
-          f"Received: layer '{layer.name}' of type {type(layer).__name__} "
-          "with trainable variables"
-      )
-  key = ("local_mas",)
+  key = ("local_mas", output_fn)
   step = _compiled(model, key,
-                   lambda: _make_local_step(model, variables, owners))
+                   lambda: _make_local_step(model, variables, output_fn))
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
-def fisher(model, data, empirical=True, num_samples=None, batch_size=32,
+def fisher(model, data, empirical=True, num_samples=None, batch_size=None,
            output_fn=None, seed=0):
   """Diagonal Fisher information, the importance of EWC (Kirkpatrick 2017).
 
@@ -183,15 +162,22 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=32,
 
   Returns:
     A list of float32 tensors, one per `model.trainable_variables`.
+
+  Raises:
+    ValueError: if a label is not an index of the logits (the labels are
+      named), or as for `mas`.
   """
   variables = _check_model(model)
-  kind = _per_sample_kind(model, variables)
-  key = ("fisher", kind, bool(empirical), output_fn, seed)
+  key = ("fisher", bool(empirical), output_fn, seed)
 
   def log_likelihood(outputs, y):
     logits = tf.cast(output_fn(outputs) if output_fn else outputs, tf.float32)
     if empirical:
       labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
+      classes = tf.shape(logits)[-1]
+      tf.debugging.assert_equal(
+          tf.reduce_all((labels >= 0) & (labels < classes)), True,
+          message=_LABELS_OUT_OF_RANGE)
     else:
       labels = tf.stop_gradient(tf.cast(tf.random.stateless_categorical(
           logits, 1, seed=[seed, tf.shape(logits)[0]])[:, 0], tf.int32))
@@ -199,9 +185,12 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=32,
         labels=labels, logits=logits))
 
   step = _compiled(model, key, lambda: _make_global_step(
-      model, kind, log_likelihood, tf.square))
+      model, True, log_likelihood, tf.square))
   return _average(model, key, step, variables, data, batch_size, num_samples,
                   labels=bool(empirical))
+
+
+_LABELS_OUT_OF_RANGE = "fisher: labels out of range"
 
 
 def uniform(model, data=None, **unused_options):
@@ -283,34 +272,76 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
              labels=False):
   """Sums `step` over the batches of `data`, divides by the sample count.
 
-  Under a `tf.distribute` strategy with several replicas (the model's own,
-  or the one in scope), each batch is split among the replicas, every
-  replica sums over its share and the sums are added across replicas (and
-  workers) before the division by the global sample count.
+  On one device the whole pass is one compiled loop over a `tf.data`
+  pipeline, the sums kept on the device. Under a `tf.distribute` strategy
+  with several replicas (the model's own, or the one in scope), each batch
+  is split among the replicas, every replica sums over its share and the
+  sums are added across replicas (and workers) before the division by the
+  global sample count.
   """
+  if batch_size is None:
+    batch_size = DEFAULT_BATCH_SIZE
   strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
-  if strategy.num_replicas_in_sync > 1:
-    per_batch = _compiled(model, ("distributed",) + key,
-                          lambda: _distributed(step, strategy))
-    run = lambda x: per_batch(_replica_shares(strategy, x))
-  else:
-    run = step
+  try:
+    if strategy.num_replicas_in_sync > 1:
+      totals, count = _distributed_sums(model, key, step, variables, data,
+                                        batch_size, num_samples, labels,
+                                        strategy)
+    else:
+      dataset = _data.as_dataset(data, batch_size, num_samples, labels)
+      loop = _compiled(model, ("loop",) + key, lambda: _sum_loop(step, variables))
+      totals, count = loop(dataset)
+      count = int(count)
+  except tf.errors.InvalidArgumentError as e:
+    if _LABELS_OUT_OF_RANGE in str(e):
+      raise ValueError(
+          "Invalid value for argument `data`. Expected labels that index the "
+          f"logits of model '{model.name}' (0 to the number of outputs - 1). "
+          "Received: labels out of that range") from None
+    raise _data_error(model, data, e) from e
+  except (ValueError, TypeError, tf.errors.OpError) as e:
+    if "Invalid value for argument" in str(e):
+      raise
+    raise _data_error(model, data, e) from e
+  _data.check_count(count, num_samples)
+  return [t / count for t in totals]
+
+
+def _data_error(model, data, error):
+  spec = getattr(data, "element_spec", None)
+  shapes = (tf.nest.map_structure(lambda s: tuple(s.shape), spec)
+            if spec is not None else tf.nest.map_structure(
+                lambda t: tuple(getattr(t, "shape", ())), data))
+  return ValueError(
+      "Invalid value for argument `data`. Expected inputs that model "
+      f"'{model.name}' accepts. Received: data of shape {shapes}. The model "
+      f"raised: {error}")
+
+
+def _sum_loop(step, variables):
+  @tf.function
+  def loop(dataset):
+    # Tuples: autograph would stack a list carried through the loop.
+    totals = tuple(tf.zeros(v.shape, tf.float32) for v in variables)
+    count = tf.constant(0, tf.int64)
+    for batch in dataset:
+      totals = tuple(t + s for t, s in zip(totals, step(batch)))
+      count += tf.cast(tf.shape(tf.nest.flatten(batch[0])[0])[0], tf.int64)
+    return totals, count
+  return loop
+
+
+def _distributed_sums(model, key, step, variables, data, batch_size,
+                      num_samples, labels, strategy):
+  per_batch = _compiled(model, ("distributed",) + key,
+                        lambda: _distributed(step, strategy))
   totals = [tf.zeros(v.shape, tf.float32) for v in variables]
   count = 0
   for batch in _data.input_batches(data, batch_size, num_samples, labels):
-    x = batch[0]
-    try:
-      sums = run(batch)
-    except (ValueError, TypeError, tf.errors.OpError) as e:
-      shapes = tf.nest.map_structure(lambda t: tuple(t.shape), x)
-      raise ValueError(
-          "Invalid value for argument `data`. Expected inputs that model "
-          f"'{model.name}' accepts. Received: a batch of shape {shapes}. "
-          f"The model raised: {e}"
-      ) from e
+    sums = per_batch(_replica_shares(strategy, batch))
     totals = [t + s for t, s in zip(totals, sums)]
-    count += int(tf.shape(tf.nest.flatten(x)[0])[0])
-  return [t / count for t in totals]
+    count += int(tf.shape(tf.nest.flatten(batch[0])[0])[0])
+  return totals, count
 
 
 def _distributed(step, strategy):
@@ -339,39 +370,12 @@ def _replica_shares(strategy, x):
   return strategy.experimental_distribute_values_from_function(share)
 
 
-def _owning_layers(model, variables):
-  """The innermost layer that created each variable, in variable order."""
-  owner_by_id = {}
-  for layer in [model] + list(model._flatten_layers(include_self=False)):
-    for v in layer._trainable_variables:
-      owner_by_id[id(v)] = layer
-  return [owner_by_id.get(id(v), model) for v in variables]
-
-
 def _call_model(model, x):
   return model(x, training=False)
 
 
-@contextlib.contextmanager
-def _replaced_call(layer, new_call):
-  # Keras's `__call__` looks `call` up on the instance, so an instance
-  # attribute intercepts it without touching the class or the layer's state.
-  object.__setattr__(layer, "call", new_call)
-  try:
-    yield
-  finally:
-    object.__delattr__(layer, "call")
-
-
-def _zeros_for_missing(grads, variables):
-  return [
-      tf.zeros(v.shape, tf.float32) if g is None else tf.cast(g, tf.float32)
-      for g, v in zip(grads, variables)
-  ]
-
-
 # --------------------------------------------------------------------------
-# Global MAS.
+# Global MAS and Fisher.
 
 
 def _output_norm(output_fn):
@@ -386,234 +390,106 @@ def _output_norm(output_fn):
   return objective
 
 
-def _make_global_step(model, kind, objective, transform):
+def _make_global_step(model, per_sample, objective, transform):
   """Per batch, `Σ_k transform(∂ objective_k / ∂θ)` for every variable.
 
   `objective(outputs, y)` must be a sum of per-sample terms; `transform` is
   `tf.abs` (MAS) or `tf.square` (Fisher), applied per sample, or to the
-  batch's summed gradient for `kind="batched"`.
+  batch's summed gradient when `per_sample` is False.
   """
   variables = list(model.trainable_variables)
 
-  def loss_of(batch):
-    x, y = batch[0], (batch[1] if len(batch) > 1 else None)
-    return objective(_call_model(model, x), y)
+  def split(batch):
+    return batch[0], (batch[1] if len(batch) > 1 else None)
 
-  if kind == "batched":
+  if not per_sample:
 
     def step(batch):
+      x, y = split(batch)
       with tf.GradientTape() as tape:
-        loss = loss_of(batch)
-      grads = _zeros_for_missing(tape.gradient(loss, variables), variables)
-      return [transform(g) for g in grads]
+        loss = objective(_call_model(model, x), y)
+      grads = tape.gradient(loss, variables,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      return [transform(tf.cast(g, tf.float32)) for g in grads]
 
-  elif kind == "vectorized":
+    return step
 
-    def step(batch):
-      def one_sample(sample):
-        sample = tf.nest.map_structure(lambda t: tf.expand_dims(t, 0), sample)
-        with tf.GradientTape() as tape:
-          loss = loss_of(sample)
-        return _zeros_for_missing(tape.gradient(loss, variables), variables)
+  units = per_sample_lib.plan(model, variables)
+  layer_units = [u for u in units if u.layer is not None]
+  model_units = [u for u in units if u.layer is None]
 
-      grads = tf.vectorized_map(one_sample, batch)
-      return [tf.reduce_sum(transform(g), axis=0) for g in grads]
+  def step(batch):
+    x, y = split(batch)
+    records = {}
+    with per_sample_lib.recording(layer_units, records):
+      with tf.GradientTape() as tape:
+        loss = objective(_call_model(model, x), y)
+    taps = [[r.taps for r in records[u]] for u in layer_units]
+    deltas = tape.gradient(loss, taps,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    sums = {}
+    for unit, unit_deltas in zip(layer_units, deltas):
+      if records[unit]:  # Else not on the path from the inputs: Ω = 0.
+        sums.update(unit.sums(records[unit], unit_deltas, transform))
+    for unit in model_units:
+      sums.update(unit.batch_sums(batch, objective, transform))
+    return _in_order(sums, variables)
 
-  else:
-    layers = _analytic_layers(model, variables)
-
-    def step(batch):
-      records = {id(layer): [] for layer in layers}
-      with contextlib.ExitStack() as stack:
-        for layer in layers:
-          stack.enter_context(
-              _replaced_call(layer, _recording_call(layer, records)))
-        with tf.GradientTape() as tape:
-          loss = loss_of(batch)
-      pre_activations = [z for layer in layers for _, z in records[id(layer)]]
-      deltas = iter(tape.gradient(loss, pre_activations))
-      sums = {}
-      for layer in layers:
-        inputs = [a for a, _ in records[id(layer)]]
-        layer_deltas = [next(deltas) for _ in inputs]
-        if inputs:  # Else not on the path from the inputs: importance 0.
-          sums.update(_layer_grad_sums(layer, inputs, layer_deltas,
-                                       transform))
-      return [sums.get(id(v), tf.zeros(v.shape, tf.float32))
-              for v in variables]
-
-  return tf.function(step, reduce_retracing=True)
+  return step
 
 
-def _analytic_kind(layer):
-  """"dense" or "conv2d" if `layer` has an analytic per-sample form."""
-  # pylint: disable=unidiomatic-typecheck
-  if getattr(layer, "lora_enabled", False) or getattr(
-      layer, "quantization_mode", None) is not None:
-    return None
-  if type(layer) is keras.layers.Dense:
-    return "dense"
-  if (type(layer) is keras.layers.Conv2D and layer.groups == 1
-      and layer.data_format == "channels_last"
-      and layer.padding in ("same", "valid")):
-    return "conv2d"
-  return None
-
-
-def _per_sample_kind(model, variables):
-  """"analytic" when every variable's layer has a closed per-sample form."""
-  if _analytic_layers(model, variables) is not None:
-    return "analytic"
-  return "vectorized"
-
-
-def _analytic_layers(model, variables):
-  """The analytic layers owning every variable, or None if some do not."""
-  layers = []
-  for layer, v in zip(_owning_layers(model, variables), variables):
-    if _analytic_kind(layer) is None or not (
-        v is layer._kernel or v is layer.bias):
-      return None
-    if layer not in layers:
-      layers.append(layer)
-  return layers
-
-
-def _pre_activation(layer, inputs):
-  """The layer's output before its activation."""
-  if _analytic_kind(layer) == "dense":
-    z = keras.ops.matmul(inputs, layer.kernel)
-  else:
-    z = layer.convolution_op(inputs, layer.kernel)
-  if layer.bias is not None:
-    z = keras.ops.add(z, layer.bias)
-  return z
-
-
-def _activation(layer, z):
-  return layer.activation(z) if layer.activation is not None else z
-
-
-def _recording_call(layer, records):
-  """The layer's call, recording the input and pre-activation of each call."""
-
-  def call(inputs, *args, **kwargs):
-    del args, kwargs
-    z = _pre_activation(layer, inputs)
-    records[id(layer)].append((inputs, z))
-    return _activation(layer, z)
-
-  return call
-
-
-def _layer_grad_sums(layer, inputs, deltas, transform=tf.abs):
-  """`{id(variable): Σ_k transform(per-sample gradient)}`, kernel and bias."""
-  if _analytic_kind(layer) == "conv2d":
-    inputs = [_patches(layer, a) for a in inputs]
-  kernel_sum, bias_sum = _outer_grad_sums(inputs, deltas, transform)
-  sums = {id(layer._kernel): tf.reshape(kernel_sum, layer._kernel.shape)}
-  if layer.bias is not None:
-    sums[id(layer.bias)] = bias_sum
-  return sums
-
-
-def _patches(layer, inputs):
-  """Conv2D input patches, flattened in the kernel's (kh, kw, cin) order."""
-  kh, kw = layer.kernel_size
-  sh, sw = layer.strides
-  dh, dw = layer.dilation_rate
-  return tf.image.extract_patches(
-      tf.cast(inputs, tf.float32), sizes=[1, kh, kw, 1],
-      strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-      padding=layer.padding.upper())
-
-
-def _outer_grad_sums(inputs, deltas, transform):
-  """`Σ_k f(Σ_p a_kp ⊗ δ_kp)` and `Σ_k f(Σ_p δ_kp)` over a layer's calls.
-
-  `p` runs over every position at which sample `k` met the layer: extra input
-  axes (a Dense layer on sequences, a convolution's patches) and repeated
-  calls (a shared layer). With one position per sample and `f` = |·| or (·)²,
-  which factor over products, the sum of outer products is a single matmul:
-  `f(A)ᵀ f(Δ)`; otherwise the per-sample kernel gradient is formed.
-  """
-  def flat(t):
-    t = tf.cast(t, tf.float32)
-    return tf.reshape(t, [tf.shape(t)[0], -1, t.shape[-1]])
-
-  a = tf.concat([flat(t) for t in inputs], axis=1)
-  d = tf.concat([flat(t) for t in deltas], axis=1)
-  if a.shape[1] == 1:
-    a, d = a[:, 0], d[:, 0]
-    return (tf.matmul(transform(a), transform(d), transpose_a=True),
-            tf.reduce_sum(transform(d), axis=0))
-  per_sample = tf.einsum("bpi,bpj->bij", a, d)
-  return (tf.reduce_sum(transform(per_sample), axis=0),
-          tf.reduce_sum(transform(tf.reduce_sum(d, axis=1)), axis=0))
+def _in_order(sums, variables):
+  return [sums.get(id(v), tf.zeros(v.shape, tf.float32)) for v in variables]
 
 
 # --------------------------------------------------------------------------
 # Local MAS.
 
 
-def _make_local_step(model, variables, owners):
-  layers = []
-  for layer in owners:
-    if layer not in layers:
-      layers.append(layer)
+def _make_local_step(model, variables, output_fn):
+  units = per_sample_lib.plan(model, variables)
+  layer_units = [u for u in units if u.layer is not None]
+  model_units = [u for u in units if u.layer is None]
 
-  def recording_call(layer, original, records):
-    def call(inputs, *args, **kwargs):
-      records[id(layer)].append(inputs)
-      return original(inputs, *args, **kwargs)
-    return call
+  def norm(outputs):
+    return tf.reduce_sum(squared_output_norm(outputs))
 
   def step(batch):
-    records = {id(layer): [] for layer in layers}
-    with contextlib.ExitStack() as stack:
-      for layer in layers:
-        stack.enter_context(_replaced_call(
-            layer, recording_call(layer, layer.call, records)))
-      _call_model(model, batch[0])
+    records = {}
+    with per_sample_lib.recording(layer_units, records):
+      outputs = tf.nest.flatten(_call_model(model, batch[0]))
+    found_output = False
     sums = {}
-    for layer in layers:
-      inputs = records[id(layer)]
-      if not inputs:
+    for unit in layer_units:
+      if not records[unit]:
         continue  # Not on the path from these inputs: importance stays 0.
-      if _analytic_kind(layer) is not None:
-        sums.update(_local_analytic(layer, inputs))
-      else:
-        sums.update(_local_vectorized(layer, inputs))
-    return [sums.get(id(v), tf.zeros(v.shape, tf.float32)) for v in variables]
+      if isinstance(unit, per_sample_lib.Fallback):
+        sums.update(unit.sums(records[unit], [None] * len(records[unit]),
+                              tf.abs, objective=norm))
+        continue
+      again = []
+      with tf.GradientTape() as tape:
+        loss = 0.0
+        for record in records[unit]:
+          new = unit.recompute(record)
+          output = new.output
+          if output_fn is not None and any(
+              record.output is o for o in outputs):
+            output, found_output = output_fn(output), True
+          loss += norm(output)
+          again.append(new)
+      deltas = tape.gradient(loss, [r.taps for r in again],
+                             unconnected_gradients=(
+                                 tf.UnconnectedGradients.ZERO))
+      sums.update(unit.sums(again, deltas, tf.abs))
+    if output_fn is not None and not found_output:
+      raise ValueError(
+          "Invalid value for argument `output_fn`. Expected a model whose "
+          "output is produced by a layer with weights (e.g. a Dense head), "
+          "so that the function can select part of that layer's output. "
+          f"Received: output_fn={output_fn!r} for model '{model.name}'")
+    for unit in model_units:
+      sums.update(unit.batch_sums(batch, lambda out, y: norm(out), tf.abs))
+    return _in_order(sums, variables)
 
-  return tf.function(step, reduce_retracing=True)
-
-
-def _local_analytic(layer, inputs):
-  pre_activations = []
-  with tf.GradientTape() as tape:
-    loss = 0.0
-    for a in inputs:
-      z = _pre_activation(layer, tf.stop_gradient(a))
-      pre_activations.append(z)
-      loss += tf.reduce_sum(tf.square(tf.cast(_activation(layer, z),
-                                              tf.float32)))
-  deltas = tape.gradient(loss, pre_activations)
-  return _layer_grad_sums(layer, inputs, deltas)
-
-
-def _local_vectorized(layer, inputs):
-  variables = list(layer.trainable_variables)
-
-  def one_sample(inputs_k):
-    with tf.GradientTape() as tape:
-      loss = 0.0
-      for a in inputs_k:
-        y = layer(tf.expand_dims(a, 0), training=False)
-        loss += tf.reduce_sum(tf.square(tf.cast(y, tf.float32)))
-    return _zeros_for_missing(tape.gradient(loss, variables), variables)
-
-  grads = tf.vectorized_map(one_sample, [tf.stop_gradient(a) for a in inputs])
-  return {
-      id(v): tf.reduce_sum(tf.abs(g), axis=0) for v, g in zip(variables, grads)
-  }
+  return step

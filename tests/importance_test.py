@@ -9,7 +9,9 @@ import pytest
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from keras_mas import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import importance
+from keras_mas import per_sample
 
 
 def _mlp(seed=0):
@@ -48,6 +50,11 @@ def _tf_per_sample_reference(model, x, fn):
     for t, g in zip(totals, tape.gradient(loss, variables)):
       t += np.abs(g.numpy())
   return [t / len(x) for t in totals]
+
+
+def _all_closed_form(model):
+  return not any(isinstance(u, per_sample.Fallback) for u in per_sample.plan(
+      model, model.trainable_variables))
 
 
 def _global_loss(model, x):
@@ -114,8 +121,7 @@ def test_dense_fast_path_handles_sequences_and_shared_layers():
   outputs = keras.layers.Dense(2)(keras.layers.Concatenate()(
       [keras.layers.Flatten()(x1), x2]))
   model = keras.Model(inputs, outputs)
-  assert importance._analytic_layers(
-      model, model.trainable_variables) is not None
+  assert _all_closed_form(model)
   x = np.random.default_rng(4).normal(size=(6, 3, 4)).astype("float32")
   _assert_close(importance.mas(model, x, batch_size=4),
                 _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4)
@@ -135,8 +141,7 @@ def test_conv2d_fast_path_matches_definition(conv_kwargs):
       keras.layers.Flatten(),
       keras.layers.Dense(3),
   ])
-  assert importance._analytic_layers(
-      model, model.trainable_variables) is not None
+  assert _all_closed_form(model)
   x = np.random.default_rng(9).normal(size=(5, 7, 7, 2)).astype("float32")
   _assert_close(importance.mas(model, x, batch_size=2),
                 _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4,
@@ -188,15 +193,21 @@ def test_local_mas_conv_and_batchnorm_match_layerwise_definition():
   _assert_close(importance.local_mas(model, x), expected, rtol=1e-4)
 
 
-def test_local_mas_names_unsupported_layer():
+def test_local_mas_embedding_is_its_rows_own_output():
   model = keras.Sequential([
       keras.Input((4,), dtype="int32"),
       keras.layers.Embedding(10, 3),
       keras.layers.Flatten(),
       keras.layers.Dense(2),
   ])
-  with pytest.raises(ValueError, match="Embedding"):
-    importance.local_mas(model, np.zeros((2, 4), "int32"))
+  ids = np.array([[1, 1, 2, 9], [0, 3, 3, 3]], "int32")
+  table = model.layers[0].embeddings.numpy().astype("float64")
+  expected = np.zeros_like(table)
+  for sample in ids:  # ‖E[ids]‖²: 2·E[r] times the row's count, per sample.
+    rows, counts = np.unique(sample, return_counts=True)
+    expected[rows] += np.abs(2 * table[rows] * counts[:, None])
+  np.testing.assert_allclose(importance.local_mas(model, ids)[0],
+                             expected / len(ids), rtol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", [importance.mas, importance.local_mas])

@@ -1,0 +1,920 @@
+"""Per-sample gradients of every layer's own variables, one layer at a time.
+
+Exact MAS and Fisher importance need `Σ_k f(g_k)`, `g_k` the gradient of
+sample `k` alone and `f` = |·| or (·)². One batched backward pass gives, for
+every layer, its input `a` and the gradient `δ` at its output; from those
+two, the per-sample gradient of the layer's *own* variables has a closed
+form for the layers models are made of:
+
+* Dense, EinsumDense (any equation, LoRA factors included): the einsum of
+  `a` and `δ` with the batch axis kept; with one position per sample and no
+  summed axis, `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`, one matrix product.
+* Conv1D/2D/3D (groups, `channels_first`, causal), DepthwiseConv1D/2D,
+  SeparableConv1D/2D: input patches ⊗ `δ`, summed over positions per sample.
+* Embedding: `δ` scattered into the rows of the sample's token ids.
+* BatchNormalization (inference), Layer-, Group- and RMSNormalization:
+  γ gets `Σ_p δ·x̂`, β gets `Σ_p δ`, per sample.
+
+A layer without a closed form (a recurrent layer, a custom layer with
+weights of its own) is a *fallback unit*: its variables alone get exact
+per-sample gradients by re-running that layer's own call one sample at a
+time inside a compiled `tf.while_loop`, with the recorded `δ` as the
+output's cotangent. Memory stays at one copy of the layer's variables
+whatever the batch; nothing is handed to `tf.vectorized_map`, whose
+vectorizer crashes the process on einsum gradients (TF 2.21).
+
+Layers are found by walking the model: a layer with a closed form is a unit;
+a layer with weights of its own, or one that calls its sublayers inside a
+loop (`keras.layers.RNN`, `TimeDistributed`), is a fallback unit as a whole;
+any other layer (a nested model, `MultiHeadAttention`, a transformer block)
+is looked through to its sublayers.
+"""
+
+import contextlib
+import functools
+
+import keras
+from keras import ops
+from keras.src.backend import AutocastScope
+import tensorflow as tf
+
+__all__ = ["CLOSED_FORM_LAYERS", "Unit", "plan", "recording"]
+
+# At most this many float32 values of per-sample gradients (or convolution
+# patches) exist at once: larger batches are processed in chunks.
+_CHUNK_VALUES = 1 << 24
+
+# Layers that call their sublayers inside a loop or `vectorized_map`: their
+# sublayers cannot be recorded from outside, so they are fallback units.
+_LOOPING_LAYERS = (keras.layers.RNN, keras.layers.TimeDistributed)
+
+
+def _plain(layer, cls):
+  """`layer` is a `cls` whose computation is `cls`'s own."""
+  return isinstance(layer, cls) and type(layer).call is cls.call
+
+
+# --------------------------------------------------------------------------
+# Planning: which unit measures which variable.
+
+
+def plan(model, variables):
+  """Splits `variables` among units that measure them.
+
+  Args:
+    model: a built `keras.Model`.
+    variables: the variables to measure (the model's trainable variables).
+
+  Returns:
+    A list of `Unit`s, each covering some of `variables`; together they
+    cover every one exactly once.
+  """
+  wanted = {id(v): v for v in variables}
+  units, covered, visited = [], set(), set()
+
+  def take(layer_variables):
+    own = [v for v in layer_variables
+           if id(v) in wanted and id(v) not in covered]
+    covered.update(id(v) for v in own)
+    return own
+
+  def visit(layer):
+    if id(layer) in visited:
+      return
+    visited.add(id(layer))
+    direct = [v for v in layer._trainable_variables if id(v) in wanted]
+    unit_type = _closed_form(layer)
+    if unit_type is not None and unit_type.covers(layer, direct):
+      own = take(layer.trainable_variables)
+      if own:
+        units.append(unit_type(layer, own))
+      return
+    if direct or isinstance(layer, _LOOPING_LAYERS):
+      own = take(layer.trainable_variables)
+      if own:
+        units.append(Fallback(layer, own))
+      return
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+      visit(child)
+
+  visited.add(id(model))
+  for child in model._flatten_layers(include_self=False, recursive=False):
+    visit(child)
+  rest = take(variables)
+  if rest:  # The model's own weights, or variables no layer owns.
+    units.append(ModelFallback(model, rest))
+  return units
+
+
+@contextlib.contextmanager
+def recording(units, records):
+  """Lets each unit's layer record its calls into `records[unit]`."""
+  with contextlib.ExitStack() as stack:
+    for unit in units:
+      if unit.layer is not None:
+        records[unit] = []
+        stack.enter_context(_replaced_call(
+            unit.layer, unit.recording_call(records[unit])))
+    yield
+
+
+@contextlib.contextmanager
+def _replaced_call(layer, new_call):
+  # Keras's `__call__` looks `call` up on the instance, so an instance
+  # attribute intercepts it without touching the class or the layer's state.
+  object.__setattr__(layer, "call", new_call)
+  try:
+    yield
+  finally:
+    object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def _without_activation(layer):
+  activation = layer.activation
+  object.__setattr__(layer, "activation", None)
+  try:
+    yield activation
+  finally:
+    object.__setattr__(layer, "activation", activation)
+
+
+@contextlib.contextmanager
+def _as_called(layer):
+  """The autocast scope Keras's `__call__` gives the layer's `call`, for
+  re-running `call` directly (mixed precision reads variables as float16)."""
+  if (layer is not None and layer.compute_dtype != layer.variable_dtype
+      and keras.backend.is_float_dtype(layer.compute_dtype)):
+    with AutocastScope(layer.compute_dtype):
+      yield
+  else:
+    yield
+
+
+def _closed_form(layer):
+  for unit_type in _CLOSED_FORMS:
+    if unit_type.handles(layer):
+      return unit_type
+  return None
+
+
+# --------------------------------------------------------------------------
+# Units.
+
+
+class Unit:
+  """Measures the per-sample gradients of some variables of one layer.
+
+  A unit's `recording_call` replaces the layer's call during the batched
+  pass, computing the same output and appending a record per call: the
+  tensors the closed form needs (`saved`) and the tensors whose gradient it
+  needs (`taps`). `sums` turns records and the gradients at their taps into
+  `{id(variable): Σ_k f(g_k)}`.
+  """
+
+  def __init__(self, layer, variables):
+    self.layer = layer
+    self.variables = variables
+
+  @classmethod
+  def handles(cls, layer):  # pylint: disable=unused-argument
+    return False
+
+  @classmethod
+  def covers(cls, layer, direct):
+    """Whether the closed form accounts for every own variable."""
+    known = {id(v) for v in cls.parameters(layer)}
+    return all(id(v) in known for v in direct)
+
+  @classmethod
+  def parameters(cls, layer):
+    raise NotImplementedError
+
+  def recording_call(self, records):
+    raise NotImplementedError
+
+  def recompute(self, record):
+    """The record again from its saved inputs, gradient stopped there."""
+    raise NotImplementedError
+
+  def sums(self, records, deltas, transform):
+    raise NotImplementedError
+
+
+class _Record:
+  __slots__ = ("saved", "taps", "output")
+
+  def __init__(self, saved, taps, output):
+    self.saved, self.taps, self.output = saved, taps, output
+
+
+class _Affine(Unit):
+  """Layers computing `activation(linear(a; kernel) + bias)`."""
+
+  def recording_call(self, records):
+    layer = self.layer
+    original = functools.partial(type(layer).call, layer)
+
+    def call(inputs, *args, **kwargs):
+      with _without_activation(layer) as activation:
+        z = original(inputs, *args, **kwargs)
+      output = activation(z) if activation is not None else z
+      records.append(_Record(self._saved(inputs), [z], output))
+      return output
+
+    return call
+
+  def recompute(self, record):
+    layer = self.layer
+    original = functools.partial(type(layer).call, layer)
+    with _without_activation(layer) as activation, _as_called(layer):
+      z = original(tf.stop_gradient(record.saved))
+    output = activation(z) if activation is not None else z
+    return _Record(record.saved, [z], output)
+
+  def _saved(self, inputs):
+    return inputs
+
+  @classmethod
+  def parameters(cls, layer):
+    return [v for v in (_kernel(layer), layer.bias) if v is not None]
+
+  def _bias_sums(self, deltas, transform, sums):
+    bias = self.layer.bias
+    if bias is not None and _measured(self, bias):
+      per_sample = [_reduce_to(d, bias.shape) for d in deltas]
+      sums[id(bias)] = tf.reduce_sum(transform(tf.add_n(per_sample)), axis=0)
+
+
+class DenseUnit(_Affine):
+  """`Dense`: `Σ_p a_p ⊗ δ_p`; LoRA factors through the same outer form."""
+
+  @classmethod
+  def handles(cls, layer):
+    return (_plain(layer, keras.layers.Dense)
+            and layer.quantization_mode is None)
+
+  @classmethod
+  def parameters(cls, layer):
+    extra = ([layer.lora_kernel_a, layer.lora_kernel_b]
+             if layer.lora_enabled else [])
+    return super().parameters(layer) + extra
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    inputs = [r.saved for r in records]
+    deltas = [d[0] for d in deltas]
+    sums = {}
+    if _measured(self, _kernel(layer)):
+      sums[id(_kernel(layer))] = _outer_sums(inputs, deltas, transform)
+    if layer.lora_enabled:
+      scale = layer.lora_alpha / layer.lora_rank
+      a, b = layer.lora_kernel_a, layer.lora_kernel_b
+      if _measured(self, a):
+        sums[id(a)] = _outer_sums(
+            inputs, [ops.matmul(_f32(d), ops.transpose(b)) * scale
+                     for d in deltas], transform)
+      if _measured(self, b):
+        sums[id(b)] = _outer_sums(
+            [ops.matmul(_f32(x), a) * scale for x in inputs], deltas,
+            transform)
+    self._bias_sums(deltas, transform, sums)
+    return sums
+
+
+class EinsumDenseUnit(_Affine):
+  """`EinsumDense`: `einsum(a, δ)` keeping the batch axis."""
+
+  @classmethod
+  def handles(cls, layer):
+    if not (_plain(layer, keras.layers.EinsumDense)
+            and layer.quantization_mode is None):
+      return False
+    try:
+      _einsum_kernel_spec(layer.equation)
+    except _NoClosedForm:
+      return False
+    return True
+
+  @classmethod
+  def parameters(cls, layer):
+    extra = ([layer.lora_kernel_a, layer.lora_kernel_b]
+             if layer.lora_enabled else [])
+    return super().parameters(layer) + extra
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    deltas = [d[0] for d in deltas]
+    kernel_shape = tuple(_kernel(layer).shape)
+    sums = {}
+    grads = [_einsum_kernel_spec(layer.equation, len(r.saved.shape),
+                                 len(d.shape))
+             for r, d in zip(records, deltas)]
+    lora = layer.lora_enabled
+    if not lora and all(outer for _, outer in grads):
+      # Each kernel entry meets one input and one output entry per sample:
+      # Σ_k f(a_k ⊗ δ_k) = einsum(f(A), f(Δ)), the batch summed inside.
+      if _measured(self, _kernel(layer)):
+        sums[id(_kernel(layer))] = tf.add_n([
+            tf.einsum(spec.replace("->" + spec.split(",")[0][0], "->"),
+                      transform(_f32(r.saved)), transform(_f32(d)))
+            for (spec, _), r, d in zip(grads, records, deltas)])
+    else:
+      scale = layer.lora_alpha / layer.lora_rank if lora else 1.0
+      measured = [v for v in ((layer.lora_kernel_a, layer.lora_kernel_b)
+                              if lora else (_kernel(layer),))
+                  if _measured(self, v)]
+
+      def per_chunk(*tensors):
+        n = len(records)
+        g = tf.add_n([tf.einsum(spec, x, d) for (spec, _), x, d in zip(
+            grads, tensors[:n], tensors[n:])])
+        if not lora:
+          return [tf.reduce_sum(transform(g), axis=0)]
+        a, b = _f32(layer.lora_kernel_a), _f32(layer.lora_kernel_b)
+        flat = tf.reshape(g, [tf.shape(g)[0], -1, kernel_shape[-1]])
+        grad_a = tf.reshape(tf.einsum("bmo,ro->bmr", flat, b) * scale,
+                            [-1] + list(a.shape))
+        grad_b = tf.einsum("mr,bmo->bro", tf.reshape(a, [-1, a.shape[-1]]),
+                           flat) * scale
+        return [tf.reduce_sum(transform(x), axis=0)
+                for v, x in ((layer.lora_kernel_a, grad_a),
+                             (layer.lora_kernel_b, grad_b))
+                if _measured(self, v)]
+
+      size = _size(kernel_shape)
+      values = _chunked_sum(per_chunk, [_f32(r.saved) for r in records]
+                            + [_f32(d) for d in deltas], size)
+      sums.update({id(v): s for v, s in zip(measured, values)})
+    self._bias_sums(deltas, transform, sums)
+    return sums
+
+
+def _einsum_kernel_spec(equation, input_rank=None, output_rank=None):
+  """The einsum giving per-sample kernel gradients, and whether it is outer.
+
+  Returns `(spec, outer)`: `spec` maps (input, output gradient) to
+  `(batch, *kernel)`; `outer` says each kernel entry pairs one input entry
+  with one output entry per sample (no axis summed, none shared).
+  """
+  inputs, rest = equation.split(",")
+  kernel, output = rest.split("->")
+  if "..." in inputs or "..." in output:
+    used = set(equation)
+    free = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in used]
+    # Without ranks (a structural check), "..." stands for one axis.
+    count_in = 1 if input_rank is None else input_rank - (len(inputs) - 3)
+    count_out = 1 if output_rank is None else output_rank - (len(output) - 3)
+    inputs = inputs.replace("...", "".join(free[:count_in]))
+    output = output.replace("...", "".join(free[:count_out]))
+  batch = inputs[0]
+  if output[0] != batch or batch in kernel or any(
+      c not in inputs + output for c in kernel):
+    raise _NoClosedForm(equation)
+  positions = set(inputs + output) - set(kernel) - {batch}
+  shared = set(inputs) & set(output) & set(kernel)
+  outer = not positions and not shared
+  return f"{inputs},{output}->{batch}{kernel}", outer
+
+
+class _NoClosedForm(Exception):
+  pass
+
+
+class ConvUnit(_Affine):
+  """Convolutions: patches ⊗ `δ`, summed over positions per sample."""
+
+  _TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+  @classmethod
+  def handles(cls, layer):
+    if not any(_plain(layer, t) for t in cls._TYPES) or getattr(
+        layer, "lora_enabled", False):
+      return False
+    return _patches_supported(layer)
+
+  def _saved(self, inputs):
+    # Conv1D's causal padding happens inside its call: pad the same way.
+    layer = self.layer
+    if layer.padding == "causal":
+      inputs = ops.pad(inputs, layer._compute_causal_padding())
+    return inputs
+
+  def recompute(self, record):
+    layer = self.layer
+    with _without_activation(layer) as activation, _as_called(layer):
+      z = ops.conv(tf.stop_gradient(record.saved), layer.kernel,
+                   strides=list(layer.strides),
+                   padding="valid" if layer.padding == "causal" else (
+                       layer.padding),
+                   dilation_rate=layer.dilation_rate,
+                   data_format=layer.data_format)
+      if layer.use_bias:
+        z = z + ops.reshape(layer.bias, _bias_shape(layer, layer.filters))
+    output = activation(z) if activation is not None else z
+    return _Record(record.saved, [z], output)
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    deltas = [_channels_last(layer, d[0]) for d in deltas]
+    sums = {}
+    kernel = _kernel(layer)
+    if _measured(self, kernel):
+      groups = layer.groups
+      kernel_shape = tuple(kernel.shape)
+      taps, cin_g, filters = _size(kernel_shape[:-2]), kernel_shape[-2], (
+          kernel_shape[-1])
+
+      def per_chunk(*tensors):
+        n = len(records)
+        total = 0.0
+        for x, d in zip(tensors[:n], tensors[n:]):
+          p = _patches(layer, x)  # (b, P, taps·cin)
+          p = tf.reshape(p, [tf.shape(p)[0], -1, taps, groups, cin_g])
+          d = tf.reshape(d, [tf.shape(d)[0], -1, groups, filters // groups])
+          total += tf.einsum("bpkgi,bpgf->bkigf", p, d)
+        g = tf.reshape(total, [-1, *kernel_shape])
+        return [tf.reduce_sum(transform(g), axis=0)]
+
+      per_sample = max(_size(kernel_shape), _patch_size(layer, records))
+      sums[id(kernel)] = _chunked_sum(
+          per_chunk, [_f32(_channels_last(layer, r.saved)) for r in records]
+          + deltas, per_sample)[0]
+    self._bias_sums(deltas, transform, sums)
+    return sums
+
+
+class DepthwiseConvUnit(ConvUnit):
+  """Depthwise convolutions: per channel, patches ⊗ `δ`."""
+
+  _TYPES = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+  def recompute(self, record):
+    layer = self.layer
+    original = functools.partial(type(layer).call, layer)
+    with _without_activation(layer) as activation, _as_called(layer):
+      z = original(tf.stop_gradient(record.saved))
+    output = activation(z) if activation is not None else z
+    return _Record(record.saved, [z], output)
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    deltas = [_channels_last(layer, d[0]) for d in deltas]
+    sums = {}
+    kernel = _kernel(layer)
+    if _measured(self, kernel):
+      sums[id(kernel)] = _depthwise_sums(
+          layer, kernel, [_f32(_channels_last(layer, r.saved))
+                          for r in records], deltas, transform)
+    self._bias_sums(deltas, transform, sums)
+    return sums
+
+
+def _depthwise_sums(layer, kernel, inputs, deltas, transform):
+  kernel_shape = tuple(kernel.shape)
+  taps, cin, multiplier = (_size(kernel_shape[:-2]), kernel_shape[-2],
+                           kernel_shape[-1])
+
+  def per_chunk(*tensors):
+    n = len(inputs)
+    total = 0.0
+    for x, d in zip(tensors[:n], tensors[n:]):
+      p = _patches(layer, x)
+      p = tf.reshape(p, [tf.shape(p)[0], -1, taps, cin])
+      d = tf.reshape(d, [tf.shape(d)[0], -1, cin, multiplier])
+      total += tf.einsum("bpkc,bpcm->bkcm", p, d)
+    g = tf.reshape(total, [-1, *kernel_shape])
+    return [tf.reduce_sum(transform(g), axis=0)]
+
+  per_sample = max(_size(kernel_shape), max(
+      _size(x.shape[1:]) * taps for x in inputs))
+  return _chunked_sum(per_chunk, list(inputs) + list(deltas), per_sample)[0]
+
+
+class SeparableConvUnit(ConvUnit):
+  """Separable convolutions: a depthwise then a pointwise closed form."""
+
+  _TYPES = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+
+  @classmethod
+  def parameters(cls, layer):
+    return [v for v in (layer.depthwise_kernel, layer.pointwise_kernel,
+                        layer.bias) if v is not None]
+
+  def _forward(self, inputs):
+    layer = self.layer
+    h = ops.depthwise_conv(inputs, layer.depthwise_kernel,
+                           strides=layer.strides, padding=layer.padding,
+                           dilation_rate=layer.dilation_rate,
+                           data_format=layer.data_format)
+    z = ops.conv(h, layer.pointwise_kernel, strides=1, padding="valid",
+                 data_format=layer.data_format)
+    if layer.use_bias:
+      z = z + ops.reshape(layer.bias, _bias_shape(layer, layer.filters))
+    output = layer.activation(z) if layer.activation is not None else z
+    return h, z, output
+
+  def recording_call(self, records):
+    def call(inputs, *args, **kwargs):
+      del args, kwargs
+      h, z, output = self._forward(inputs)
+      records.append(_Record(inputs, [h, z], output))
+      return output
+    return call
+
+  def recompute(self, record):
+    with _as_called(self.layer):
+      h, z, output = self._forward(tf.stop_gradient(record.saved))
+    return _Record(record.saved, [h, z], output)
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    sums = {}
+    inner = [_channels_last(layer, d[0]) for d in deltas]
+    outer = [_channels_last(layer, d[1]) for d in deltas]
+    if _measured(self, layer.depthwise_kernel):
+      sums[id(layer.depthwise_kernel)] = _depthwise_sums(
+          layer, layer.depthwise_kernel,
+          [_f32(_channels_last(layer, r.saved)) for r in records], inner,
+          transform)
+    if _measured(self, layer.pointwise_kernel):
+      kernel = layer.pointwise_kernel
+      hidden = [_channels_last(layer, r.taps[0]) for r in records]
+      sums[id(kernel)] = tf.reshape(
+          _outer_sums(hidden, outer, transform), kernel.shape)
+    self._bias_sums(outer, transform, sums)
+    return sums
+
+
+class EmbeddingUnit(Unit):
+  """`Embedding`: per sample, `δ` summed into the rows of its token ids."""
+
+  @classmethod
+  def handles(cls, layer):
+    return (_plain(layer, keras.layers.Embedding)
+            and not layer.lora_enabled and layer.quantization_mode is None)
+
+  @classmethod
+  def parameters(cls, layer):
+    return [layer._embeddings]
+
+  def recording_call(self, records):
+    original = functools.partial(type(self.layer).call, self.layer)
+
+    def call(inputs, *args, **kwargs):
+      output = original(inputs, *args, **kwargs)
+      records.append(_Record(inputs, [output], output))
+      return output
+
+    return call
+
+  def recompute(self, record):
+    with _as_called(self.layer):
+      output = type(self.layer).call(self.layer, record.saved)
+    return _Record(record.saved, [output], output)
+
+  def sums(self, records, deltas, transform):
+    table = self.layer._embeddings
+    rows, width = table.shape
+    ids = tf.concat([tf.reshape(tf.cast(r.saved, tf.int64),
+                                [tf.shape(r.saved)[0], -1]) for r in records],
+                    axis=1)
+    grads = tf.concat([tf.reshape(_f32(d[0]), [tf.shape(d[0])[0], -1, width])
+                       for d in deltas], axis=1)
+    sample = tf.broadcast_to(
+        tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None],
+        tf.shape(ids, out_type=tf.int64))
+    keys, slot = tf.unique(tf.reshape(sample * rows + ids, [-1]))
+    per_sample_rows = tf.math.unsorted_segment_sum(
+        tf.reshape(grads, [-1, width]), slot, tf.shape(keys)[0])
+    return {id(table): tf.math.unsorted_segment_sum(
+        transform(per_sample_rows), keys % rows, rows)}
+
+
+class NormalizationUnit(Unit):
+  """Batch (inference), layer and group normalization: γ and β of `x̂`."""
+
+  @classmethod
+  def handles(cls, layer):
+    if _plain(layer, keras.layers.BatchNormalization):
+      return not getattr(layer, "renorm", False)
+    return (_plain(layer, keras.layers.LayerNormalization)
+            or _plain(layer, keras.layers.GroupNormalization)
+            or _plain(layer, keras.layers.RMSNormalization))
+
+  @classmethod
+  def parameters(cls, layer):
+    return [v for v in _scale_and_offset(layer) if v is not None]
+
+  def _axes(self, rank):
+    axis = self.layer.axis
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return sorted(a % rank for a in axes)
+
+  def _normalized(self, inputs):
+    layer = self.layer
+    x = tf.cast(inputs, tf.float32)
+    if isinstance(layer, keras.layers.BatchNormalization):
+      return ops.batch_normalization(
+          x, ops.cast(layer.moving_mean, "float32"),
+          ops.cast(layer.moving_variance, "float32"), axis=layer.axis,
+          epsilon=layer.epsilon)
+    if isinstance(layer, keras.layers.RMSNormalization):
+      axes = self._axes(len(x.shape))
+      square = tf.reduce_mean(tf.square(x), axis=axes, keepdims=True)
+      return x * tf.math.rsqrt(square + layer.epsilon)
+    if isinstance(layer, keras.layers.LayerNormalization):
+      axes = self._axes(len(x.shape))
+      if layer.rms_scaling:
+        variance = tf.math.reduce_variance(x, axis=axes, keepdims=True)
+        return x * tf.math.rsqrt(variance + layer.epsilon)
+      mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
+      return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    grouped = layer._reshape_into_groups(x)
+    reduction = list(range(1, len(grouped.shape)))
+    reduction.pop(-2 if layer.axis == -1 else layer.axis - 1)
+    mean, variance = tf.nn.moments(grouped, axes=reduction, keepdims=True)
+    normalized = (grouped - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    return tf.reshape(normalized, tf.shape(x))
+
+  def _affine(self, normalized):
+    layer = self.layer
+    shape = [1] * len(normalized.shape)
+    for a in self._axes(len(normalized.shape)):
+      shape[a] = normalized.shape[a]
+    scale, offset = _scale_and_offset(layer)
+    z = normalized
+    if scale is not None:
+      z = z * tf.reshape(tf.cast(scale, tf.float32), shape)
+    if offset is not None:
+      z = z + tf.reshape(tf.cast(offset, tf.float32), shape)
+    return z
+
+  def recording_call(self, records):
+    def call(inputs, *args, **kwargs):
+      del args, kwargs  # training=False, mask: no effect in inference.
+      normalized = self._normalized(inputs)
+      z = self._affine(normalized)
+      records.append(_Record(normalized, [z], z))
+      return tf.cast(z, self.layer.compute_dtype)
+    return call
+
+  def recompute(self, record):
+    z = self._affine(tf.stop_gradient(record.saved))
+    return _Record(record.saved, [z], z)
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    sums = {}
+    for v, weigh in zip(_scale_and_offset(layer), (True, False)):
+      if v is None or not _measured(self, v):
+        continue
+      per_sample = []
+      for r, d in zip(records, deltas):
+        d = _f32(d[0])
+        g = d * r.saved if weigh else d
+        rank = len(g.shape)
+        keep = self._axes(rank)
+        other = [a for a in range(1, rank) if a not in keep]
+        per_sample.append(tf.reduce_sum(g, axis=other) if other else g)
+      sums[id(v)] = tf.reduce_sum(
+          transform(tf.reshape(tf.add_n(per_sample), [-1, *v.shape])), axis=0)
+    return sums
+
+
+def _scale_and_offset(layer):
+  """γ and β of a normalization layer (either may be None)."""
+  if isinstance(layer, keras.layers.RMSNormalization):
+    return layer.scale, None
+  return layer.gamma, layer.beta
+
+
+class Fallback(Unit):
+  """Any other layer: its own call re-run one sample at a time."""
+
+  def recording_call(self, records):
+    original = functools.partial(type(self.layer).call, self.layer)
+
+    def call(*args, **kwargs):
+      output = original(*args, **kwargs)
+      records.append(_Record((args, kwargs), tf.nest.flatten(output), output))
+      return output
+
+    return call
+
+  def _call(self, saved):
+    args, kwargs = saved
+    with _as_called(self.layer):
+      return type(self.layer).call(self.layer, *args, **kwargs)
+
+  def sums(self, records, deltas, transform, objective=None):
+    """Per-sample gradients of `Σ <output, δ>` (or of `objective(output)`)."""
+    inputs = [(r.saved, d) for r, d in zip(records, deltas)]
+
+    def loss(sample):
+      total = 0.0
+      for saved, delta in sample:
+        output = self._call(saved)
+        if objective is not None:
+          total += objective(output)
+        else:
+          total += tf.add_n([
+              tf.reduce_sum(_f32(o) * tf.stop_gradient(_f32(g)))
+              for o, g in zip(tf.nest.flatten(output), delta)])
+      return total
+
+    values = _per_example_sums(loss, inputs, self.variables, transform)
+    return {id(v): s for v, s in zip(self.variables, values)}
+
+
+class ModelFallback(Fallback):
+  """Variables of the model itself: the whole model, one sample at a time."""
+
+  def __init__(self, model, variables):
+    super().__init__(None, variables)
+    self.model = model
+
+  def batch_sums(self, batch, objective, transform):
+    """`Σ_k f(∂ objective(model(x_k), y_k) / ∂θ)` over `batch = (x[, y])`."""
+    def loss(sample):
+      x, y = sample[0], (sample[1] if len(sample) > 1 else None)
+      return objective(self.model(x, training=False), y)
+
+    values = _per_example_sums(loss, tuple(batch), self.variables, transform)
+    return {id(v): s for v, s in zip(self.variables, values)}
+
+
+_CLOSED_FORMS = (DenseUnit, EinsumDenseUnit, ConvUnit, DepthwiseConvUnit,
+                 SeparableConvUnit, EmbeddingUnit, NormalizationUnit)
+
+CLOSED_FORM_LAYERS = (
+    "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D",
+    "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "Embedding",
+    "BatchNormalization", "LayerNormalization", "GroupNormalization",
+    "RMSNormalization")
+
+
+# --------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _kernel(layer):
+  """The kernel variable (Dense's `kernel` is a property adding LoRA)."""
+  kernel = getattr(layer, "_kernel", None)
+  return kernel if kernel is not None else layer.kernel
+
+
+def _measured(unit, variable):
+  return any(v is variable for v in unit.variables)
+
+
+def _f32(t):
+  return tf.cast(t, tf.float32)
+
+
+def _size(shape):
+  size = 1
+  for s in shape:
+    size *= int(s)
+  return size
+
+
+def _outer_sums(inputs, deltas, transform):
+  """`Σ_k f(Σ_p a_kp ⊗ δ_kp)` over a layer's calls (last axes contracted).
+
+  `p` runs over every position at which sample `k` met the layer: extra
+  input axes (a Dense layer on sequences, convolution positions) and
+  repeated calls (a shared layer). With one position per sample and `f` =
+  |·| or (·)², which factor over products, it is `f(A)ᵀ f(Δ)`.
+  """
+  def flat(t):
+    t = _f32(t)
+    return tf.reshape(t, [tf.shape(t)[0], -1, t.shape[-1]])
+
+  a = tf.concat([flat(t) for t in inputs], axis=1)
+  d = tf.concat([flat(t) for t in deltas], axis=1)
+  if a.shape[1] == 1:
+    return tf.matmul(transform(a[:, 0]), transform(d[:, 0]), transpose_a=True)
+
+  def per_chunk(a, d):
+    return [tf.reduce_sum(transform(tf.einsum("bpi,bpj->bij", a, d)), axis=0)]
+
+  return _chunked_sum(per_chunk, [a, d], a.shape[-1] * d.shape[-1])[0]
+
+
+def _reduce_to(delta, shape):
+  """Per-sample gradient of a parameter of `shape` added to `delta`'s
+  output by broadcasting (right-aligned): `(batch, *shape)`."""
+  delta = _f32(delta)
+  rank = len(delta.shape) - 1
+  lead = list(range(1, 1 + rank - len(shape)))
+  if lead:
+    delta = tf.reduce_sum(delta, axis=lead)
+  ones = [i + 1 for i, s in enumerate(shape) if s == 1 and (
+      delta.shape[i + 1] != 1)]
+  if ones:
+    delta = tf.reduce_sum(delta, axis=ones, keepdims=True)
+  return delta
+
+
+def _chunked_sum(per_chunk, tensors, per_sample_values):
+  """`per_chunk(*tensors)` summed over chunks of the batch axis.
+
+  `per_chunk` returns a list of batch-summed tensors. Chunks hold at most
+  `_CHUNK_VALUES` values of per-sample work, so memory does not grow with
+  the batch.
+  """
+  chunk = max(1, _CHUNK_VALUES // max(1, per_sample_values))
+  static = tensors[0].shape[0]
+  if static is not None and static <= chunk:
+    return per_chunk(*tensors)
+  count = tf.shape(tensors[0])[0]
+  first = per_chunk(*[t[:chunk] for t in tensors])
+
+  def body(start, totals):
+    part = per_chunk(*[t[start:start + chunk] for t in tensors])
+    return start + chunk, [a + b for a, b in zip(totals, part)]
+
+  _, totals = tf.while_loop(lambda start, _: start < count, body,
+                            [tf.constant(chunk), first])
+  return totals
+
+
+def _per_example_sums(loss, inputs, variables, transform):
+  """`Σ_k f(∂ loss(sample k) / ∂ variables)`, one sample per iteration.
+
+  Memory is one gradient per variable whatever the batch size; several
+  iterations run at once (`parallel_iterations`).
+  """
+  tensors = tf.nest.flatten(inputs, expand_composites=False)
+  batch_tensors = [t for t in tensors if tf.is_tensor(t) and t.shape.rank]
+  count = tf.shape(batch_tensors[0])[0]
+
+  def take(k):
+    return tf.nest.map_structure(
+        lambda t: t[k:k + 1] if tf.is_tensor(t) and t.shape.rank else t,
+        inputs)
+
+  def body(k, totals):
+    with tf.GradientTape() as tape:
+      value = loss(take(k))
+    grads = tape.gradient(value, variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return k + 1, [t + transform(_f32(g)) for t, g in zip(totals, grads)]
+
+  _, totals = tf.while_loop(
+      lambda k, _: k < count, body,
+      [tf.constant(0), [tf.zeros(v.shape, tf.float32) for v in variables]],
+      parallel_iterations=8)
+  return totals
+
+
+def _channels_last(layer, t):
+  if getattr(layer, "data_format", "channels_last") == "channels_first":
+    rank = len(t.shape)
+    return tf.transpose(t, [0] + list(range(2, rank)) + [1])
+  return t
+
+
+def _bias_shape(layer, filters):
+  rank = layer.rank
+  if layer.data_format == "channels_last":
+    return (1,) * (rank + 1) + (filters,)
+  return (1, filters) + (1,) * rank
+
+
+def _patches_supported(layer):
+  rank = layer.rank
+  padding = layer.padding
+  if padding not in ("same", "valid", "causal"):
+    return False
+  if rank == 3 and any(d != 1 for d in layer.dilation_rate):
+    return False  # tf.extract_volume_patches has no dilation.
+  return rank in (1, 2, 3)
+
+
+def _patch_size(layer, records):
+  taps = _size(layer.kernel_size)
+  return max(_size(r.saved.shape[1:]) * taps for r in records)
+
+
+def _patches(layer, x):
+  """Input patches `(batch, positions, taps·channels)`, kernel order."""
+  rank = layer.rank
+  padding = "VALID" if layer.padding in ("valid", "causal") else "SAME"
+  strides, dilation = list(layer.strides), list(layer.dilation_rate)
+  if rank == 1:
+    x = x[:, None]
+    sizes, strides, dilation = [1, 1, layer.kernel_size[0], 1], [
+        1, 1, strides[0], 1], [1, 1, dilation[0], 1]
+  elif rank == 2:
+    sizes = [1, *layer.kernel_size, 1]
+    strides, dilation = [1, *strides, 1], [1, *dilation, 1]
+  if rank in (1, 2):
+    patches = tf.image.extract_patches(x, sizes=sizes, strides=strides,
+                                       rates=dilation, padding=padding)
+  else:
+    patches = tf.extract_volume_patches(
+        x, ksizes=[1, *layer.kernel_size, 1], strides=[1, *strides, 1],
+        padding=padding)
+  return tf.reshape(patches, [tf.shape(x)[0], -1, patches.shape[-1]])
