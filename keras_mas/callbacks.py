@@ -108,6 +108,14 @@ class DivergenceGuard(keras.callbacks.Callback):
   epoch and `TrainingDivergedError` is raised, naming the MAS strength λ
   and, for SGD, the largest λ at which the penalty is stable:
   `(1 + momentum) / (learning_rate · max Ω)`.
+
+  `MASModel.fit` adds one unless its `callbacks` hold one already or
+  `model.stop_on_divergence` is False; pass one yourself to a plain
+  `keras.Model.fit`:
+
+  ```python
+  model.fit(x, y, callbacks=[keras_mas.callbacks.DivergenceGuard()])
+  ```
   """
 
   def on_epoch_begin(self, epoch, logs=None):
