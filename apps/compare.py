@@ -4,7 +4,8 @@ r"""Compares continual-learning methods × seeds on one task sequence.
 
 Chooses each method's coefficient on held-out training data (see
 keras_mas.comparison), then writes comparison.md, comparison.csv, PNG plots
-and TensorBoard HParams into --workdir.
+and TensorBoard HParams into --workdir. A bad flag stops the app before
+training with one line naming it (exit status 1).
 """
 
 import os
@@ -25,25 +26,52 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
 _METHODS = flags.DEFINE_list(
     "methods", list(training.METHODS), "Methods to compare.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0..N-1).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0..N-1).",
+                               lower_bound=1)
 _DATASET = flags.DEFINE_string("dataset", "digits", "Dataset.")
 _RECIPE = flags.DEFINE_enum("recipe", "split", list(tasks.RECIPES), "Recipe.")
 _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
                               "Scenario.")
-_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.")
-_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per task.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.",
+                                   lower_bound=1)
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs per task.",
+                                lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.",
+                                    lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3,
+                                    "Learning rate, > 0.")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "Keras optimizer.")
-_MODEL = flags.DEFINE_string("model", "mlp", "'mlp', 'cnn' or an app name.")
-_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.")
+_MODEL = flags.DEFINE_string(
+    "model", "mlp", "'mlp', 'cnn' or a keras.applications name (any case).")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "Local weights file for a keras.applications backbone; "
+    "'none' or unset: random initialisation.")
+_FREEZE_BACKBONE = flags.DEFINE_bool(
+    "freeze_backbone", False, "Keep a keras.applications backbone fixed.")
+_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.",
+                                     lower_bound=1)
 _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
-    "importance_samples", None, "Samples per task for importance.")
+    "importance_samples", None, "Samples per task for importance.",
+    lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
+  try:
+    _main()
+  except (ValueError, OSError, RuntimeError) as e:
+    # Bad input is the user's to fix: one line, no traceback.
+    _fail(f"{type(e).__name__}: {e}")
+
+
+def _fail(message):
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
+def _main():
   logging.set_verbosity(logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.experimental.enable_op_determinism()
@@ -57,7 +85,8 @@ def main(argv):
           "epochs": _EPOCHS.value, "batch_size": _BATCH_SIZE.value,
           "learning_rate": _LEARNING_RATE.value,
           "optimizer": _OPTIMIZER.value, "model": _MODEL.value,
-          "hidden_units": _HIDDEN_UNITS.value,
+          "hidden_units": _HIDDEN_UNITS.value, "weights": _WEIGHTS.value,
+          "freeze_backbone": _FREEZE_BACKBONE.value,
           "importance_samples": _IMPORTANCE_SAMPLES.value,
       })
   with open(os.path.join(_WORKDIR.value, "comparison.md")) as f:

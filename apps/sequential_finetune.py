@@ -5,7 +5,8 @@ r"""Learns a sequence of tasks one after another, with MAS or without.
   tensorboard --logdir=/tmp
 
 Writes results.json, TensorBoard logs, a checkpoint and a SavedModel per
-task into --workdir; --resume continues an interrupted run.
+task into --workdir; --resume continues an interrupted run. A bad flag stops
+the app before training with one line naming it (exit status 1).
 """
 
 import os
@@ -30,7 +31,8 @@ _RECIPE = flags.DEFINE_enum("recipe", "permuted", list(tasks.RECIPES),
                             "How tasks are made from the dataset.")
 _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
                               "task-, domain- or class-incremental.")
-_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.",
+                                   lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "mas", list(training.METHODS),
                             "Continual-learning method.")
 _STRENGTH = flags.DEFINE_float(
@@ -40,18 +42,28 @@ _PENALTY = flags.DEFINE_enum(
     "penalty", "gradient", ["gradient", "proximal"],
     "'gradient': the penalty's gradient enters the optimizer step (paper); "
     "'proximal': an exact implicit step on it, stable at any strength.")
-_EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per task.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs per task.",
+                                lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.",
+                                    lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3,
+                                    "Learning rate, > 0.")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "Keras optimizer name.")
 _MODEL = flags.DEFINE_string(
-    "model", "mlp", "'mlp', 'cnn' or a keras.applications model name.")
-_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.")
+    "model", "mlp", "'mlp', 'cnn' or a keras.applications model name in any "
+    "case (e.g. mobilenetv2): inputs are resized and given 3 channels inside "
+    "the model.")
+_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.",
+                                     lower_bound=1)
 _WEIGHTS = flags.DEFINE_string(
-    "weights", None, "Local weights file for a keras.applications backbone.")
+    "weights", None, "Local weights file for a keras.applications backbone "
+    "(include_top=False); 'none' or unset: random initialisation.")
+_FREEZE_BACKBONE = flags.DEFINE_bool(
+    "freeze_backbone", False, "Keep a keras.applications backbone's weights "
+    "fixed; only the classifier trains.")
 _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
     "importance_samples", None, "Samples per task for importance (all if "
-    "unset).")
+    "unset).", lower_bound=1)
 _ALPHA = flags.DEFINE_float(
     "alpha", 0.5, "online_ewc: weight of the old importance in its decay.")
 _FISHER = flags.DEFINE_enum("fisher", "empirical", ["empirical", "true"],
@@ -61,7 +73,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 2.0,
 _MAX_ANGLE = flags.DEFINE_float("max_angle", 90.0,
                                 "Rotation of the last task, --recipe=rotated.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 _RESUME = flags.DEFINE_bool("resume", False,
                             "Continue the run in --workdir.")
 _DISTRIBUTION = flags.DEFINE_enum(
@@ -71,12 +83,26 @@ _DISTRIBUTION = flags.DEFINE_enum(
 _VIRTUAL_CPUS = flags.DEFINE_integer(
     "virtual_cpus", 0,
     "Split the CPU into this many logical devices (to run 'mirrored' with "
-    "several replicas on a machine without accelerators).")
+    "several replicas on a machine without accelerators).", lower_bound=0)
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
+  try:
+    _main()
+  except (ValueError, OSError, RuntimeError) as e:
+    # Bad input is the user's to fix: one line, no traceback.
+    _fail(f"{type(e).__name__}: {e}")
+
+
+def _fail(message):
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
+def _main():
   logging.set_verbosity(logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if _VIRTUAL_CPUS.value:
@@ -100,6 +126,7 @@ def main(argv):
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
       optimizer=_OPTIMIZER.value, model=_MODEL.value,
       hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
+      freeze_backbone=_FREEZE_BACKBONE.value,
       importance_samples=_IMPORTANCE_SAMPLES.value, alpha=_ALPHA.value,
       fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
       resume=_RESUME.value, strategy=strategy, verbose=_VERBOSE.value,

@@ -38,9 +38,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  penalty_mode="gradient", epochs=10,
                  batch_size=32, learning_rate=1e-3, optimizer="adam",
                  model="mlp", hidden_units=128, weights=None,
-                 importance_samples=None, alpha=0.5, fisher="empirical",
-                 temperature=2.0, seed=0, resume=False, strategy=None,
-                 extra=None, verbose=1):
+                 freeze_backbone=False, importance_samples=None, alpha=0.5,
+                 fisher="empirical", temperature=2.0, seed=0, resume=False,
+                 strategy=None, extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -70,9 +70,15 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     learning_rate: optimizer learning rate.
     optimizer: a Keras optimizer name; a fresh one is made for each task, so
       no momentum from one task moves the weights during the next.
-    model: architecture name (see `architectures.build`).
+    model: an architecture name (see `architectures.build`), or the user's
+      own built `keras.Model` to start from: it is copied (a `.keras`
+      round trip), never trained in place, so that every run of a
+      selection starts from the same weights; its input shape must be the
+      tasks' and it must have at least `sequence.num_outputs` outputs.
     hidden_units: hidden width of the `mlp` and `cnn`.
-    weights: local weights file for a `keras.applications` backbone.
+    weights: local weights file for a `keras.applications` backbone, or
+      None / `"none"` (random initialisation).
+    freeze_backbone: keep a `keras.applications` backbone fixed.
     importance_samples: samples of each task used for importance (all if
       None).
     alpha: weight of the old importance in `online_ewc`'s decay.
@@ -116,11 +122,43 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         "Invalid value for argument `penalty_mode`. Expected one of "
         f"{list(models.PENALTY_MODES)}. Received: "
         f"penalty_mode={penalty_mode!r}")
-  for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+  for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                      ("hidden_units", hidden_units)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(
           f"Invalid value for argument `{name}`. Expected a positive integer. "
           f"Received: {name}={value!r}")
+  if (not isinstance(learning_rate, (int, float, np.floating))
+      or not np.isfinite(learning_rate) or learning_rate <= 0):
+    raise ValueError(
+        "Invalid value for argument `learning_rate`. Expected a finite "
+        f"number > 0. Received: learning_rate={learning_rate!r}")
+  if isinstance(model, keras.Model):
+    _check_model_fits(model, sequence)
+    model_name = f"custom:{model.name}"
+  else:
+    if (model not in architectures.ARCHITECTURES
+        and architectures.application_name(model) is None):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected one of "
+          f"{architectures.ARCHITECTURES}, a keras.applications model name "
+          f"(any case) or a built keras.Model. Received: model={model!r}")
+    model_name = model
+  if isinstance(weights, str) and weights.lower() == "none":
+    weights = None
+  if (weights is not None or freeze_backbone) and (
+      isinstance(model, keras.Model)
+      or architectures.application_name(model) is None):
+    raise ValueError(
+        "Invalid value for argument `weights`/`freeze_backbone`. Expected "
+        "them only with a keras.applications backbone. Received: "
+        f"model={model_name!r}, weights={weights!r}, "
+        f"freeze_backbone={freeze_backbone!r}")
+  if weights is not None and not os.path.isfile(weights):
+    raise ValueError(
+        "Invalid value for argument `weights`. Expected a local weights "
+        f"file or 'none'. Received: weights={weights!r} (no such file)")
+  _check_labels(sequence)
   try:
     keras.optimizers.get({"class_name": optimizer,
                           "config": {"learning_rate": learning_rate}})
@@ -145,8 +183,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "method": method, "strength": strength, "penalty_mode": penalty_mode,
       "epochs": int(epochs),
       "batch_size": int(batch_size), "learning_rate": float(learning_rate),
-      "optimizer": optimizer, "model": model,
+      "optimizer": optimizer, "model": model_name,
       "hidden_units": int(hidden_units), "weights": weights,
+      "freeze_backbone": bool(freeze_backbone),
       "importance_samples": importance_samples, "alpha": float(alpha),
       "fisher": fisher, "temperature": float(temperature),
       "seed": int(seed),
@@ -187,10 +226,13 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       print(f"Resuming after task {checkpoint[0]} from {checkpoint[1]}")
   else:
     with scope():
-      net = architectures.build(model, sequence.input_shape,
-                                sequence.num_outputs,
-                                hidden_units=hidden_units, weights=weights,
-                                seed=seed)
+      if isinstance(model, keras.Model):
+        net = _copy_model(model)
+      else:
+        net = architectures.build(model, sequence.input_shape,
+                                  sequence.num_outputs,
+                                  hidden_units=hidden_units, weights=weights,
+                                  freeze_backbone=freeze_backbone, seed=seed)
     first_task = 0
     matrix = np.full((num_tasks, num_tasks), np.nan)
     baseline = _accuracies(net, sequence, batch_size)
@@ -221,7 +263,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                     os.path.join(write_dir, "tensorboard"),
                     write_graph=False),
                 callbacks_lib.DriftLogger(writer),
-                callbacks_lib.DivergenceGuard(),
+                # MASModel.fit adds DivergenceGuard itself (first).
             ])
     trained = time.perf_counter()
     matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
@@ -304,6 +346,58 @@ def _accuracies(net, sequence, batch_size, trained=None):
     accuracies.append(float(np.mean(
         predicted == task.y_test + task.label_offset + task.start)))
   return accuracies
+
+
+def _check_model_fits(model, sequence):
+  """Raises unless `model` takes the tasks' inputs and has their outputs."""
+  if not model.built or len(model.inputs or []) != 1:
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a built keras.Model "
+        "with one image input. Received: "
+        f"{'an unbuilt' if not model.built else 'a multi-input'} model "
+        f"{model.name!r}")
+  expected = tuple(sequence.input_shape)
+  taken = tuple(model.inputs[0].shape[1:])
+  if len(taken) != len(expected) or any(
+      t is not None and t != e for t, e in zip(taken, expected)):
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a model taking inputs "
+        f"of shape {expected}, the tasks' (resize the data, or pass "
+        f"image_size to the source). Received: model {model.name!r} taking "
+        f"{taken}")
+  outputs = model.outputs[0].shape[-1] if len(model.outputs) == 1 else None
+  if outputs is None or outputs < sequence.num_outputs:
+    raise ValueError(
+        "Invalid value for argument `model`. Expected one output of at "
+        f"least {sequence.num_outputs} logits, as the "
+        f"{sequence.scenario}-incremental sequence needs. Received: model "
+        f"{model.name!r} with output shapes "
+        f"{[tuple(o.shape) for o in model.outputs]}")
+
+
+def _check_labels(sequence):
+  """Raises, naming them, for labels outside a task's classes."""
+  for k, task in enumerate(sequence.tasks):
+    for split, y in (("train", task.y_train), ("test", task.y_test)):
+      y = np.asarray(y)
+      bad = y[(y < 0) | (y >= task.num_classes)] if y.size else y
+      if bad.size or y.ndim != 1:
+        raise ValueError(
+            "Invalid value for argument `sequence`. Expected integer labels "
+            f"0..{task.num_classes - 1} in task {k} ({task.name!r}). "
+            f"Received: {split} labels "
+            + (f"of shape {y.shape}" if y.ndim != 1 else
+               f"{sorted(set(bad.tolist()))[:10]} out of range"))
+
+
+def _copy_model(model):
+  """A `MASModel` copy of `model` (weights and MAS state, not the object)."""
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "initial.keras")
+    model.save(path)
+    # The user handed this model over in memory: its code is trusted.
+    copy = keras.models.load_model(path, compile=False, safe_mode=False)
+  return models.MASModel.from_model(copy)
 
 
 def _export(net, workdir, sequence, k):

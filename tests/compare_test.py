@@ -60,6 +60,22 @@ def test_compare_app_end_to_end(tmp_path):
   assert np.all((acc >= 0) & (acc <= 1))
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--methods=mas,imm", "argument `methods`"),
+    ("--learning_rate=-1", "argument `learning_rate`"),
+    ("--seeds=0", "--seeds"),
+])
+def test_compare_app_bad_flags_fail_in_one_line(tmp_path, flag, message):
+  done = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "apps", "compare.py"),
+       f"--workdir={tmp_path / 'c'}", "--num_tasks=2", "--epochs=1", flag],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True,
+      text=True, timeout=300)
+  assert done.returncode == 1
+  assert "Traceback" not in done.stderr, done.stderr
+  assert len([l for l in done.stderr.splitlines() if message in l]) == 1
+
+
 def test_bad_method_is_named(tmp_path):
   sequence = tasks.make_sequence("digits", "split", "domain", 2)
   with pytest.raises(ValueError, match="argument `methods`"):

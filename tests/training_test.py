@@ -132,6 +132,17 @@ def test_local_mas_and_class_incremental_run(tmp_path):
     ({"epochs": 0}, "epochs"),
     ({"optimizer": "no_such_optimizer"}, "optimizer"),
     ({"model": "transformer9000"}, "model"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"learning_rate": float("inf")}, "learning_rate"),
+    ({"hidden_units": 0}, "hidden_units"),
+    ({"weights": "/no/such/file.h5", "model": "mobilenetv2"}, "weights"),
+    ({"freeze_backbone": True}, "weights`/`freeze_backbone"),
+    ({"model": keras.Sequential([keras.Input((4, 4, 1)),
+                                 keras.layers.Flatten(),
+                                 keras.layers.Dense(2)])}, "model"),
+    ({"model": keras.Sequential([keras.Input((8, 8, 1)),
+                                 keras.layers.Flatten(),
+                                 keras.layers.Dense(1)])}, "model"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, kwargs, argument):
   arguments = dict(_FAST)
@@ -139,7 +150,33 @@ def test_bad_arguments_fail_before_training(tmp_path, kwargs, argument):
   workdir = str(tmp_path / "w")
   with pytest.raises(ValueError, match=f"argument `{argument}`"):
     training.run_sequence(_tiny(num_tasks=2), workdir, **arguments)
-  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(workdir)
+
+
+def test_labels_out_of_range_are_named_before_training(tmp_path):
+  sequence = _tiny(num_tasks=2)
+  sequence.tasks[1].y_train = sequence.tasks[1].y_train.copy()
+  sequence.tasks[1].y_train[:3] = [7, 5, -1]  # Five classes: 0..4.
+  with pytest.raises(ValueError, match=r"task 1 .*\[-1, 5, 7\] out of range"):
+    training.run_sequence(sequence, str(tmp_path / "w"), method="ewc",
+                          **_FAST)
+  assert not os.path.exists(str(tmp_path / "w"))
+
+
+def test_the_users_own_model_is_copied_not_trained_in_place(tmp_path):
+  keras.utils.set_random_seed(0)
+  own = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                          keras.layers.Dense(12, activation="relu"),
+                          keras.layers.Dense(5)], name="mine")
+  before = [w.numpy() for w in own.weights]
+  runs = [training.run_sequence(_tiny(num_tasks=2),
+                                str(tmp_path / f"run{i}"), model=own,
+                                method="mas", **_FAST) for i in range(2)]
+  for a, b in zip(before, own.weights):
+    np.testing.assert_array_equal(a, b.numpy())
+  assert runs[0]["config"]["model"] == "custom:mine"
+  # Both runs started from the same weights, so they agree.
+  assert runs[0]["accuracy_matrix"] == runs[1]["accuracy_matrix"]
 
 
 def test_unwritable_workdir_and_foreign_resume_are_refused(tmp_path):
