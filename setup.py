@@ -23,6 +23,10 @@ setuptools.setup(
         "tensorboard>=2.18",
         "tensorflow>=2.18",
         "tensorflow-datasets>=4.9",
+        # tfds.load imports it (through etils) on every dataset's loading
+        # path, but TFDS does not declare it: without it, no TFDS dataset
+        # loads in a plain install.
+        "importlib_resources>=5",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",

@@ -91,14 +91,22 @@ def load_source(name, seed=0, data_dir=None):
     return x[train], y[train], x[test], y[test]
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if name not in tfds.list_builders():
+  try:
+    # Registered datasets, and ones prepared in `data_dir` by the user.
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError as e:  # tfds.core.registered.DatasetNotFoundError
     raise ValueError(
         "Invalid value for argument `dataset`. Expected 'digits' or a TFDS "
-        f"dataset name. Received: dataset={name!r}"
-    )
-  splits = tfds.load(name, split=["train", "test"], as_supervised=True,
-                     data_dir=data_dir)
-  (x_train, y_train), (x_test, y_test) = (_to_numpy(s) for s in splits)
+        f"dataset name. Received: dataset={name!r}") from e
+  features = getattr(builder.info, "features", None) or {}
+  if "image" not in features or "label" not in features:
+    raise ValueError(
+        "Invalid value for argument `dataset`. Expected a TFDS dataset with "
+        f"'image' and 'label' features. Received: dataset={name!r} with "
+        f"features {sorted(features)}")
+  splits = tfds.load(name, split=["train", "test"], data_dir=data_dir)
+  (x_train, y_train), (x_test, y_test) = (
+      _to_numpy(s.map(lambda e: (e["image"], e["label"]))) for s in splits)
 
   def images(x):
     x = np.asarray(x)

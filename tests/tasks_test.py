@@ -75,6 +75,38 @@ def test_tfds_sources_load_offline_under_mock_data():
     assert several.tasks[1].output_slice == (10, 20)
 
 
+def test_a_tfds_dataset_prepared_on_disk_loads_for_real(tmp_path):
+  # The real tfds.load path (not mock_data): it imports what setup.py must
+  # declare (importlib_resources) and reads TFRecords from data_dir.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+
+  def split(n):
+    return tf.data.Dataset.from_tensor_slices({
+        "image": rng.integers(0, 256, (n, 6, 6, 1)).astype("uint8"),
+        "label": np.arange(n) % 4})
+
+  train, test = split(24), split(8)
+  tfds.dataset_builders.TfDataBuilder(
+      name="keras_mas_tiny", version="1.0.0", data_dir=str(tmp_path),
+      split_datasets={"train": train, "test": test},
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(6, 6, 1)),
+          "label": tfds.features.ClassLabel(num_classes=4)}),
+  ).download_and_prepare()
+  sequence = tasks.make_sequence("keras_mas_tiny", "split", "task", 2,
+                                 data_dir=str(tmp_path))
+  assert sequence.input_shape == (6, 6, 1) and sequence.num_outputs == 4
+  x_train, y_train, _, _ = tasks.load_source("keras_mas_tiny",
+                                             data_dir=str(tmp_path))
+  expected = {(tuple(e["image"].ravel()), int(e["label"]))
+              for e in train.as_numpy_iterator()}
+  loaded = {(tuple(np.round(x.ravel() * 255).astype("uint8")), int(y))
+            for x, y in zip(x_train, y_train)}
+  assert loaded == expected
+
+
 @pytest.mark.parametrize("kwargs, argument", [
     ({"dataset": "no_such_dataset_xyz"}, "dataset"),
     ({"recipe": "shuffled"}, "recipe"),
