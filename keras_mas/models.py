@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from keras_mas import callbacks as callbacks_lib
 from keras_mas import importance as importance_lib
+from keras_mas import multi_worker
+from keras_mas import path_integral as path_integral_lib
 from keras_mas import regularizers
 
 __all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
@@ -26,15 +28,6 @@ ESTIMATORS = {
 
 _ACCUMULATE = ("sum", "decay")
 PENALTY_MODES = ("gradient", "proximal")
-
-
-class _PathState:
-  """Synaptic Intelligence's running path integral ω and start point."""
-
-  def __init__(self, targets, integrals, starts):
-    self.targets = targets
-    self.integrals = integrals
-    self.starts = starts
 
 
 class _MASState:
@@ -352,21 +345,9 @@ class MASModel(keras.Model):
           "on one replica only. Received: a model under a strategy with "
           f"{self.distribute_strategy.num_replicas_in_sync} replicas")
     with self._adding_state():
-      integrals, starts = [], []
-      for i, v in enumerate(state.targets):
-        integrals.append(self._copy_shaped(v, f"si_path_integral_{i}"))
-        starts.append(self._copy_shaped(v, f"si_start_{i}"))
-    for start, v in zip(starts, state.targets):
-      start.assign(tf.cast(v, "float32"))
-    self._si_path = _PathState(state.targets, integrals, starts)
+      self._si_path = path_integral_lib.PathIntegral.create(
+          state.targets, self._copy_shaped)
     self.train_function = None
-
-  def _restart_path(self):
-    if self._si_path is not None:
-      for w, start, v in zip(self._si_path.integrals, self._si_path.starts,
-                             self._si_path.targets):
-        w.assign(tf.zeros_like(w))
-        start.assign(tf.cast(v, "float32"))
 
   @property
   def consolidated_tasks(self):
@@ -462,7 +443,8 @@ class MASModel(keras.Model):
     state.tasks.assign_add(1)
     if strength is not None:
       state.strength.assign(strength)
-    self._restart_path()
+    if self._si_path is not None:
+      self._si_path.restart()
     return new
 
   def mas_penalty(self):
@@ -544,23 +526,14 @@ class MASModel(keras.Model):
     self.penalty_tracker.update_state(penalty)
     path = self._si_path
     if path is not None:
-      # SI's ω += −g·Δθ, g the task gradient alone (loss scaling undone).
-      unscale = 1.0 / tf.cast(self.optimizer.scale_loss(
-          tf.ones((), "float32")), "float32")
-      by_id = dict(zip((id(v) for v in variables), task_gradients))
-      path_gradients = [
-          None if by_id.get(id(v)) is None
-          else tf.cast(by_id[id(v)], "float32") * unscale
-          for v in path.targets]
-      before = [tf.identity(tf.cast(v, "float32")) for v in path.targets]
+      path_step = path.before_step(
+          variables, task_gradients,
+          self.optimizer.scale_loss(tf.ones((), "float32")))
     self.optimizer.apply_gradients(zip(gradients, variables))
     if proximal:
       self._proximal_update()
     if path is not None:
-      for w, g, v, b in zip(path.integrals, path_gradients, path.targets,
-                            before):
-        if g is not None:
-          w.assign_add(-g * (tf.cast(v, "float32") - b))
+      path.after_step(path_step)
     return self._replica_logs(
         self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
@@ -568,13 +541,7 @@ class MASModel(keras.Model):
     return self._replica_logs(super().test_step(data))
 
   def _replica_logs(self, logs):
-    # Keras 3 (3.15) reduces each log with `strategy.reduce("MEAN", v,
-    # axis=0)` under MultiWorkerMirroredStrategy, which needs an axis to
-    # reduce (keras-team/keras#20585): give each scalar one.
-    if isinstance(self._distribute_strategy,
-                  tf.distribute.MultiWorkerMirroredStrategy):
-      return {k: tf.reshape(v, [1]) for k, v in logs.items()}
-    return logs
+    return multi_worker.replica_logs(self._distribute_strategy, logs)
 
   def _proximal_update(self):
     state = self._mas
@@ -599,23 +566,12 @@ class MASModel(keras.Model):
     return super().make_train_function(force=force)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # Keras 3 (3.15) builds from a batch it reduces across replicas with
-    # MEAN, which fails under MultiWorkerMirroredStrategy (`fit` raises
-    # "Attempt to convert a value (PerReplica...)", keras-team/keras#20585).
-    # Building from this worker's first local share gives the same shapes.
+    # See `keras_mas.multi_worker` (keras-team/keras#20585).
     strategy = self._distribute_strategy
-    if iterator is None or not isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if iterator is None or not multi_worker.is_multi_worker(strategy):
       return super()._maybe_symbolic_build(iterator=iterator,
                                            data_batch=data_batch)
-    for _, _, it in iterator:
-      data_batch = tf.nest.map_structure(
-          lambda v: (strategy.experimental_local_results(v)[0]
-                     if isinstance(v, tf.distribute.DistributedValues)
-                     else v), next(it))
-      break
-    with strategy.scope():
-      self._symbolic_build(data_batch=data_batch)
+    multi_worker.symbolic_build(self, strategy, iterator)
 
   def make_test_function(self, force=False):
     self._ensure_mas_state()

@@ -1,0 +1,84 @@
+"""Synaptic Intelligence's path integral, accumulated during `MASModel.fit`.
+
+Zenke, Poole and Ganguli, "Continual Learning Through Synaptic
+Intelligence", ICML 2017: `ω = Σ_steps −g · Δθ`, with `g` the task-loss
+gradient (the penalty's excluded) and `Δθ` the step the optimizer took.
+`importance.path_integral` turns ω into SI's importance; `MASModel` calls
+`PathIntegral` around its optimizer step once `track_path_integral()` was
+called. The variables are weights of the model, so saving keeps them.
+"""
+
+import tensorflow as tf
+
+__all__ = ["PathIntegral"]
+
+
+class PathIntegral:
+  """ω and the task's starting point, one pair per tracked variable.
+
+  A plain object, so Keras does not track its variables a second time; they
+  are weights of the model that made them.
+
+  Attributes:
+    targets: the tracked trainable variables.
+    integrals: ω, float32 variables shaped like the targets.
+    starts: the targets' values when the task started.
+  """
+
+  def __init__(self, targets, integrals, starts):
+    self.targets = targets
+    self.integrals = integrals
+    self.starts = starts
+
+  @classmethod
+  def create(cls, targets, make_variable):
+    """Makes ω = 0 and start = θ for `targets`.
+
+    Args:
+      targets: the trainable variables to track.
+      make_variable: `(variable, name) -> ` a zero, non-trainable float32
+        weight of the model shaped like `variable`.
+
+    Returns:
+      A `PathIntegral`.
+    """
+    integrals, starts = [], []
+    for i, v in enumerate(targets):
+      integrals.append(make_variable(v, f"si_path_integral_{i}"))
+      starts.append(make_variable(v, f"si_start_{i}"))
+    path = cls(targets, integrals, starts)
+    path.restart()
+    return path
+
+  def restart(self):
+    """A new task: ω ← 0, start ← θ."""
+    for w, start, v in zip(self.integrals, self.starts, self.targets):
+      w.assign(tf.zeros_like(w))
+      start.assign(tf.cast(v, "float32"))
+
+  def before_step(self, variables, task_gradients, loss_scale):
+    """What the update needs, read before the optimizer step.
+
+    Args:
+      variables: the variables `task_gradients` belong to, in order.
+      task_gradients: gradients of the (scaled) task loss alone.
+      loss_scale: the optimizer's loss scale (1 without mixed precision).
+
+    Returns:
+      An opaque value for `after_step`.
+    """
+    unscale = 1.0 / tf.cast(loss_scale, "float32")
+    by_id = dict(zip((id(v) for v in variables), task_gradients))
+    gradients = [
+        None if by_id.get(id(v)) is None
+        else tf.cast(by_id[id(v)], "float32") * unscale
+        for v in self.targets]
+    before = [tf.identity(tf.cast(v, "float32")) for v in self.targets]
+    return gradients, before
+
+  def after_step(self, token):
+    """`ω += −g · Δθ` for the step just taken."""
+    gradients, before = token
+    for w, g, v, b in zip(self.integrals, gradients, self.targets, before):
+      if g is not None:
+        w.assign_add(-g * (tf.cast(v, "float32") - b))
