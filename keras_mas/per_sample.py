@@ -38,7 +38,7 @@ from keras import ops
 from keras.src.backend import AutocastScope
 import tensorflow as tf
 
-__all__ = ["CLOSED_FORM_LAYERS", "Unit", "plan", "recording"]
+__all__ = ["CLOSED_FORM_LAYERS", "Unit", "largest_batch", "plan", "recording"]
 
 # At most this many float32 values of per-sample gradients (or convolution
 # patches) exist at once: larger batches are processed in chunks.
@@ -817,6 +817,25 @@ def _reduce_to(delta, shape):
   return delta
 
 
+@contextlib.contextmanager
+def largest_batch(size):
+  """Tells the forms traced inside how large a batch can be.
+
+  Steps are traced with an unknown batch axis (one trace serves the short
+  last batch too); knowing the bound lets a form that fits in one chunk
+  skip the chunking loop, which would double its graph.
+  """
+  global _LARGEST_BATCH
+  previous, _LARGEST_BATCH = _LARGEST_BATCH, size
+  try:
+    yield
+  finally:
+    _LARGEST_BATCH = previous
+
+
+_LARGEST_BATCH = None
+
+
 def _chunked_sum(per_chunk, tensors, per_sample_values):
   """`per_chunk(*tensors)` summed over chunks of the batch axis.
 
@@ -826,6 +845,8 @@ def _chunked_sum(per_chunk, tensors, per_sample_values):
   """
   chunk = max(1, _CHUNK_VALUES // max(1, per_sample_values))
   static = tensors[0].shape[0]
+  if static is None:
+    static = _LARGEST_BATCH
   if static is not None and static <= chunk:
     return per_chunk(*tensors)
   count = tf.shape(tensors[0])[0]
