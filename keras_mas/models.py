@@ -509,15 +509,17 @@ class MASModel(keras.Model):
         "float32")
     by_id = {id(v): i for i, v in enumerate(variables)}
     slots = [by_id.get(id(v)) for v in state.targets]
-    penalty, steps = _penalty_and_gradients(
+    # Variables no longer trainable (frozen since) count in the value only.
+    penalty, combined = _penalized_gradients(
         [tf.cast(v, "float32") for v in state.targets],
         [o.value for o in state.importances], [a.value for a in state.anchors],
+        [None if i is None else gradients[i] for i in slots],
+        [None if i is None or proximal else variables[i].dtype
+         for i in slots],
         strength, coefficient)
-    if not proximal:
-      for i, step in zip(slots, steps):
-        if i is not None:
-          step = tf.cast(step, variables[i].dtype)
-          gradients[i] = step if gradients[i] is None else gradients[i] + step
+    for i, g in zip(slots, combined):
+      if g is not None:
+        gradients[i] = g
 
     self._loss_tracker.update_state(
         _whole_batch_loss(task_loss) + penalty,
@@ -638,20 +640,31 @@ def _with_path_flag(model, config):
   return config
 
 
-def _penalty_and_gradients(values, importances, anchors, strength,
-                           coefficient):
-  """`λ Σ Ω (θ − θ*)²` and its gradient `c·Ω(θ − θ*)`, per variable.
+def _penalized_gradients(values, importances, anchors, gradients, dtypes,
+                         strength, coefficient):
+  """`λ Σ Ω (θ − θ*)²` and each `g + c·Ω(θ − θ*)` whose `dtype` is given.
 
-  Memory-bound element-wise work: `Ω(θ − θ*)` is formed once and serves both,
-  and the sum is a dot product rather than a product and a reduction.
+  Memory-bound element-wise work, one TF kernel per operation on CPU (no
+  fusion without XLA): `Ω(θ − θ*)` is formed once and serves both, the
+  value is a product and a sum (a `tensordot`, a MatMul here, measured
+  slower), and the step is added to the task gradient here, where it is
+  made. XLA (`jit_compile`) fuses it all into one pass; measured on CPU
+  it did not win, and on GPU Keras compiles the whole train step with XLA.
   """
-  terms, steps = [], []
-  for v, omega, anchor in zip(values, importances, anchors):
-    drift = tf.reshape(v - anchor, [-1])
-    weighted = tf.reshape(omega, [-1]) * drift
-    terms.append(tf.tensordot(weighted, drift, 1))
-    steps.append(tf.reshape(coefficient * weighted, v.shape))
-  return strength * tf.add_n(terms), steps
+  terms, combined = [], []
+  for v, omega, anchor, g, dtype in zip(values, importances, anchors,
+                                        gradients, dtypes):
+    drift = v - anchor
+    weighted = omega * drift
+    terms.append(tf.reduce_sum(weighted * drift))
+    if dtype is None:
+      combined.append(None)
+    else:
+      step = tf.cast(coefficient * weighted, dtype)
+      combined.append(step if g is None else g + step)
+  penalty = (strength * tf.add_n(terms) if terms
+             else tf.zeros((), "float32"))
+  return penalty, combined
 
 
 def _whole_batch_loss(loss):
