@@ -788,8 +788,12 @@ def _outer_sums(inputs, deltas, transform):
   |·| or (·)², which factor over products, it is `f(A)ᵀ f(Δ)`.
   """
   def flat(t):
+    # Static position counts (the batch axis is traced unknown), so that the
+    # one-position case is seen here.
     t = _f32(t)
-    return tf.reshape(t, [tf.shape(t)[0], -1, t.shape[-1]])
+    middle = t.shape[1:-1]
+    positions = _size(middle) if middle.is_fully_defined() else -1
+    return tf.reshape(t, [-1, positions, t.shape[-1]])
 
   a = tf.concat([flat(t) for t in inputs], axis=1)
   d = tf.concat([flat(t) for t in deltas], axis=1)
@@ -924,6 +928,10 @@ def _patches(layer, x):
   rank = layer.rank
   padding = "VALID" if layer.padding in ("valid", "causal") else "SAME"
   strides, dilation = list(layer.strides), list(layer.dilation_rate)
+  if all(k == 1 for k in layer.kernel_size):
+    # A 1×1 kernel's patches are the (strided) input itself: no copy.
+    x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    return tf.reshape(x, [tf.shape(x)[0], -1, x.shape[-1]])
   if rank == 1:
     x = x[:, None]
     sizes, strides, dilation = [1, 1, layer.kernel_size[0], 1], [

@@ -113,6 +113,9 @@ CASES = {
         keras.layers.Conv2D(3, 3, padding="same", data_format="channels_first",
                             activation="relu"),
         keras.layers.Flatten(), keras.layers.Dense(2)], "ConvUnit"),
+    "conv2d_1x1_strided": ((5, 5, 3), lambda: [
+        keras.layers.Conv2D(4, 1, strides=2, padding="same"),
+        keras.layers.Conv2D(2, 1, strides=2)], "ConvUnit"),
     "conv3d": ((4, 4, 4, 2), lambda: [
         keras.layers.Conv3D(3, 2, strides=(1, 2, 1))], "ConvUnit"),
     "depthwise2d": ((6, 6, 3), lambda: [
