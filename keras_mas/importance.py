@@ -14,6 +14,7 @@ layer alone re-runs its own call one sample at a time. The whole pass over
 the data runs in one compiled function, accumulating on the device.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -300,8 +301,11 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
           "Received: labels out of that range") from None
     raise _data_error(model, data, e) from e
   except (ValueError, TypeError, tf.errors.OpError) as e:
-    if "Invalid value for argument" in str(e):
-      raise
+    message = str(e)
+    if "Invalid value for argument" in message:
+      # Our own error, raised while tracing: without tf.function's preamble.
+      message = message[message.index("Invalid value for argument"):]
+      raise ValueError(message.strip()) from e
     raise _data_error(model, data, e) from e
   _data.check_count(count, num_samples)
   return [t / count for t in totals]
@@ -450,12 +454,29 @@ def _make_global_step(model, per_sample, objective, transform):
     sums = {}
     for unit, unit_deltas in zip(layer_units, deltas):
       if records[unit]:  # Else not on the path from the inputs: Ω = 0.
-        sums.update(unit.sums(records[unit], unit_deltas, transform))
+        with _naming(unit):
+          sums.update(unit.sums(records[unit], unit_deltas, transform))
     for unit in model_units:
-      sums.update(unit.batch_sums(batch, objective, transform))
+      with _naming(unit):
+        sums.update(unit.batch_sums(batch, objective, transform))
     return _in_order(sums, variables)
 
   return step
+
+
+@contextlib.contextmanager
+def _naming(unit):
+  """Errors of a layer's per-sample form name the layer and its type."""
+  try:
+    yield
+  except (ValueError, TypeError, NotImplementedError,
+          tf.errors.OpError) as e:
+    layer = unit.layer if unit.layer is not None else unit.model
+    raise ValueError(
+        "Invalid value for argument `model`. Expected layers whose own call "
+        "can be re-run one sample at a time. Received: layer "
+        f"'{layer.name}' of type {type(layer).__name__}, which failed with "
+        f"{type(e).__name__}: {e}") from e
 
 
 def _in_order(sums, variables):
@@ -484,8 +505,9 @@ def _make_local_step(model, variables, output_fn):
       if not records[unit]:
         continue  # Not on the path from these inputs: importance stays 0.
       if isinstance(unit, per_sample_lib.Fallback):
-        sums.update(unit.sums(records[unit], [None] * len(records[unit]),
-                              tf.abs, objective=norm))
+        with _naming(unit):
+          sums.update(unit.sums(records[unit], [None] * len(records[unit]),
+                                tf.abs, objective=norm))
         continue
       again = []
       with tf.GradientTape() as tape:
@@ -509,7 +531,8 @@ def _make_local_step(model, variables, output_fn):
           "so that the function can select part of that layer's output. "
           f"Received: output_fn={output_fn!r} for model '{model.name}'")
     for unit in model_units:
-      sums.update(unit.batch_sums(batch, lambda out, y: norm(out), tf.abs))
+      with _naming(unit):
+        sums.update(unit.batch_sums(batch, lambda out, y: norm(out), tf.abs))
     return _in_order(sums, variables)
 
   return step

@@ -875,9 +875,16 @@ def _per_example_sums(loss, inputs, variables, transform):
   batch_tensors = [t for t in tensors if tf.is_tensor(t) and t.shape.rank]
   count = tf.shape(batch_tensors[0])[0]
 
+  def one(t, k):
+    # A static batch of one: a layer that cannot run on one sample fails
+    # while tracing, where the error can name it.
+    sample = t[k:k + 1]
+    sample.set_shape([1] + t.shape[1:].as_list())
+    return sample
+
   def take(k):
     return tf.nest.map_structure(
-        lambda t: t[k:k + 1] if tf.is_tensor(t) and t.shape.rank else t,
+        lambda t: one(t, k) if tf.is_tensor(t) and t.shape.rank else t,
         inputs)
 
   def body(k, totals):

@@ -303,5 +303,28 @@ def test_importance_changes_no_variable_and_keeps_calls_intact():
   assert all("call" not in vars(layer) for layer in model.layers)
 
 
+class _WholeBatch(keras.layers.Layer):
+  """A layer that only works on batches of four: no per-sample gradient."""
+
+  def build(self, input_shape):
+    self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+  def call(self, inputs):
+    return tf.reshape(inputs * self.w, [4, -1])
+
+
+def test_a_layer_without_per_sample_gradients_is_named_and_nothing_changes():
+  import keras_mas  # pylint: disable=g-import-not-at-top
+  model = keras_mas.MASModel.from_model(
+      _sequential((3,), keras.layers.Dense(3), _WholeBatch()))
+  before = [np.asarray(o).copy() for o in model.importances]
+  with pytest.raises(ValueError, match="^Invalid value for argument `model`.*whole_batch' of type "
+                     "_WholeBatch"):
+    model.consolidate(_x(4, 3), batch_size=4)
+  for b, o in zip(before, model.importances):
+    np.testing.assert_array_equal(b, np.asarray(o))
+  assert model.consolidated_tasks == 0
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
