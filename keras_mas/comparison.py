@@ -16,9 +16,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from keras_mas import callbacks
 from keras_mas import training
 
-__all__ = ["GRIDS", "compare", "validation_sequence"]
+__all__ = ["GRIDS", "compare", "select_strength", "validation_sequence"]
 
 # Each method's coefficient and the grid it is chosen from. The scales
 # differ because the importances do: MAS sums output norms, the Fisher of a
@@ -44,6 +45,89 @@ def validation_sequence(sequence):
         task, x_train=task.x_train[n_val:], y_train=task.y_train[n_val:],
         x_test=task.x_train[:n_val], y_test=task.y_train[:n_val]))
   return dataclasses.replace(sequence, tasks=held_out)
+
+
+def select_strength(sequence, workdir, method="mas", grid=None, model="mlp",
+                    verbose=0, **run_options):
+  """Picks a method's coefficient (λ) on held-out training data.
+
+  Every value of `grid` trains the whole sequence on its validation version
+  (each task's training data split 80/20, see `validation_sequence`; no
+  test sample is read), and the value with the best validation ACC wins
+  (ties: the first in `grid`). Works for the user's own model and tasks:
+  pass a built `keras.Model` as `model` (each run starts from a copy of
+  it) and a `TaskSequence` of any data (e.g. `tasks.from_arrays`).
+
+  λ has no universal value because Ω has no fixed scale: MAS importance is
+  the gradient of the squared output norm, `2·F·∂F/∂θ`, so it grows with
+  the logits' size, the number of outputs and the data; the penalty
+  `λ Σ Ω (θ − θ*)²` must be weighed against the task loss for each model
+  and sequence. Choose on held-out data, over a grid spanning decades.
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.make_sequence("digits", "permuted", "domain", 3)
+  choice = keras_mas.comparison.select_strength(
+      sequence, "/tmp/select", grid=(0.01, 0.1, 1.0), epochs=2)
+  results = keras_mas.training.run_sequence(
+      sequence, "/tmp/run", strength=choice["value"], epochs=2)
+  ```
+
+  Args:
+    sequence: a `TaskSequence`.
+    workdir: directory for the trial runs (one subdirectory per value).
+    method: a method with a coefficient (a key of `GRIDS`): `lwf` chooses
+      its temperature, the others their strength.
+    grid: the values to try; `GRIDS[method]` if None.
+    model: an architecture name or the user's built `keras.Model`.
+    verbose: 0 silent, 1 a line per value.
+    **run_options: other `training.run_sequence` arguments (epochs,
+      learning_rate, ...); `seed` defaults to 0.
+
+  Returns:
+    A dict: `coefficient` (its name), `value` (the best),
+    `validation_acc` (value as text → validation ACC, None for a value whose
+    training diverged).
+
+  Raises:
+    ValueError: for a method without a coefficient, an empty grid, or any
+      argument `run_sequence` refuses (before any training).
+    keras_mas.callbacks.TrainingDivergedError: if every value diverged.
+  """
+  if method not in GRIDS:
+    raise ValueError(
+        "Invalid value for argument `method`. Expected a method with a "
+        f"coefficient, one of {sorted(GRIDS)}. Received: method={method!r}")
+  name, default = GRIDS[method]
+  grid = tuple(default if grid is None else grid)
+  if not grid:
+    raise ValueError(
+        "Invalid value for argument `grid`. Expected at least one value. "
+        f"Received: grid={grid!r}")
+  run_options = {"seed": 0, **run_options, "verbose": 0}
+  validation = validation_sequence(sequence)
+  scores = {}
+  for value in grid:
+    try:
+      result = training.run_sequence(
+          validation, os.path.join(workdir, method, f"{name}_{value:g}"),
+          method=method, model=model, **{**run_options, name: value})
+      scores[value] = result["acc"]
+    except callbacks.TrainingDivergedError:
+      scores[value] = None  # Too strong for a gradient step: not a choice.
+    if verbose:
+      print(f"{method} {name}={value:g}: validation ACC "
+            + ("diverged" if scores[value] is None
+               else f"{scores[value]:.3f}"), flush=True)
+  finished = [v for v in grid if scores[v] is not None]
+  if not finished:
+    raise callbacks.TrainingDivergedError(
+        f"Every value of {name} in {list(grid)} diverged; try smaller values "
+        "or penalty_mode='proximal'.")
+  best = max(finished, key=lambda v: scores[v])
+  return {"coefficient": name, "value": best,
+          "validation_acc": {f"{v:g}": scores[v] for v in grid}}
 
 
 def compare(sequence, workdir, methods, seeds=(0, 1, 2), run_options=None,
@@ -78,25 +162,15 @@ def compare(sequence, workdir, methods, seeds=(0, 1, 2), run_options=None,
   run_options = dict(run_options or {})
   run_options["verbose"] = 0
   os.makedirs(workdir, exist_ok=True)
-  validation = validation_sequence(sequence)
 
   outcome = {}
   for method in methods:
     options = dict(run_options)
     choice = {}
     if method in GRIDS:
-      name, grid = GRIDS[method]
-      scores = {}
-      for value in grid:
-        result = training.run_sequence(
-            validation, os.path.join(workdir, "selection", method,
-                                     f"{name}_{value:g}"),
-            method=method, seed=0, **{**options, name: value})
-        scores[value] = result["acc"]
-      best = max(grid, key=lambda v: scores[v])
-      choice = {"coefficient": name, "value": best,
-                "validation_acc": {f"{v:g}": scores[v] for v in grid}}
-      options[name] = best
+      choice = select_strength(sequence, os.path.join(workdir, "selection"),
+                               method=method, **options)
+      options[choice["coefficient"]] = choice["value"]
     runs = []
     for seed in seeds:
       started = time.perf_counter()

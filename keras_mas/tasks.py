@@ -1,7 +1,9 @@
 """Task sequences for continual learning: a data source × a recipe × a scenario.
 
-Sources: `"digits"` (scikit-learn's 1,797 8×8 digits, bundled, the default)
-or any TFDS dataset name (loaded with `tfds.load`). Recipes: `"split"`
+Sources (see `keras_mas.sources`): `"digits"` (scikit-learn's 1,797 8×8
+digits, bundled, the default), `"fashion_mnist"` (offline from Debian's IDX
+files when installed), `"idx:DIR"` (any MNIST-format directory) or any TFDS
+dataset name (loaded with `tfds.load`). Recipes: `"split"`
 (disjoint groups of classes), `"permuted"` (a fixed seeded pixel permutation
 per task, the first task unpermuted), `"rotated"` (task `t` rotated by
 `t · max_angle / (T − 1)` degrees) and `"datasets"` (one whole dataset per
@@ -16,17 +18,19 @@ Every split, permutation and shuffle is drawn from `seed`.
 """
 
 import dataclasses
+import os
 
 import numpy as np
 
+from keras_mas import sources
+
 __all__ = [
-    "RECIPES", "SCENARIOS", "Task", "TaskSequence", "load_source",
-    "make_sequence",
+    "RECIPES", "SCENARIOS", "Task", "TaskSequence", "from_arrays",
+    "from_folders", "load_source", "make_sequence",
 ]
 
 RECIPES = ("split", "permuted", "rotated", "datasets")
 SCENARIOS = ("task", "domain", "class")
-_TEST_FRACTION = 0.25
 
 
 @dataclasses.dataclass
@@ -68,9 +72,12 @@ class TaskSequence:
 def load_source(name, seed=0, data_dir=None):
   """Loads a source as float32 images in [0, 1], shape (N, H, W, C).
 
+  See `keras_mas.sources` for the names: `"digits"`, `"fashion_mnist"`
+  (offline from Debian's IDX files when present), `"idx:DIR"` (any
+  MNIST-format directory) or a TFDS dataset name.
+
   Args:
-    name: `"digits"` or a TFDS dataset name with `train` and `test` splits
-      and `image`/`label` features.
+    name: the source's name.
     seed: seeds the train/test split of `digits`.
     data_dir: TFDS data directory.
 
@@ -78,53 +85,9 @@ def load_source(name, seed=0, data_dir=None):
     `(x_train, y_train, x_test, y_test)` as NumPy arrays.
 
   Raises:
-    ValueError: if `name` is not `digits` and not a TFDS dataset.
+    ValueError: naming the argument, for an unknown or malformed source.
   """
-  if name == "digits":
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-    digits = datasets.load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int64")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_test = int(len(x) * _TEST_FRACTION)
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
-
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    # Registered datasets, and ones prepared in `data_dir` by the user.
-    builder = tfds.builder(name, data_dir=data_dir)
-  except ValueError as e:  # tfds.core.registered.DatasetNotFoundError
-    raise ValueError(
-        "Invalid value for argument `dataset`. Expected 'digits' or a TFDS "
-        f"dataset name. Received: dataset={name!r}") from e
-  features = getattr(builder.info, "features", None) or {}
-  if "image" not in features or "label" not in features:
-    raise ValueError(
-        "Invalid value for argument `dataset`. Expected a TFDS dataset with "
-        f"'image' and 'label' features. Received: dataset={name!r} with "
-        f"features {sorted(features)}")
-  splits = tfds.load(name, split=["train", "test"], data_dir=data_dir)
-  (x_train, y_train), (x_test, y_test) = (
-      _to_numpy(s.map(lambda e: (e["image"], e["label"]))) for s in splits)
-
-  def images(x):
-    x = np.asarray(x)
-    if x.ndim == 3:
-      x = x[..., None]
-    return (x.astype("float32") / 255.0 if x.dtype == np.uint8
-            else x.astype("float32"))
-
-  return (images(x_train), np.asarray(y_train, "int64"),
-          images(x_test), np.asarray(y_test, "int64"))
-
-
-def _to_numpy(dataset):
-  images, labels = [], []
-  for x, y in dataset.batch(4096).as_numpy_iterator():
-    images.append(x)
-    labels.append(y)
-  return np.concatenate(images), np.concatenate(labels)
+  return sources.load(name, seed=seed, data_dir=data_dir)
 
 
 def make_sequence(dataset="digits", recipe="split", scenario="domain",
@@ -184,6 +147,11 @@ def make_sequence(dataset="digits", recipe="split", scenario="domain",
   else:
     parts = _datasets(names, sources)
 
+  return _assemble(parts, dataset, recipe, scenario, rng)
+
+
+def _assemble(parts, dataset, recipe, scenario, rng):
+  """The `TaskSequence` of `(name, x_tr, y_tr, x_te, y_te, classes)` parts."""
   tasks = []
   offset = 0
   widest = max(p[5] for p in parts)
@@ -202,6 +170,137 @@ def make_sequence(dataset="digits", recipe="split", scenario="domain",
   num_outputs = widest if scenario == "domain" else offset
   return TaskSequence(tasks, dataset, recipe, scenario, num_outputs,
                       tuple(parts[0][1].shape[1:]))
+
+
+def from_arrays(task_data, scenario="task", names=None, dataset="custom",
+                seed=0):
+  """A `TaskSequence` of the user's own data, one tuple of arrays per task.
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.from_arrays(
+      [(x_a, y_a, x_a_test, y_a_test), (x_b, y_b, x_b_test, y_b_test)],
+      scenario="task")
+  ```
+
+  Args:
+    task_data: a list of `(x_train, y_train, x_test, y_test)`, inputs of one
+      shape `(N, H, W, C)` across tasks and integer labels `0..C_t−1` local
+      to each task.
+    scenario: one of `SCENARIOS` (`"domain"`: every task shares one head of
+      the widest task's classes).
+    names: a name per task (default `"task 0"`, `"task 1"`, ...).
+    dataset: recorded as the sequence's dataset.
+    seed: seeds the shuffle of each task's training data.
+
+  Returns:
+    A `TaskSequence` with recipe `"custom"`.
+
+  Raises:
+    ValueError: naming the task, for fewer than two tasks, inputs of
+      different shapes, mismatched lengths, or labels that are not integers
+      `0..C−1`.
+  """
+  if scenario not in SCENARIOS:
+    raise ValueError(
+        f"Invalid value for argument `scenario`. Expected one of "
+        f"{SCENARIOS}. Received: scenario={scenario!r}")
+  task_data = list(task_data)
+  if len(task_data) < 2:
+    raise ValueError(
+        "Invalid value for argument `task_data`. Expected two or more "
+        f"tasks. Received: {len(task_data)}")
+  names = list(names) if names is not None else [
+      f"task {t}" for t in range(len(task_data))]
+  if len(names) != len(task_data):
+    raise ValueError(
+        "Invalid value for argument `names`. Expected one per task "
+        f"({len(task_data)}). Received: {len(names)}")
+  parts = []
+  shape = None
+  for name, data in zip(names, task_data):
+    if len(data) != 4:
+      raise ValueError(
+          "Invalid value for argument `task_data`. Expected (x_train, "
+          f"y_train, x_test, y_test) for task {name!r}. Received: "
+          f"{len(data)} items")
+    x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in data)
+    for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
+      if x.ndim != 4 or len(x) != len(y) or not len(x):
+        raise ValueError(
+            "Invalid value for argument `task_data`. Expected images (N, H, "
+            f"W, C) and N labels, N > 0, in task {name!r} ({split}). "
+            f"Received: inputs {x.shape}, labels {y.shape}")
+      if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+        raise ValueError(
+            "Invalid value for argument `task_data`. Expected integer labels "
+            f">= 0 in task {name!r} ({split}). Received: labels of dtype "
+            f"{y.dtype}, shape {y.shape}"
+            + (f", smallest {y.min()}" if y.size else ""))
+    if shape is None:
+      shape = x_tr.shape[1:]
+    for x, split in ((x_tr, "train"), (x_te, "test")):
+      if x.shape[1:] != shape:
+        raise ValueError(
+            "Invalid value for argument `task_data`. Expected inputs of one "
+            f"shape {shape} in every task. Received: {x.shape[1:]} in task "
+            f"{name!r} ({split})")
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+    parts.append((name, x_tr.astype("float32"), y_tr.astype("int64"),
+                  x_te.astype("float32"), y_te.astype("int64"), num_classes))
+  return _assemble(parts, dataset, "custom", scenario,
+                   np.random.default_rng(seed))
+
+
+def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
+  """A `TaskSequence` of the user's image folders, one folder per task.
+
+  Each folder holds one subfolder per class (and optionally `train/` and
+  `test/` splits, see `sources.load_image_folder`).
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.from_folders(["/data/a", "/data/b"], (32, 32),
+                                          scenario="domain")
+  ```
+
+  Args:
+    task_dirs: the folders, in task order.
+    image_size: `(height, width)` every image is resized to.
+    scenario: one of `SCENARIOS`; `"domain"` needs the same class
+      subfolders in every task.
+    channels: 1, 3 or 4.
+    seed: seeds the train/test splits and shuffles.
+
+  Returns:
+    A `TaskSequence` with recipe `"folders"`, tasks named after the folders.
+
+  Raises:
+    ValueError: naming the folder, for a missing or empty folder, fewer than
+      two folders, or (domain-incremental) different class sets.
+  """
+  task_dirs = list(task_dirs)
+  if len(task_dirs) < 2:
+    raise ValueError(
+        "Invalid value for argument `task_dirs`. Expected two or more "
+        f"folders, one per task. Received: task_dirs={task_dirs!r}")
+  loaded = [sources.load_image_folder(d, image_size, channels=channels,
+                                      seed=seed) for d in task_dirs]
+  if scenario == "domain":
+    for folder, part in zip(task_dirs[1:], loaded[1:]):
+      if part[4] != loaded[0][4]:
+        raise ValueError(
+            "Invalid value for argument `task_dirs`. Expected the same class "
+            "subfolders in every task for domain-incremental learning. "
+            f"Received: {loaded[0][4]} in {task_dirs[0]!r}, {part[4]} in "
+            f"{folder!r}")
+  names = [os.path.basename(os.path.normpath(d)) for d in task_dirs]
+  sequence = from_arrays([part[:4] for part in loaded], scenario=scenario,
+                         names=names, dataset=",".join(task_dirs), seed=seed)
+  sequence.recipe = "folders"
+  return sequence
 
 
 def _split_by_classes(source, num_tasks, dataset):

@@ -76,6 +76,41 @@ def test_compare_app_bad_flags_fail_in_one_line(tmp_path, flag, message):
   assert len([l for l in done.stderr.splitlines() if message in l]) == 1
 
 
+def test_select_strength_for_the_users_own_model_and_tasks(tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
+  digits = tasks.make_sequence("digits", "split", "task", 2)
+  own = tasks.from_arrays(
+      [(t.x_train[:80], t.y_train[:80], t.x_test[:8], t.y_test[:8])
+       for t in digits.tasks], scenario="task")
+  for task in own.tasks:
+    task.x_test = task.y_test = None  # Selection must never read them.
+  model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(16, activation="relu"),
+                            keras.layers.Dense(10)], name="users")
+  choice = comparison.select_strength(
+      own, str(tmp_path), method="mas", grid=(0.0, 100.0), model=model,
+      epochs=1, batch_size=16)
+  scores = choice["validation_acc"]
+  assert choice["coefficient"] == "strength" and set(scores) == {"0", "100"}
+  assert choice["value"] == max((0.0, 100.0),
+                                key=lambda v: scores[f"{v:g}"])
+  for value in ("0", "100"):
+    with open(os.path.join(str(tmp_path), "mas", f"strength_{value}",
+                           "results.json")) as f:
+      trial = json.load(f)
+    assert trial["config"]["strength"] == float(value)
+    assert trial["config"]["model"] == "custom:users"
+    assert trial["acc"] == scores[value]
+
+
+def test_select_strength_refuses_methods_without_a_coefficient(tmp_path):
+  sequence = tasks.make_sequence("digits", "split", "domain", 2)
+  with pytest.raises(ValueError, match="argument `method`"):
+    comparison.select_strength(sequence, str(tmp_path), method="finetune")
+  with pytest.raises(ValueError, match="argument `grid`"):
+    comparison.select_strength(sequence, str(tmp_path), grid=())
+
+
 def test_bad_method_is_named(tmp_path):
   sequence = tasks.make_sequence("digits", "split", "domain", 2)
   with pytest.raises(ValueError, match="argument `methods`"):

@@ -107,6 +107,37 @@ def test_a_tfds_dataset_prepared_on_disk_loads_for_real(tmp_path):
   assert loaded == expected
 
 
+def test_from_arrays_places_the_users_tasks_like_a_recipe():
+  rng = np.random.default_rng(0)
+
+  def task(classes, n=12):
+    return (rng.random((n, 5, 5, 3)), np.arange(n) % classes,
+            rng.random((4, 5, 5, 3)), np.arange(4) % classes)
+
+  sequence = tasks.from_arrays([task(3), task(2)], scenario="task",
+                               names=["cats", "dogs"])
+  assert [t.output_slice for t in sequence.tasks] == [(0, 3), (3, 5)]
+  assert sequence.num_outputs == 5 and sequence.input_shape == (5, 5, 3)
+  assert [t.name for t in sequence.tasks] == ["cats", "dogs"]
+  assert sequence.tasks[0].x_train.dtype == np.float32
+  domain = tasks.from_arrays([task(3), task(2)], scenario="domain")
+  assert [t.output_slice for t in domain.tasks] == [(0, 3), (0, 3)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d[:1], "two or more tasks"),
+    (lambda d: [d[0], (d[1][0][:, :4],) + d[1][1:]], r"\(4, 5, 3\) in task"),
+    (lambda d: [d[0], (d[1][0], d[1][1] - 5) + d[1][2:]], "smallest -5"),
+    (lambda d: [d[0], (d[1][0], d[1][1][:3]) + d[1][2:]], "N labels"),
+])
+def test_from_arrays_names_bad_tasks(change, message):
+  rng = np.random.default_rng(0)
+  data = [(rng.random((6, 5, 5, 3)), np.arange(6) % 2,
+           rng.random((2, 5, 5, 3)), np.arange(2)) for _ in range(2)]
+  with pytest.raises(ValueError, match=message):
+    tasks.from_arrays(change(data))
+
+
 @pytest.mark.parametrize("kwargs, argument", [
     ({"dataset": "no_such_dataset_xyz"}, "dataset"),
     ({"recipe": "shuffled"}, "recipe"),

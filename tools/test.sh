@@ -5,8 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+sudo_if_needed=""
+[ "$(id -u)" -eq 0 ] || sudo_if_needed="sudo"
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# Fashion-MNIST offline (Debian's IDX files, 30 MB) for the real-data tests;
+# where it cannot be installed those tests skip and say why.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  { $sudo_if_needed apt-get update -qq \
+      && $sudo_if_needed apt-get install -y -qq dataset-fashion-mnist; } \
+    >/dev/null 2>&1 \
+    || echo "dataset-fashion-mnist not installed: Fashion-MNIST tests skip"
+fi
 
 export TF_CPP_MIN_LOG_LEVEL=2
 log=$(mktemp)
@@ -16,8 +28,6 @@ trap 'rm -f "$log"' EXIT
 
 if ! command -v bazel >/dev/null 2>&1; then
   # Debian's Bazel 4 is the one Bazel reachable offline (see WORKSPACE).
-  sudo_if_needed=""
-  [ "$(id -u)" -eq 0 ] || sudo_if_needed="sudo"
   $sudo_if_needed apt-get update -qq
   $sudo_if_needed apt-get install -y -qq bazel-bootstrap >/dev/null
 fi

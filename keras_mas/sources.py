@@ -1,0 +1,379 @@
+"""Data sources: where a task sequence's images come from.
+
+* `"digits"`: scikit-learn's 1,797 8×8 digits, bundled, the default.
+* `"fashion_mnist"`: Fashion-MNIST from the IDX files of Debian's
+  `dataset-fashion-mnist` package (`/usr/share/datasets/fashion-mnist/`)
+  when present, offline; from TFDS otherwise.
+* `"idx:DIR"`: any MNIST-format directory (`train-images-idx3-ubyte`,
+  `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
+  `t10k-labels-idx1-ubyte`, each optionally `.gz`).
+* any other name: a TFDS dataset with `image` and `label` features,
+  registered or prepared in `data_dir`.
+
+Every source gives `(x_train, y_train, x_test, y_test)`: float32 images in
+[0, 1] of shape `(N, H, W, C)` and int64 labels. `load_image_folder` reads
+the user's own images, one subfolder per class
+(`keras.utils.image_dataset_from_directory`).
+"""
+
+import gzip
+import os
+
+import numpy as np
+
+__all__ = ["FASHION_MNIST_DIR", "load", "load_idx", "load_image_folder",
+           "load_importance_data", "load_model", "read_idx"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_TEST_FRACTION = 0.25
+_COLOR_MODES = {1: "grayscale", 3: "rgb", 4: "rgba"}
+_IMAGE_TYPES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): big-endian values.
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4",
+              0x0D: ">f4", 0x0E: ">f8"}
+_IDX_FILES = {
+    "x_train": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "y_train": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "x_test": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "y_test": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+
+def read_idx(path):
+  """Reads one IDX file (as MNIST is distributed), gzipped or not.
+
+  Example:
+
+  ```python
+  labels = read_idx("/usr/share/datasets/fashion-mnist/"
+                    "t10k-labels-idx1-ubyte.gz")  # shape (10000,), uint8
+  ```
+
+  Args:
+    path: the file; a name ending in `.gz` is decompressed.
+
+  Returns:
+    A NumPy array of the file's shape and type.
+
+  Raises:
+    ValueError: naming the file, if it is not a well-formed IDX file.
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(
+        f"Invalid IDX file {path!r}: cannot be read ({e}).") from e
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in (
+      _IDX_TYPES):
+    raise ValueError(
+        f"Invalid IDX file {path!r}: expected the magic number 0x0000TTDD "
+        f"(TT a type code in {sorted(_IDX_TYPES)}). Received: "
+        f"{data[:4].hex() or 'an empty file'}")
+  dtype = np.dtype(_IDX_TYPES[data[2]])
+  rank = data[3]
+  header = 4 + 4 * rank
+  shape = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
+  expected = header + int(np.prod(shape)) * dtype.itemsize
+  if rank == 0 or len(shape) != rank or len(data) != expected:
+    raise ValueError(
+        f"Invalid IDX file {path!r}: the header says shape {shape} of "
+        f"{dtype}, {expected} bytes in all; the file has {len(data)}.")
+  return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(
+      dtype.newbyteorder("="))
+
+
+def load_idx(directory):
+  """Loads an MNIST-format directory as images in [0, 1] and labels.
+
+  Example:
+
+  ```python
+  x_train, y_train, x_test, y_test = load_idx(FASHION_MNIST_DIR)
+  x_train.shape  # (60000, 28, 28, 1)
+  ```
+
+  Args:
+    directory: holding the four IDX files (see the module docstring).
+
+  Returns:
+    `(x_train, y_train, x_test, y_test)`: float32 `(N, H, W, C)` images
+    (a channel axis is added to `(N, H, W)`), int64 labels.
+
+  Raises:
+    ValueError: naming the directory or file, for a missing file, a
+      malformed one, or images and labels of different counts.
+  """
+  if not os.path.isdir(directory):
+    raise ValueError(
+        "Invalid value for argument `dataset`. Expected an MNIST-format "
+        f"directory. Received: {directory!r} (no such directory)")
+  present = set(os.listdir(directory))
+  arrays = {}
+  for key, stems in _IDX_FILES.items():
+    found = [n for stem in stems for n in (stem, stem + ".gz")
+             if n in present]
+    if not found:
+      raise ValueError(
+          "Invalid value for argument `dataset`. Expected an MNIST-format "
+          f"directory with {stems[0]}[.gz]. Received: {directory!r} "
+          f"holding {sorted(present)[:8]}")
+    arrays[key] = read_idx(os.path.join(directory, found[0]))
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim not in (3, 4) or y.ndim != 1 or len(x) != len(y):
+      raise ValueError(
+          f"Invalid value for argument `dataset`. Expected {split} images "
+          f"(N, H, W[, C]) and N labels in {directory!r}. Received: images "
+          f"{x.shape}, labels {y.shape}")
+  return (_images(arrays["x_train"]), arrays["y_train"].astype("int64"),
+          _images(arrays["x_test"]), arrays["y_test"].astype("int64"))
+
+
+def load_image_folder(directory, image_size, channels=3, seed=0,
+                      labels=True, argument="task_dirs"):
+  """Loads a folder of images, one subfolder per class, as arrays.
+
+  A folder holding `train/` and `test/` subfolders (each with the same class
+  subfolders) keeps that split; otherwise a seeded quarter of each folder's
+  images is held out for testing.
+
+  Example:
+
+  ```python
+  x_tr, y_tr, x_te, y_te, classes = load_image_folder("/data/cats_dogs",
+                                                      (64, 64))
+  ```
+
+  Args:
+    directory: the folder.
+    image_size: `(height, width)` every image is resized to.
+    channels: 1 (grey), 3 (RGB) or 4 (RGBA).
+    seed: seeds the train/test split.
+    labels: False reads every image of `directory` (subfolders included)
+      unlabeled, and returns `(x, None, None, None, [])`.
+    argument: the argument errors name.
+
+  Returns:
+    `(x_train, y_train, x_test, y_test, class_names)`: float32 images in
+    [0, 1] of shape `(N, height, width, channels)`, int64 labels indexing
+    the sorted `class_names`.
+
+  Raises:
+    ValueError: naming the folder, for a missing folder, one without class
+      subfolders or images, or `train/` and `test/` of different classes.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected a folder of "
+        f"images. Received: {directory!r} (no such folder)")
+  try:
+    image_size = tuple(int(d) for d in image_size)
+  except (TypeError, ValueError):
+    image_size = ()
+  if len(image_size) != 2 or min(image_size) < 1:
+    raise ValueError(
+        "Invalid value for argument `image_size`. Expected (height, width) "
+        f"of positive integers. Received: image_size={image_size!r}")
+  if channels not in _COLOR_MODES:
+    raise ValueError(
+        "Invalid value for argument `channels`. Expected 1, 3 or 4. "
+        f"Received: channels={channels!r}")
+  count = sum(f.lower().endswith(_IMAGE_TYPES)
+              for _, _, files in os.walk(directory) for f in files)
+  if not count:
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected images "
+        f"({', '.join(_IMAGE_TYPES)}) in {directory!r}. Received: a folder "
+        "without any")
+  options = dict(image_size=image_size, color_mode=_COLOR_MODES[channels],
+                 batch_size=None, shuffle=False, verbose=False)
+  if not labels:
+    dataset = keras.utils.image_dataset_from_directory(
+        directory, labels=None, **options)
+    return _images_from(dataset, labeled=False)[0], None, None, None, []
+  subfolders = sorted(e for e in os.listdir(directory)
+                      if os.path.isdir(os.path.join(directory, e)))
+  if not subfolders:
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected one subfolder per "
+        f"class in {directory!r}. Received: images but no subfolders")
+  if {"train", "test"} <= set(subfolders):
+    parts = [keras.utils.image_dataset_from_directory(
+        os.path.join(directory, split), **options)
+             for split in ("train", "test")]
+    names = [p.class_names for p in parts]
+    if names[0] != names[1]:
+      raise ValueError(
+          f"Invalid value for argument `{argument}`. Expected the same class "
+          f"subfolders in train/ and test/ of {directory!r}. Received: "
+          f"{names[0]} and {names[1]}")
+    (x_tr, y_tr), (x_te, y_te) = (_images_from(p) for p in parts)
+    return x_tr, y_tr, x_te, y_te, list(names[0])
+  dataset = keras.utils.image_dataset_from_directory(directory, **options)
+  x, y = _images_from(dataset)
+  if len(x) < 2:
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected two or more "
+        f"images in {directory!r} (a train and a test part). Received: "
+        f"{len(x)}")
+  order = np.random.default_rng(seed).permutation(len(x))
+  n_test = max(1, int(len(x) * _TEST_FRACTION))
+  test, train = order[:n_test], order[n_test:]
+  return x[train], y[train], x[test], y[test], list(dataset.class_names)
+
+
+def load_model(path):
+  """Loads the user's trained `.keras` model, running none of its code.
+
+  Args:
+    path: a `.keras` file.
+
+  Returns:
+    The `keras.Model`.
+
+  Raises:
+    ValueError: naming the file, if it is missing or not a Keras model.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  import keras_mas  # pylint: disable=g-import-not-at-top,unused-import
+  if not os.path.isfile(path):
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected a .keras model "
+        f"file. Received: {path!r} (no such file)")
+  try:
+    model = keras.models.load_model(path, compile=False, safe_mode=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected a .keras model "
+        f"file. Received: {path!r}, which does not load as one "
+        f"({type(e).__name__}: {e})") from e
+  if not isinstance(model, keras.Model):
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected a Keras model. "
+        f"Received: {path!r} holding a {type(model).__name__}")
+  return model
+
+
+def load_importance_data(spec, input_shape, seed=0, data_dir=None):
+  """The data a model was deployed on, for importance before new tasks.
+
+  Args:
+    spec: an image folder (with class subfolders: labelled; without:
+      unlabelled), or a source name (see `load`), whose test split is used.
+    input_shape: `(height, width, channels)` the model takes; folder images
+      are resized to it.
+    seed: seeds a folder's split (its parts are joined again).
+    data_dir: TFDS data directory.
+
+  Returns:
+    `(inputs, labels)`, or the inputs alone when there are no labels.
+
+  Raises:
+    ValueError: naming `importance_data`, for a missing or empty source or
+      inputs of another shape than `input_shape`.
+  """
+  height, width, channels = input_shape
+  if os.path.isdir(spec):
+    has_classes = any(os.path.isdir(os.path.join(spec, e))
+                      for e in os.listdir(spec))
+    x_tr, y_tr, x_te, y_te, _ = load_image_folder(
+        spec, (height, width), channels=channels, seed=seed,
+        labels=has_classes, argument="importance_data")
+    data = ((np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te]))
+            if has_classes else x_tr)
+  else:
+    try:
+      _, _, x, y = load(spec, seed=seed, data_dir=data_dir)
+    except ValueError as e:
+      raise ValueError(str(e).replace("argument `dataset`",
+                                      "argument `importance_data`")) from e
+    data = (x, y)
+  x = data[0] if isinstance(data, tuple) else data
+  if tuple(x.shape[1:]) != tuple(input_shape):
+    raise ValueError(
+        "Invalid value for argument `importance_data`. Expected inputs of "
+        f"shape {tuple(input_shape)}, the model's. Received: {spec!r} with "
+        f"inputs of shape {tuple(x.shape[1:])}")
+  return data
+
+
+def _images_from(dataset, labeled=True):
+  batches = list(dataset.batch(256).as_numpy_iterator())
+  if labeled:
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches]).astype("int64")
+  else:
+    x, y = np.concatenate(batches), None
+  return (x / 255.0).astype("float32"), y
+
+
+def load(name, seed=0, data_dir=None):
+  """Loads a source by name (see the module docstring).
+
+  Args:
+    name: `"digits"`, `"fashion_mnist"`, `"idx:DIR"` or a TFDS name.
+    seed: seeds the train/test split of `digits`.
+    data_dir: TFDS data directory.
+
+  Returns:
+    `(x_train, y_train, x_test, y_test)` as NumPy arrays.
+
+  Raises:
+    ValueError: naming the argument, for an unknown or malformed source.
+  """
+  if name == "digits":
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target.astype("int64")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(len(x) * _TEST_FRACTION)
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+  if isinstance(name, str) and name.startswith("idx:"):
+    return load_idx(os.path.expanduser(name[4:]))
+  if name == "fashion_mnist" and os.path.isdir(FASHION_MNIST_DIR):
+    return load_idx(FASHION_MNIST_DIR)
+  return _load_tfds(name, data_dir)
+
+
+def _load_tfds(name, data_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    # Registered datasets, and ones prepared in `data_dir` by the user.
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError as e:  # tfds.core.registered.DatasetNotFoundError
+    raise ValueError(
+        "Invalid value for argument `dataset`. Expected 'digits', "
+        "'fashion_mnist', 'idx:DIR' or a TFDS dataset name. Received: "
+        f"dataset={name!r}") from e
+  features = getattr(builder.info, "features", None) or {}
+  if "image" not in features or "label" not in features:
+    raise ValueError(
+        "Invalid value for argument `dataset`. Expected a TFDS dataset with "
+        f"'image' and 'label' features. Received: dataset={name!r} with "
+        f"features {sorted(features)}")
+  splits = tfds.load(name, split=["train", "test"], data_dir=data_dir)
+  (x_train, y_train), (x_test, y_test) = (
+      _to_numpy(s.map(lambda e: (e["image"], e["label"]))) for s in splits)
+  return (_images(x_train), np.asarray(y_train, "int64"),
+          _images(x_test), np.asarray(y_test, "int64"))
+
+
+def _to_numpy(dataset):
+  images, labels = [], []
+  for x, y in dataset.batch(4096).as_numpy_iterator():
+    images.append(x)
+    labels.append(y)
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _images(x):
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., None]
+  return (x.astype("float32") / 255.0 if x.dtype == np.uint8
+          else x.astype("float32"))
