@@ -1,0 +1,144 @@
+"""Tests of keras_mas.task_free: detector, hard buffer, stream learning."""
+
+import json
+
+import numpy as np
+import pytest
+
+from keras_mas import task_free
+
+
+def _drifting_losses(change_points, length, seed=0, noise=0.03):
+  """Loss of a learner meeting new data at `change_points`: a jump to ~2,
+  then an exponential decay to ~0.05, with noise."""
+  rng = np.random.default_rng(seed)
+  losses = []
+  starts = list(change_points) + [length]
+  for start, stop in zip(starts[:-1], starts[1:]):
+    t = np.arange(stop - start)
+    losses.extend(0.05 + 2.0 * np.exp(-t / 6.0)
+                  + noise * rng.standard_normal(len(t)))
+  return np.maximum(np.array(losses), 0.0)
+
+
+class TestLossWindow:
+
+  def test_one_plateau_after_each_change_none_while_stationary(self):
+    change_points = [0, 120, 300]
+    window = task_free.LossWindow()
+    events = [window.update(v) for v in _drifting_losses(change_points, 600)]
+    plateaus = [s + 1 for s, e in enumerate(events) if e == "plateau"]
+    peaks = [s + 1 for s, e in enumerate(events) if e == "peak"]
+    assert window.plateaus == plateaus
+    # One plateau per stretch, shortly after its change point, none in the
+    # 300 stationary steps that follow the last one.
+    assert len(plateaus) == 3
+    for start, plateau in zip(change_points, plateaus):
+      assert start < plateau < start + 40
+    # A peak within a window's length of each hidden change.
+    assert len(peaks) == 2
+    for start, peak in zip(change_points[1:], peaks):
+      assert start < peak <= start + window.window_size
+    assert window.peaks == [0] + peaks
+
+  def test_no_plateau_without_learning(self):
+    window = task_free.LossWindow()
+    rng = np.random.default_rng(1)
+    events = [window.update(v) for v in 1.5 + 0.1 * rng.standard_normal(200)]
+    assert "plateau" not in events
+
+  def test_noise_on_a_plateau_is_not_a_peak(self):
+    window = task_free.LossWindow()
+    rng = np.random.default_rng(2)
+    losses = np.abs(0.05 + 0.05 * rng.standard_normal(500))
+    events = [window.update(v) for v in losses]
+    assert events.count("plateau") == 1
+    assert "peak" not in events
+
+  def test_thresholds_mean_what_they_say(self):
+    window = task_free.LossWindow(window_size=3, plateau_mean_below=0.5,
+                                  plateau_variance_below=0.01,
+                                  peak_stddevs=1.0, peak_min_rise=0.1)
+    assert [window.update(v) for v in (0.4, 0.4)] == [None, None]
+    assert window.update(0.4) == "plateau"
+    assert window.mean == pytest.approx(0.4)
+    assert window.peak_level == pytest.approx(0.5)
+    assert window.update(0.69) is None  # Mean 0.4967: not above 0.5.
+    assert window.update(0.70) == "peak"
+    # Mean below 0.5 but variance above 0.01: not settled.
+    assert window.update(0.1) is None
+    assert [window.update(v) for v in (0.1, 0.1)] == [None, "plateau"]
+
+  def test_state_round_trip_continues_identically(self):
+    losses = _drifting_losses([0, 50, 110], 200, seed=3)
+    whole = task_free.LossWindow()
+    expected = [whole.update(v) for v in losses]
+    first = task_free.LossWindow()
+    for v in losses[:77]:
+      first.update(v)
+    state = json.loads(json.dumps(first.get_state()))  # Plain values.
+    resumed = task_free.LossWindow()
+    resumed.set_state(state)
+    assert [resumed.update(v) for v in losses[77:]] == expected[77:]
+    assert resumed.get_state() == whole.get_state()
+
+  @pytest.mark.parametrize("kwargs", [
+      {"window_size": 0}, {"window_size": 2.5}, {"plateau_mean_below": -1},
+      {"plateau_variance_below": float("nan")}, {"peak_stddevs": "x"},
+      {"peak_min_rise": float("inf")}])
+  def test_bad_arguments_name_themselves(self, kwargs):
+    with pytest.raises(ValueError, match=f"`{next(iter(kwargs))}`"):
+      task_free.LossWindow(**kwargs)
+
+  def test_bad_loss_and_state_change_nothing(self):
+    window = task_free.LossWindow(window_size=2)
+    window.update(1.0)
+    before = window.get_state()
+    with pytest.raises(ValueError, match="`loss`"):
+      window.update(float("nan"))
+    with pytest.raises(ValueError, match="`state`"):
+      window.set_state({"losses": [1.0, 2.0, 3.0]})
+    assert window.get_state() == before
+
+
+class TestHardBuffer:
+
+  def test_keeps_the_highest_losses_newest_first_on_ties(self):
+    buffer = task_free.HardBuffer(3)
+    x, y = buffer.with_batch(np.arange(4.0)[:, None], np.arange(4))
+    assert x.shape == (4, 1)  # Empty buffer: the batch alone.
+    buffer.update(x, y, [0.1, 0.9, 0.5, 0.7])
+    np.testing.assert_array_equal(buffer.labels, [1, 3, 2])
+    x, y = buffer.with_batch(np.array([[10.0], [11.0]]), np.array([10, 11]))
+    np.testing.assert_array_equal(y, [10, 11, 1, 3, 2])
+    # The buffer's losses are measured again with the batch's.
+    buffer.update(x, y, [0.3, 0.6, 0.2, 0.6, 0.8])
+    np.testing.assert_array_equal(buffer.labels, [2, 11, 3])
+    np.testing.assert_array_equal(buffer.inputs[:, 0], [2.0, 11.0, 3.0])
+    assert len(buffer) == 3
+
+  def test_state_round_trip(self, tmp_path):
+    buffer = task_free.HardBuffer(2)
+    buffer.update(np.ones((3, 2, 2, 1)), np.array([0, 1, 2]), [1.0, 3.0, 2.0])
+    np.savez(tmp_path / "buffer.npz", **buffer.get_state())
+    restored = task_free.HardBuffer(2)
+    restored.set_state(dict(np.load(tmp_path / "buffer.npz")))
+    for key, value in buffer.get_state().items():
+      np.testing.assert_array_equal(restored.get_state()[key], value)
+    empty = task_free.HardBuffer(2)
+    empty.set_state(task_free.HardBuffer(2).get_state())
+    assert len(empty) == 0
+
+  def test_bad_input_changes_nothing(self):
+    buffer = task_free.HardBuffer(2)
+    buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0, 2.0])
+    with pytest.raises(ValueError, match="`losses`"):
+      buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0])
+    with pytest.raises(ValueError, match="`losses`"):
+      buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0, np.nan])
+    with pytest.raises(ValueError, match="`state`"):
+      buffer.set_state({"inputs": np.zeros((3, 1)), "labels": np.zeros(3),
+                        "losses": np.zeros(3)})
+    with pytest.raises(ValueError, match="`capacity`"):
+      task_free.HardBuffer(0)
+    np.testing.assert_array_equal(buffer.labels, [1, 0])
