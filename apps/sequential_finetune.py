@@ -19,6 +19,7 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import sources
 from keras_mas import tasks
 from keras_mas import training
 
@@ -26,7 +27,26 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
 _DATASET = flags.DEFINE_string(
     "dataset", "digits",
-    "'digits' (bundled) or a TFDS name; comma-separated for --recipe=datasets.")
+    "'digits' (bundled), 'fashion_mnist' (offline from Debian's "
+    "dataset-fashion-mnist when installed, else TFDS), 'idx:DIR' (an "
+    "MNIST-format directory) or a TFDS name; comma-separated for "
+    "--recipe=datasets.")
+_TASK_DIRS = flags.DEFINE_list(
+    "task_dirs", None,
+    "The user's tasks: image folders, one per task, each with one subfolder "
+    "per class (optionally train/ and test/); replaces --dataset/--recipe.")
+_IMAGE_SIZE = flags.DEFINE_list(
+    "image_size", None, "HEIGHT,WIDTH images of --task_dirs are resized to; "
+    "default: --init_model's input size.")
+_INIT_MODEL = flags.DEFINE_string(
+    "init_model", None, "Start from this trained .keras model (its weights, "
+    "input size and outputs) instead of --model.")
+_IMPORTANCE_DATA = flags.DEFINE_string(
+    "importance_data", None,
+    "Data --init_model was deployed on, to measure importance on before the "
+    "new tasks: an image folder (class subfolders give labels, and the "
+    "report shows accuracy on it before and after), or a source name "
+    "('fashion_mnist', 'idx:DIR', ...: its test split).")
 _RECIPE = flags.DEFINE_enum("recipe", "permuted", list(tasks.RECIPES),
                             "How tasks are made from the dataset.")
 _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
@@ -116,22 +136,70 @@ def _main():
       "multi_worker": tf.distribute.MultiWorkerMirroredStrategy,
   }[_DISTRIBUTION.value]()
   tf.config.experimental.enable_op_determinism()
-  sequence = tasks.make_sequence(
-      _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
-      seed=_SEED.value, max_angle=_MAX_ANGLE.value, data_dir=_DATA_DIR.value)
+  init_model = None
+  if _INIT_MODEL.value:
+    init_model = sources.load_model(_INIT_MODEL.value)
+  image_size, channels = _image_size(init_model)
+  if _TASK_DIRS.value:
+    sequence = tasks.from_folders(_TASK_DIRS.value, image_size,
+                                  scenario=_SCENARIO.value, channels=channels,
+                                  seed=_SEED.value)
+  else:
+    sequence = tasks.make_sequence(
+        _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
+        seed=_SEED.value, max_angle=_MAX_ANGLE.value,
+        data_dir=_DATA_DIR.value)
+  importance_data = None
+  if _IMPORTANCE_DATA.value:
+    importance_data = sources.load_importance_data(
+        _IMPORTANCE_DATA.value, sequence.input_shape, seed=_SEED.value,
+        data_dir=_DATA_DIR.value)
   training.run_sequence(
       sequence, _WORKDIR.value, method=_METHOD.value,
       strength=_STRENGTH.value, penalty_mode=_PENALTY.value,
       epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-      optimizer=_OPTIMIZER.value, model=_MODEL.value,
+      optimizer=_OPTIMIZER.value,
+      model=init_model if init_model is not None else _MODEL.value,
       hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
       freeze_backbone=_FREEZE_BACKBONE.value,
       importance_samples=_IMPORTANCE_SAMPLES.value, alpha=_ALPHA.value,
       fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
-      resume=_RESUME.value, strategy=strategy, verbose=_VERBOSE.value,
+      resume=_RESUME.value, strategy=strategy,
+      importance_data=importance_data, verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+
+
+def _image_size(init_model):
+  """`(height, width)` and channels for --task_dirs, from flags or model."""
+  fixed = tuple(init_model.inputs[0].shape[1:]) if init_model else None
+  if _IMAGE_SIZE.value:
+    try:
+      size = tuple(int(v) for v in _IMAGE_SIZE.value)
+    except ValueError:
+      size = ()
+    if len(size) == 1:
+      size = size * 2
+    if len(size) != 2 or min(size) < 1:
+      raise ValueError(
+          "Invalid value for argument `image_size`. Expected HEIGHT,WIDTH "
+          f"(or one side). Received: image_size={_IMAGE_SIZE.value!r}")
+    if fixed and None not in fixed[:2] and size != fixed[:2]:
+      raise ValueError(
+          f"Invalid value for argument `image_size`. Expected the "
+          f"--init_model's input size {fixed[:2]}. Received: "
+          f"image_size={size}")
+  elif fixed and len(fixed) == 3 and None not in fixed[:2]:
+    size = fixed[:2]
+  elif _TASK_DIRS.value:
+    raise ValueError(
+        "Invalid value for argument `image_size`. Expected HEIGHT,WIDTH for "
+        "--task_dirs when no --init_model fixes it. Received: none")
+  else:
+    size = None
+  channels = fixed[2] if fixed and len(fixed) == 3 and fixed[2] else 3
+  return size, channels
 
 
 if __name__ == "__main__":

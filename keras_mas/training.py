@@ -25,6 +25,7 @@ from keras_mas import methods as methods_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import models
 from keras_mas import regularizers
+from keras_mas import tasks as tasks_lib
 
 __all__ = ["METHODS", "run_sequence", "format_matrix"]
 
@@ -40,7 +41,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  model="mlp", hidden_units=128, weights=None,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
-                 strategy=None, extra=None, verbose=1):
+                 strategy=None, importance_data=None, extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -90,6 +91,12 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       under, or None. Under `MultiWorkerMirroredStrategy` every worker runs
       this function on the same data; only the chief writes into `workdir`
       (the others write to a temporary directory they delete).
+    importance_data: the data a starting `model` was deployed on: its
+      inputs, or `(inputs, labels)` with labels over the model's outputs.
+      Before the first task, Ω is measured on it (labels unused, except by
+      `ewc`) and the anchors set, so that what the model knows is protected
+      from the start; with labels, `results["importance_data_accuracy"]`
+      lists the accuracy on it before the first task and after each.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -159,6 +166,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         "Invalid value for argument `weights`. Expected a local weights "
         f"file or 'none'. Received: weights={weights!r} (no such file)")
   _check_labels(sequence)
+  old_x, old_y = _check_importance_data(importance_data, sequence, recipe,
+                                        model)
   try:
     keras.optimizers.get({"class_name": optimizer,
                           "config": {"learning_rate": learning_rate}})
@@ -186,6 +195,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "optimizer": optimizer, "model": model_name,
       "hidden_units": int(hidden_units), "weights": weights,
       "freeze_backbone": bool(freeze_backbone),
+      "importance_data": (None if old_x is None else
+                          {"samples": len(old_x), "labels": old_y is not None}),
       "importance_samples": importance_samples, "alpha": float(alpha),
       "fisher": fisher, "temperature": float(temperature),
       "seed": int(seed),
@@ -222,6 +233,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     matrix = np.array(state["accuracy_matrix"], dtype="float64")
     baseline = state["baseline"]
     timings = state["timings"]
+    old_accuracy = state.get("importance_data_accuracy")
     if verbose:
       print(f"Resuming after task {checkpoint[0]} from {checkpoint[1]}")
   else:
@@ -237,6 +249,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     matrix = np.full((num_tasks, num_tasks), np.nan)
     baseline = _accuracies(net, sequence, batch_size)
     timings = []
+    old_accuracy = None
+    if old_x is not None:
+      old_accuracy = _old_accuracy(net, old_x, old_y, batch_size) or None
+      _consolidate_deployed(net, recipe, old_x, old_y, sequence, strength,
+                            alpha, importance_samples, batch_size, fisher)
 
   net.penalty_mode = penalty_mode
   if recipe.tracks_path:
@@ -274,6 +291,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                                              fisher))
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
+    if old_accuracy is not None:
+      old_accuracy += _old_accuracy(net, old_x, old_y, batch_size)
     so_far = metrics_lib.summarize(matrix[:k + 1, :k + 1], baseline[:k + 1])
     callbacks_lib.log_accuracy_matrix(writer, matrix, so_far, step=k)
     writer.flush()
@@ -281,7 +300,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                     "consolidate_s": consolidated - trained})
     _write_checkpoint(write_dir, k, net, {
         "config": config, "accuracy_matrix": matrix.tolist(),
-        "baseline": baseline, "timings": timings})
+        "baseline": baseline, "timings": timings,
+        "importance_data_accuracy": old_accuracy})
     _export(net, write_dir, sequence, k)
     if verbose:
       seen = " ".join(f"{a:.3f}" for a in matrix[k, :k + 1])
@@ -299,6 +319,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       **metrics_lib.summarize(matrix, baseline),
       "config": config, "extra": extra or {}, "timings": timings,
   }
+  if old_accuracy is not None:
+    results["importance_data_accuracy"] = old_accuracy
   _write_json(os.path.join(write_dir, "results.json"), results)
   if write_dir != workdir:
     shutil.rmtree(write_dir, ignore_errors=True)
@@ -388,6 +410,62 @@ def _check_labels(sequence):
             f"Received: {split} labels "
             + (f"of shape {y.shape}" if y.ndim != 1 else
                f"{sorted(set(bad.tolist()))[:10]} out of range"))
+
+
+def _check_importance_data(data, sequence, recipe, model):
+  """`(x, y)` of `importance_data` (y may be None), checked before training."""
+  if data is None:
+    return None, None
+  x, y = data if isinstance(data, tuple) else (data, None)
+  x = np.asarray(x)
+  if x.ndim < 2 or not len(x) or tuple(x.shape[1:]) != tuple(
+      sequence.input_shape):
+    raise ValueError(
+        "Invalid value for argument `importance_data`. Expected inputs of "
+        f"the tasks' shape {tuple(sequence.input_shape)}. Received: inputs "
+        f"of shape {x.shape}")
+  if recipe.estimator in (None, "path_integral"):
+    raise ValueError(
+        "Invalid value for argument `importance_data`. Expected a method "
+        "that measures importance on data (mas, local_mas, l2, ewc, "
+        f"online_ewc). Received: method={recipe.name!r}")
+  if y is not None:
+    y = np.asarray(y)
+    outputs = (model.outputs[0].shape[-1] if isinstance(model, keras.Model)
+               else sequence.num_outputs)
+    if y.shape != (len(x),) or y.min() < 0 or y.max() >= outputs:
+      raise ValueError(
+          "Invalid value for argument `importance_data`. Expected one label "
+          f"per input in 0..{outputs - 1}. Received: labels of shape "
+          f"{y.shape}" + (f", range {y.min()}..{y.max()}" if y.size else ""))
+  elif recipe.labels:
+    raise ValueError(
+        "Invalid value for argument `importance_data`. Expected labels, "
+        f"`(inputs, labels)`, for method={recipe.name!r}, whose importance "
+        "reads them. Received: inputs only")
+  return x.astype("float32"), y
+
+
+def _old_accuracy(net, x, y, batch_size):
+  if y is None:
+    return []
+  logits = net.predict(x, batch_size=max(batch_size, 256), verbose=0)
+  return [float(np.mean(np.argmax(logits, axis=-1) == y))]
+
+
+def _consolidate_deployed(net, recipe, x, y, sequence, strength, alpha,
+                          num_samples, batch_size, fisher):
+  """Ω on the data the model was deployed on, over all its outputs."""
+  outputs = int(net.outputs[0].shape[-1])
+  deployed = tasks_lib.Task(
+      "importance data", x, np.zeros(len(x), "int64") if y is None else y,
+      x[:0], np.zeros(0, "int64"), outputs, 0, outputs, 0)
+  net.consolidate(recipe.consolidation_data(deployed),
+                  **recipe.consolidation(
+                      deployed, strength, alpha,
+                      None if num_samples is None else min(num_samples,
+                                                           len(x)),
+                      batch_size, fisher))
 
 
 def _copy_model(model):

@@ -84,5 +84,77 @@ def test_app_trains_a_keras_applications_backbone(tmp_path):
   assert np.all(np.isfinite(logits.numpy()))
 
 
+def _image_folder(folder, seed, classes=("a", "b"), per_class=8):
+  import keras  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for k, c in enumerate(classes):
+    os.makedirs(os.path.join(folder, c))
+    for i in range(per_class):
+      # Class k is brighter on its own half: learnable, not trivial.
+      image = rng.integers(0, 128, (8, 8, 1))
+      image[:, 4 * k:4 * k + 4] += 127
+      keras.utils.save_img(os.path.join(folder, c, f"{i}.png"),
+                           image.astype("uint8"), scale=False)
+
+
+@pytest.fixture(name="deployed")
+def _deployed(tmp_path):
+  """A trained .keras model and image folders: old data and two tasks."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for i, name in enumerate(("old", "task_a", "task_b")):
+    _image_folder(str(tmp_path / name), seed=i)
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(8, activation="relu"),
+                            keras.layers.Dense(2)], name="deployed")
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+  model.fit(np.random.default_rng(0).random((16, 8, 8, 1)),
+            np.arange(16) % 2, epochs=1, verbose=0)
+  path = str(tmp_path / "deployed.keras")
+  model.save(path)
+  return tmp_path, path
+
+
+def test_app_adapts_a_saved_model_on_image_folders(deployed):
+  folder, model_path = deployed
+  workdir = str(folder / "run")
+  done = _run(f"--workdir={workdir}", f"--init_model={model_path}",
+              f"--task_dirs={folder}/task_a,{folder}/task_b",
+              f"--importance_data={folder}/old", "--scenario=domain",
+              "--method=mas", "--epochs=1", "--batch_size=8", "--verbose=0")
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["tasks"] == ["task_a", "task_b"]
+  assert results["config"]["model"] == "custom:deployed"
+  assert results["config"]["importance_data"] == {"samples": 16,
+                                                  "labels": True}
+  assert len(results["importance_data_accuracy"]) == 3
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  served = tf.saved_model.load(os.path.join(workdir, "export", "task_1"))
+  assert tuple(served.serve(tf.zeros((3, 8, 8, 1))).shape) == (3, 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--init_model": "{folder}/task_a/a/0.png"}, "argument `init_model`"),
+    ({"--task_dirs": "{folder}/task_a,{folder}/absent"}, "no such folder"),
+    ({"--image_size": "16,16"}, "argument `image_size`"),
+    ({"--importance_data": "{folder}/absent"}, "argument `importance_data`"),
+])
+def test_app_bad_user_data_fails_before_training(deployed, change, message):
+  folder, model_path = deployed
+  flags = {"--workdir": "{folder}/run", "--init_model": model_path,
+           "--task_dirs": "{folder}/task_a,{folder}/task_b",
+           "--importance_data": "{folder}/old", "--scenario": "domain",
+           "--epochs": "1", "--verbose": "0", **change}
+  done = _run(*(f"{k}={v.format(folder=folder)}" for k, v in flags.items()))
+  assert done.returncode == 1
+  assert "Traceback" not in done.stderr, done.stderr
+  assert len([l for l in done.stderr.splitlines() if message in l]) == 1
+  assert not os.path.exists(str(folder / "run"))
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

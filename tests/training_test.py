@@ -235,3 +235,58 @@ def test_class_incremental_scores_over_every_class_seen():
   task_il = _tiny("task", num_tasks=2)
   assert training._accuracies(net, task_il, 16, trained=1)[0] == (
       pytest.approx(np.mean(task_il.tasks[0].y_test == 1)))
+
+
+def _deployed_model(sequence):
+  keras.utils.set_random_seed(1)
+  own = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                          keras.layers.Dense(16, activation="relu"),
+                          keras.layers.Dense(sequence.num_outputs)],
+                         name="deployed")
+  own.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+  old = sequence.tasks[0]
+  own.fit(old.x_train, old.y_train, epochs=5, verbose=0)
+  return own, (old.x_test, old.y_test)
+
+
+def test_importance_data_protects_a_deployed_model_from_the_start(tmp_path):
+  sequence = _tiny(recipe="permuted", num_tasks=3)
+  own, old = _deployed_model(sequence)
+  deployed_accuracy = float(np.mean(
+      np.argmax(own.predict(old[0], verbose=0), -1) == old[1]))
+  later = tasks.from_arrays(
+      [(t.x_train, t.y_train, t.x_test, t.y_test)
+       for t in sequence.tasks[1:]], scenario="domain")
+  workdir = str(tmp_path / "run")
+  results = training.run_sequence(later, workdir, model=own, method="mas",
+                                  strength=1.0, importance_data=old, **_FAST)
+  accuracy = results["importance_data_accuracy"]
+  assert len(accuracy) == 3 and accuracy[0] == pytest.approx(
+      deployed_accuracy)
+  assert results["config"]["importance_data"] == {"samples": 32,
+                                                  "labels": True}
+  first = keras.models.load_model(
+      os.path.join(workdir, "checkpoints", "task_0", "model.keras"))
+  assert first.consolidated_tasks == 2  # The deployed data, then task 0.
+  unlabeled = training.run_sequence(later, str(tmp_path / "u"), model=own,
+                                    method="mas", importance_data=old[0],
+                                    **_FAST)
+  assert "importance_data_accuracy" not in unlabeled
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"importance_data": np.zeros((4, 6, 6, 1))}, r"shape \(8, 8, 1\)"),
+    ({"importance_data": (np.zeros((4, 8, 8, 1)), np.array([0, 1, 10, 0]))},
+     r"0\.\.9"),
+    ({"importance_data": np.zeros((4, 8, 8, 1)), "method": "finetune"},
+     "measures importance"),
+    ({"importance_data": np.zeros((4, 8, 8, 1)), "method": "ewc"},
+     "Expected labels"),
+])
+def test_bad_importance_data_is_named_before_training(tmp_path, kwargs,
+                                                      message):
+  arguments = {"method": "mas", **_FAST, **kwargs}
+  with pytest.raises(ValueError, match=f"`importance_data`.*{message}"):
+    training.run_sequence(_tiny(recipe="permuted", num_tasks=2),
+                          str(tmp_path / "w"), **arguments)
+  assert not os.path.exists(str(tmp_path / "w"))
