@@ -337,9 +337,12 @@ def _accumulating(step, variables):
     spec = dataset.element_spec
     key = repr(spec)
     if key not in functions:
+      # No autograph: the steps hold no Python control flow on tensors
+      # (nor may Keras 3 layers, whose `__call__` autograph never converts),
+      # and converting the per-sample forms cost more than tracing them.
       functions[key] = tf.function(
           lambda totals, batch: [t + s for t, s in zip(totals, step(batch))],
-          input_signature=[totals_spec, spec])
+          input_signature=[totals_spec, spec], autograph=False)
     add = functions[key]
     totals = [tf.zeros(v.shape, tf.float32) for v in variables]
     count = 0
@@ -369,7 +372,7 @@ def _distributed_sums(model, key, step, variables, data, batch_size,
 
 
 def _distributed(step, strategy):
-  @tf.function(reduce_retracing=True)
+  @tf.function(reduce_retracing=True, autograph=False)
   def per_batch(shares):
     sums = strategy.run(step, args=(shares,))
     return [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None)
