@@ -142,3 +142,133 @@ class TestHardBuffer:
     with pytest.raises(ValueError, match="`capacity`"):
       task_free.HardBuffer(0)
     np.testing.assert_array_equal(buffer.labels, [1, 0])
+
+
+# --------------------------------------------------------------------------
+# Learning a stream with a real model.
+
+
+def _gaussian_task(task, n):
+  """Two Gaussian blobs in 4×4 images, placed and oriented per task: the
+  model of one task guesses the next one's labels at chance."""
+  rng = np.random.default_rng(task)
+  direction, offset = rng.standard_normal((2, 16))
+  direction /= np.linalg.norm(direction)
+  offset *= 3.0 / np.linalg.norm(offset)
+  y = rng.integers(0, 2, n)
+  x = (offset + np.where(y == 1, 1.5, -1.5)[:, None] * direction
+       + 0.3 * rng.standard_normal((n, 16)))
+  return x.reshape(n, 4, 4, 1).astype("float32"), y.astype("int64")
+
+
+def _model(seed=0):
+  import keras  # pylint: disable=g-import-not-at-top
+  from keras_mas import architectures  # pylint: disable=g-import-not-at-top
+  net = architectures.build("mlp", (4, 4, 1), 2, hidden_units=16, seed=seed)
+  net.compile(keras.optimizers.Adam(1e-2),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  return net
+
+
+def _stream(stretches, batch=10):
+  """Batches of tasks one after another: `stretches` lists (task, batches)."""
+  batches = []
+  for task, count in stretches:
+    x, y = _gaussian_task(task, count * batch)
+    batches += [(x[i:i + batch], y[i:i + batch])
+                for i in range(0, len(x), batch)]
+  return batches
+
+
+class TestFitStream:
+
+  def test_consolidates_once_after_each_change(self, tmp_path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    stretches = [(0, 30), (1, 30), (2, 60)]
+    changes = np.cumsum([0] + [c for _, c in stretches])
+    net = _model()
+    learner = task_free.TaskFreeConsolidation(
+        buffer_size=20, log_dir=str(tmp_path))
+    task_free.fit_stream(net, _stream(stretches), learner,
+                         updates_per_batch=2)
+    assert learner.step == changes[-1]
+    # One consolidation in each stretch, after its start: none in the last
+    # 60-batch stretch beyond the first.
+    assert len(learner.consolidations) == 3
+    for start, stop, step in zip(changes[:-1], changes[1:],
+                                 learner.consolidations):
+      assert start < step < stop
+    assert net.consolidated_tasks == 3
+    assert 0.5 < learner.online_accuracy <= 1.0
+    tags = set()
+    for path in tmp_path.iterdir():
+      for event in tf.compat.v1.train.summary_iterator(str(path)):
+        tags.update(v.tag for v in event.summary.value)
+    assert {"stream/incoming_loss", "stream/window_mean", "stream/peak",
+            "stream/plateau", "stream/consolidation",
+            "stream/online_accuracy"} <= tags
+
+  def test_importance_on_the_buffer_is_mas_on_its_samples(self):
+    from keras_mas import importance  # pylint: disable=g-import-not-at-top
+    net = _model()
+    batches = _stream([(0, 12)])
+    learner = task_free.TaskFreeConsolidation(buffer_size=15,
+                                              consolidate_at=[12])
+    task_free.fit_stream(net, batches, learner)
+    assert learner.consolidations == [12]
+    assert len(learner.buffer) == 15
+    expected = importance.mas(net, learner.buffer.inputs)
+    for omega, reference in zip(net.importances, expected):
+      np.testing.assert_allclose(omega.numpy(), reference.numpy(), rtol=1e-5,
+                                 atol=1e-7)
+    for anchor, weight in zip(net.anchors, net.trainable_variables):
+      np.testing.assert_array_equal(anchor.numpy(), weight.numpy())
+
+  def test_finetune_and_replay_never_consolidate(self):
+    for rehearse in (False, True):
+      net = _model()
+      learner = task_free.TaskFreeConsolidation(
+          buffer_size=10, rehearse=rehearse, consolidate_at=None)
+      task_free.fit_stream(net, _stream([(0, 8), (1, 8)]), learner)
+      assert learner.consolidations == [] and net.consolidated_tasks == 0
+      # The buffer is filled either way; only rehearsal trains on it.
+      assert len(learner.buffer) == 10
+
+  def test_resume_mid_stream_gives_the_same_run(self, tmp_path):
+    import keras  # pylint: disable=g-import-not-at-top
+    batches = _stream([(0, 15), (1, 15)])
+
+    def learner():
+      return task_free.TaskFreeConsolidation(buffer_size=10)
+
+    whole_net, whole = _model(), learner()
+    task_free.fit_stream(whole_net, batches, whole)
+    net, first = _model(), learner()
+    task_free.fit_stream(net, batches, first, steps=17)
+    net.save(tmp_path / "model.keras")
+    state = first.get_state()
+    with open(tmp_path / "stream.json", "w") as f:
+      json.dump(state["stream"], f)
+    np.savez(tmp_path / "buffer.npz", **state["buffer"])
+    # A new process would start here.
+    resumed_net = keras.models.load_model(tmp_path / "model.keras")
+    resumed = learner()
+    with open(tmp_path / "stream.json") as f:
+      resumed.set_state({"stream": json.load(f),
+                         "buffer": dict(np.load(tmp_path / "buffer.npz"))})
+    task_free.fit_stream(resumed_net, batches[17:], resumed)
+    assert resumed.consolidations == whole.consolidations
+    assert resumed.online_correct == whole.online_correct
+    for a, b in zip(resumed_net.weights, whole_net.weights):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+  def test_bad_arguments_name_themselves(self):
+    with pytest.raises(ValueError, match="`task_free`"):
+      task_free.fit_stream(None, [], object())
+    with pytest.raises(ValueError, match="`updates_per_batch`"):
+      task_free.fit_stream(None, [], task_free.TaskFreeConsolidation(),
+                           updates_per_batch=0)
+    with pytest.raises(ValueError, match="`consolidate_at`"):
+      task_free.TaskFreeConsolidation(consolidate_at=[0, 3])
+    with pytest.raises(ValueError, match="`window`"):
+      task_free.TaskFreeConsolidation(window=5)

@@ -1,0 +1,116 @@
+"""One stream of small batches from a task sequence, its boundaries hidden.
+
+The tasks' training data, one after the other, cut into batches: the
+learner is not told where one task ends. The true boundaries come back
+apart, for evaluation only (the accuracy matrix at the hidden boundaries,
+oracle baselines). Transitions can be blurred: around each change, samples
+of the two tasks are mixed, the next task's share rising from 0 to 1.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["Stream", "from_sequence"]
+
+
+@dataclasses.dataclass
+class Stream:
+  """A stream: inputs and labels in stream order, and where tasks end.
+
+  Attributes:
+    x: inputs, shape `(N, ...)`, in the order the learner meets them.
+    y: labels over the model's outputs (each task's `label_offset`
+      applied), shape `(N,)`.
+    task_ids: the task each sample came from (for evaluation only).
+    batch_size: samples per incoming batch.
+    boundaries: for each task, the step (number of incoming batches) after
+      which its stretch ends; the last is `num_steps`.
+  """
+  x: np.ndarray
+  y: np.ndarray
+  task_ids: np.ndarray
+  batch_size: int
+  boundaries: list
+
+  @property
+  def num_steps(self):
+    return -(-len(self.x) // self.batch_size)
+
+  def batches(self):
+    """The `(x, y)` NumPy batches, in stream order."""
+    for start in range(0, len(self.x), self.batch_size):
+      stop = start + self.batch_size
+      yield self.x[start:stop], self.y[start:stop]
+
+  def as_dataset(self):
+    """The stream as a batched `tf.data.Dataset` of `(x, y)`, in order."""
+    return tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(
+        self.batch_size)
+
+
+def from_sequence(sequence, batch_size=10, transition_steps=0, seed=0):
+  """Concatenates a task sequence's training data into one stream.
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.make_sequence("digits", "split", "domain", 5)
+  stream = keras_mas.streams.from_sequence(sequence, batch_size=10)
+  for x, y in stream.batches():
+    ...
+  stream.boundaries  # e.g. [29, 58, 87, 116, 144]
+  ```
+
+  Args:
+    sequence: a `keras_mas.tasks.TaskSequence` (domain- or
+      class-incremental: a task-free learner is never told a task id).
+    batch_size: samples per incoming batch.
+    transition_steps: blur each change over about this many batches: a
+      sample's place is jittered uniformly by up to half that many batches
+      either way, so that the next task's share rises linearly across the
+      change. 0: abrupt changes.
+    seed: seeds the blur.
+
+  Returns:
+    A `Stream`.
+
+  Raises:
+    ValueError: naming the argument, for a task-incremental sequence or a
+      bad batch size or transition length.
+  """
+  if sequence.scenario == "task":
+    raise ValueError(
+        "Invalid value for argument `sequence`. Expected a domain- or "
+        "class-incremental sequence: a task-free stream never says which "
+        "task a sample is from, so task-incremental heads cannot be chosen. "
+        "Received: scenario='task'")
+  if (isinstance(batch_size, bool) or not isinstance(batch_size,
+                                                     (int, np.integer))
+      or batch_size < 1):
+    raise ValueError(
+        "Invalid value for argument `batch_size`. Expected a positive "
+        f"integer. Received: batch_size={batch_size!r}")
+  if (isinstance(transition_steps, bool)
+      or not isinstance(transition_steps, (int, np.integer))
+      or transition_steps < 0):
+    raise ValueError(
+        "Invalid value for argument `transition_steps`. Expected an integer "
+        f">= 0. Received: transition_steps={transition_steps!r}")
+  x = np.concatenate([t.x_train for t in sequence.tasks])
+  y = np.concatenate([t.y_train.astype("int64") + t.label_offset + t.start
+                      for t in sequence.tasks])
+  task_ids = np.concatenate([np.full(len(t.x_train), k, "int64")
+                             for k, t in enumerate(sequence.tasks)])
+  ends = np.cumsum([len(t.x_train) for t in sequence.tasks])
+  if transition_steps:
+    half = transition_steps * batch_size / 2.0
+    rng = np.random.default_rng(seed)
+    keys = np.arange(len(x)) + rng.uniform(-half, half, len(x))
+    order = np.argsort(keys, kind="stable")
+    x, y, task_ids = x[order], y[order], task_ids[order]
+  # The change point of task k -> k+1 stays where it was; its batch is
+  # the last of task k's stretch.
+  boundaries = [int(-(-end // batch_size)) for end in ends]
+  return Stream(x, y, task_ids, int(batch_size), boundaries)
