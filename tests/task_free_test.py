@@ -272,3 +272,37 @@ class TestFitStream:
       task_free.TaskFreeConsolidation(consolidate_at=[0, 3])
     with pytest.raises(ValueError, match="`window`"):
       task_free.TaskFreeConsolidation(window=5)
+
+
+class TestRunStream:
+
+  def test_task_free_mas_forgets_less_than_online_finetuning(self, tmp_path):
+    from keras_mas import tasks  # pylint: disable=g-import-not-at-top
+    sequence = tasks.make_sequence("digits", "split", "domain", 5)
+    mas = task_free.run_stream(sequence, "mas", workdir=str(tmp_path))
+    finetune = task_free.run_stream(sequence, "finetune")
+    steps = mas["num_steps"]
+    assert mas["boundaries"] == finetune["boundaries"]
+    assert mas["boundaries"][-1] == steps
+    assert mas["forgetting"] < finetune["forgetting"] - 0.05
+    assert mas["acc"] > finetune["acc"]
+    assert finetune["consolidations"] == []
+    # One consolidation per task stretch, each within it: the detector
+    # finds the hidden changes.
+    starts = [0] + mas["boundaries"][:-1]
+    assert len(mas["consolidations"]) == len(sequence)
+    for start, stop, step in zip(starts, mas["boundaries"],
+                                 mas["consolidations"]):
+      assert start < step <= stop
+    assert np.asarray(mas["accuracy_matrix"]).shape == (5, 5)
+    assert 0.5 < mas["online_accuracy"] <= 1.0
+    with open(tmp_path / "results.json") as f:
+      assert json.load(f)["consolidations"] == mas["consolidations"]
+    table = task_free.format_results([mas, finetune])
+    assert "mas" in table and "finetune" in table
+
+  def test_bad_method_names_itself(self):
+    from keras_mas import tasks  # pylint: disable=g-import-not-at-top
+    sequence = tasks.make_sequence("digits", "split", "domain", 2)
+    with pytest.raises(ValueError, match="`method`"):
+      task_free.run_stream(sequence, "ewc")
