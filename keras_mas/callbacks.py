@@ -124,8 +124,10 @@ class DivergenceGuard(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     loss = (logs or {}).get("loss")
     finite = loss is None or np.isfinite(loss)
+    # One reduction per variable, no copy to the host.
     finite = finite and all(
-        np.all(np.isfinite(v.numpy())) for v in self.model.trainable_variables)
+        bool(tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))))
+        for v in self.model.trainable_variables)
     if finite:
       return
     for v, good in zip(self.model.trainable_variables, self._good):

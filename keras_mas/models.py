@@ -116,6 +116,7 @@ class MASModel(keras.Model):
     self._mas = None
     self._si_path = None
     self._stop_on_divergence = True
+    self._penalty_log_interval = 1
     if self.built:
       self._ensure_mas_state()
 
@@ -290,6 +291,31 @@ class MASModel(keras.Model):
           "Invalid value for argument `stop_on_divergence`. Expected True or "
           f"False. Received: stop_on_divergence={value!r}")
     self._stop_on_divergence = bool(value)
+
+  @property
+  def penalty_log_interval(self):
+    """Every how many training steps `fit` computes the penalty's value.
+
+    The update needs only the penalty's gradient `2λΩ(θ − θ*)`; its value
+    `λ Σ Ω (θ − θ*)²` is for the logs (`mas_penalty`, and `loss`, the task
+    loss plus the penalty), and costs two more passes over the parameters
+    per step. With an interval k > 1 the value is computed on every k-th
+    step (and the first of each epoch): `mas_penalty` is the mean over
+    those steps, and the other steps' `loss` adds that running mean. The
+    training itself is the same for every k. Default 1: exact logs.
+    `evaluate` and `mas_penalty()` are always exact.
+    """
+    return self._penalty_log_interval
+
+  @penalty_log_interval.setter
+  def penalty_log_interval(self, value):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(
+          "Invalid value for argument `penalty_log_interval`. Expected an "
+          f"integer >= 1. Received: penalty_log_interval={value!r}")
+    self._penalty_log_interval = int(value)
+    self.train_function = None  # Fixed into the traced train step.
 
   def fit(self, *args, **kwargs):
     """`keras.Model.fit`, stopping with an error if training diverges.
@@ -509,6 +535,13 @@ class MASModel(keras.Model):
         "float32")
     by_id = {id(v): i for i, v in enumerate(variables)}
     slots = [by_id.get(id(v)) for v in state.targets]
+    interval = self._penalty_log_interval
+    if interval > 1:
+      due = tf.logical_or(
+          tf.equal(self.penalty_tracker.count, 0),
+          tf.equal(self.optimizer.iterations % interval, 0))
+    else:
+      due = None
     # Variables no longer trainable (frozen since) count in the value only.
     penalty, combined = _penalized_gradients(
         [tf.cast(v, "float32") for v in state.targets],
@@ -516,16 +549,21 @@ class MASModel(keras.Model):
         [None if i is None else gradients[i] for i in slots],
         [None if i is None or proximal else variables[i].dtype
          for i in slots],
-        strength, coefficient)
+        strength, coefficient, due)
     for i, g in zip(slots, combined):
       if g is not None:
         gradients[i] = g
 
+    if due is None:
+      self.penalty_tracker.update_state(penalty)
+    else:
+      self.penalty_tracker.update_state(
+          penalty, sample_weight=tf.cast(due, "float32"))
+      penalty = tf.where(due, penalty, self.penalty_tracker.result())
     self._loss_tracker.update_state(
         _whole_batch_loss(task_loss) + penalty,
         sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
     self.task_loss_tracker.update_state(_whole_batch_loss(task_loss))
-    self.penalty_tracker.update_state(penalty)
     path = self._si_path
     if path is not None:
       path_step = path.before_step(
@@ -641,8 +679,11 @@ def _with_path_flag(model, config):
 
 
 def _penalized_gradients(values, importances, anchors, gradients, dtypes,
-                         strength, coefficient):
+                         strength, coefficient, due=None):
   """`λ Σ Ω (θ − θ*)²` and each `g + c·Ω(θ − θ*)` whose `dtype` is given.
+
+  With `due` (a boolean tensor) the value is computed only where it holds,
+  0 elsewhere.
 
   Memory-bound element-wise work, one TF kernel per operation on CPU (no
   fusion without XLA): `Ω(θ − θ*)` is formed once and serves both, the
@@ -651,20 +692,26 @@ def _penalized_gradients(values, importances, anchors, gradients, dtypes,
   made. XLA (`jit_compile`) fuses it all into one pass; measured on CPU
   it did not win, and on GPU Keras compiles the whole train step with XLA.
   """
-  terms, combined = [], []
+  pieces, combined = [], []
   for v, omega, anchor, g, dtype in zip(values, importances, anchors,
                                         gradients, dtypes):
     drift = v - anchor
     weighted = omega * drift
-    terms.append(tf.reduce_sum(weighted * drift))
+    pieces.append((weighted, drift))
     if dtype is None:
       combined.append(None)
     else:
       step = tf.cast(coefficient * weighted, dtype)
       combined.append(step if g is None else g + step)
-  penalty = (strength * tf.add_n(terms) if terms
-             else tf.zeros((), "float32"))
-  return penalty, combined
+
+  def value():
+    if not pieces:
+      return tf.zeros((), "float32")
+    return strength * tf.add_n([tf.reduce_sum(w * d) for w, d in pieces])
+
+  if due is None:
+    return value(), combined
+  return tf.cond(due, value, lambda: tf.zeros((), "float32")), combined
 
 
 def _whole_batch_loss(loss):

@@ -357,6 +357,40 @@ def test_invalid_stop_on_divergence_is_named(bad):
   assert model.stop_on_divergence is True
 
 
+def test_penalty_log_interval_changes_the_logs_not_the_training():
+  runs = {}
+  for interval in (1, 1000):
+    model = _compile(_functional())
+    model.fit(_X, _Y, epochs=1, verbose=0)
+    model.consolidate(_X, strength=3.0)
+    model.penalty_log_interval = interval
+    at_epoch_start, logs = [], []
+    for _ in range(3):
+      at_epoch_start.append(float(model.mas_penalty()))
+      logs.append(model.fit(_X, (_Y + 1) % 3, batch_size=4, epochs=1,
+                            shuffle=False, verbose=0).history)
+    runs[interval] = model, at_epoch_start, logs
+  exact, sampled = runs[1], runs[1000]
+  for a, b in zip(exact[0].get_weights(), sampled[0].get_weights()):
+    np.testing.assert_array_equal(a, b)
+  for e, s, start in zip(exact[2], sampled[2], sampled[1]):
+    assert e["task_loss"] == s["task_loss"]
+    # Only each epoch's first step is measured (the iteration count never
+    # reaches a multiple of 1000 here); the others' loss adds that value.
+    np.testing.assert_allclose(s["mas_penalty"][0], start, rtol=1e-5)
+    np.testing.assert_allclose(
+        s["loss"][0], s["task_loss"][0] + s["mas_penalty"][0], rtol=1e-5)
+    assert e["mas_penalty"][0] > start  # The exact mean grows in the epoch.
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_invalid_penalty_log_interval_is_named(bad):
+  model = _functional()
+  with pytest.raises(ValueError, match="argument `penalty_log_interval`"):
+    model.penalty_log_interval = bad
+  assert model.penalty_log_interval == 1
+
+
 def test_unbuilt_model_is_refused():
   model = SubclassedNet()
   with pytest.raises(ValueError, match="argument `model`.*unbuilt"):
