@@ -195,7 +195,7 @@ def test_fisher_uses_the_same_forms():
 
 def test_chunks_give_the_same_sums(monkeypatch):
   model = _sequential((3, 5), keras.layers.EinsumDense("abc,cd->abd", (3, 4)),
-                      keras.layers.Conv1D(2, 2), keras.layers.Flatten())
+                      keras.layers.Conv1D(2, 2), keras.layers.GRU(2))
   x = _x(9, 3, 5)
   whole = importance.mas(model, x, batch_size=9)
   importance._COMPILED.pop(model, None)
