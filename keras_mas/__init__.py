@@ -11,6 +11,7 @@ first use.
 """
 
 import importlib
+import pkgutil
 
 from keras_mas import callbacks
 from keras_mas import importance
@@ -23,31 +24,28 @@ from keras_mas.regularizers import MASRegularizer
 
 __version__ = "0.1.0"
 
-# Loaded on first attribute access (PEP 562): `import keras_mas` stays as
-# cheap as the core, and `keras_mas.training`, which imports most of the
-# package, cannot meet a half-initialised `keras_mas`.
-_LAZY_MODULES = (
-    "architectures", "comparison", "export", "heads", "methods", "metrics",
-    "tasks", "training",
-)
+# Every other module (`keras_mas.tasks`, `keras_mas.metrics`,
+# `keras_mas.training`, ...) loads on first attribute access (PEP 562):
+# `import keras_mas` stays as cheap as the core, and `keras_mas.training`,
+# which imports most of the package, cannot meet a half-initialised
+# `keras_mas`.
+_SUBMODULES = tuple(sorted(
+    m.name for m in pkgutil.iter_modules(__path__)
+    if not m.name.startswith("_")))
 
 __all__ = [
     "FunctionalMASModel",
     "MASModel",
     "MASRegularizer",
     "WrappedMASModel",
-    "callbacks",
-    "importance",
-    "models",
-    "regularizers",
-] + list(_LAZY_MODULES)
+] + list(_SUBMODULES)
 
 
 def __getattr__(name):
-  if name in _LAZY_MODULES:
+  if name in _SUBMODULES:
     return importlib.import_module(f"keras_mas.{name}")
   raise AttributeError(f"module 'keras_mas' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_LAZY_MODULES))
+  return sorted(set(globals()) | set(_SUBMODULES))
