@@ -15,6 +15,7 @@ the data runs in one compiled function, accumulating on the device.
 """
 
 import contextlib
+import math
 import weakref
 
 import keras
@@ -30,9 +31,27 @@ __all__ = ["fisher", "local_mas", "mas", "path_integral", "squared_output_norm",
 # tasks reuse one trace instead of retracing every time.
 _COMPILED = weakref.WeakKeyDictionary()
 
-# Batch size for array inputs: large enough that per-batch costs vanish; the
-# per-sample forms bound their own memory (`per_sample._CHUNK_VALUES`).
-DEFAULT_BATCH_SIZE = 256
+# Array inputs are batched so that a batch holds about this many input
+# values (a power of two of samples, from 32 to 1,024): large batches make
+# the per-batch costs vanish, while activations, which grow with the input,
+# stay bounded; the per-sample forms bound their own memory
+# (`per_sample._CHUNK_VALUES`).
+_BATCH_INPUT_VALUES = 1 << 20
+_BATCH_RANGE = (32, 1024)
+
+
+def default_batch_size(data):
+  """The batch size used for array `data` when none is given."""
+  per_sample = 1
+  for t in tf.nest.flatten(data):
+    shape = getattr(t, "shape", None)
+    if shape is not None and len(shape) > 1:
+      per_sample += math.prod(int(d or 1) for d in shape[1:])
+  batch = _BATCH_RANGE[0]
+  while batch * 2 <= _BATCH_RANGE[1] and batch * 2 * per_sample <= (
+      _BATCH_INPUT_VALUES):
+    batch *= 2
+  return batch
 
 
 def squared_output_norm(outputs):
@@ -78,8 +97,9 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=None,
       `Σ_batches |Σ_k g_k| / N`, which lets gradients of opposite sign in a
       batch cancel and so underestimates importance.
     num_samples: use at most this many samples of `data`.
-    batch_size: batch size when `data` is an array; default
-      `DEFAULT_BATCH_SIZE`.
+    batch_size: batch size when `data` is an array; by default a power of
+      two from 32 to 1,024 holding about a million input values
+      (`default_batch_size`).
     output_fn: optional function applied to the model's outputs before the
       norm, e.g. to measure one task head of a multi-head model.
 
@@ -281,7 +301,7 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   global sample count.
   """
   if batch_size is None:
-    batch_size = DEFAULT_BATCH_SIZE
+    batch_size = default_batch_size(data)
   strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
   try:
     if strategy.num_replicas_in_sync > 1:

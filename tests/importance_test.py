@@ -264,5 +264,15 @@ def test_errors_name_the_argument():
     importance.mas(model, np.ones((4, 5)), per_sample="yes")
 
 
+def test_default_batch_holds_about_a_million_input_values():
+  assert importance.default_batch_size(np.zeros((9, 784))) == 1024
+  assert importance.default_batch_size(np.zeros((9, 32, 32, 3))) == 256
+  assert importance.default_batch_size(np.zeros((9, 224, 224, 3))) == 32
+  model = _mlp()
+  x = np.random.default_rng(8).normal(size=(70, 5)).astype("float32")
+  _assert_close(importance.mas(model, x),
+                [t.numpy() for t in importance.mas(model, x, batch_size=7)])
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
