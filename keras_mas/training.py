@@ -2,17 +2,17 @@
 
 For each task: `fit` (one call, epochs counted from the start of the
 sequence), evaluate every task, consolidate on the task's training inputs
-(labels dropped), checkpoint, export, log. The library reads no flags: the
-apps pass plain arguments.
+(labels dropped), checkpoint, export, log. Checkpoints and resume live in
+`keras_mas.checkpoints`, data sources in `keras_mas.sources`. The library
+reads no flags: the apps pass plain arguments.
 """
 
 import contextlib
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
-import warnings
 
 import keras
 import numpy as np
@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from keras_mas import architectures
 from keras_mas import callbacks as callbacks_lib
+from keras_mas import checkpoints
 from keras_mas import export as export_lib
 from keras_mas import methods as methods_lib
 from keras_mas import metrics as metrics_lib
@@ -30,9 +31,6 @@ from keras_mas import tasks as tasks_lib
 __all__ = ["METHODS", "run_sequence", "format_matrix"]
 
 METHODS = tuple(methods_lib.METHODS)
-_CHECKPOINTS = "checkpoints"
-_STATE = "state.json"
-_MODEL = "model.keras"
 
 
 def run_sequence(sequence, workdir, method="mas", strength=0.1,
@@ -111,80 +109,19 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       being finite; the checkpoints of the completed tasks are intact.
   """
   recipe = methods_lib.get(method)
-  if fisher not in ("empirical", "true"):
-    raise ValueError(
-        "Invalid value for argument `fisher`. Expected 'empirical' or "
-        f"'true'. Received: fisher={fisher!r}")
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(
-        "Invalid value for argument `alpha`. Expected a number in [0, 1]. "
-        f"Received: alpha={alpha!r}")
-  if not temperature > 0:
-    raise ValueError(
-        "Invalid value for argument `temperature`. Expected a number > 0. "
-        f"Received: temperature={temperature!r}")
   strength = regularizers.validate_strength(strength)
-  if penalty_mode not in models.PENALTY_MODES:
-    raise ValueError(
-        "Invalid value for argument `penalty_mode`. Expected one of "
-        f"{list(models.PENALTY_MODES)}. Received: "
-        f"penalty_mode={penalty_mode!r}")
-  for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                      ("hidden_units", hidden_units)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(
-          f"Invalid value for argument `{name}`. Expected a positive integer. "
-          f"Received: {name}={value!r}")
-  if (not isinstance(learning_rate, (int, float, np.floating))
-      or not np.isfinite(learning_rate) or learning_rate <= 0):
-    raise ValueError(
-        "Invalid value for argument `learning_rate`. Expected a finite "
-        f"number > 0. Received: learning_rate={learning_rate!r}")
-  if isinstance(model, keras.Model):
-    _check_model_fits(model, sequence)
-    model_name = f"custom:{model.name}"
-  else:
-    if (model not in architectures.ARCHITECTURES
-        and architectures.application_name(model) is None):
-      raise ValueError(
-          "Invalid value for argument `model`. Expected one of "
-          f"{architectures.ARCHITECTURES}, a keras.applications model name "
-          f"(any case) or a built keras.Model. Received: model={model!r}")
-    model_name = model
   if isinstance(weights, str) and weights.lower() == "none":
     weights = None
-  if (weights is not None or freeze_backbone) and (
-      isinstance(model, keras.Model)
-      or architectures.application_name(model) is None):
-    raise ValueError(
-        "Invalid value for argument `weights`/`freeze_backbone`. Expected "
-        "them only with a keras.applications backbone. Received: "
-        f"model={model_name!r}, weights={weights!r}, "
-        f"freeze_backbone={freeze_backbone!r}")
-  if weights is not None and not os.path.isfile(weights):
-    raise ValueError(
-        "Invalid value for argument `weights`. Expected a local weights "
-        f"file or 'none'. Received: weights={weights!r} (no such file)")
+  _check_options(fisher=fisher, alpha=alpha, temperature=temperature,
+                 penalty_mode=penalty_mode, epochs=epochs,
+                 batch_size=batch_size, hidden_units=hidden_units,
+                 learning_rate=learning_rate, optimizer=optimizer)
+  model_name = _check_model(model, weights, freeze_backbone, sequence)
   _check_labels(sequence)
+  _check_importance_samples(importance_samples, sequence)
   old_x, old_y = _check_importance_data(importance_data, sequence, recipe,
                                         model)
-  try:
-    keras.optimizers.get({"class_name": optimizer,
-                          "config": {"learning_rate": learning_rate}})
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
-        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
-    ) from e
-  if importance_samples is not None:
-    smallest = min(len(t.x_train) for t in sequence.tasks)
-    if (not isinstance(importance_samples, (int, np.integer))
-        or not 1 <= importance_samples <= smallest):
-      raise ValueError(
-          "Invalid value for argument `importance_samples`. Expected an "
-          f"integer from 1 to {smallest}, the smallest task's training set. "
-          f"Received: importance_samples={importance_samples!r}")
-  _check_writable(workdir)
+  checkpoints.check_writable(workdir)
 
   config = {
       "dataset": sequence.dataset, "recipe": sequence.recipe,
@@ -202,88 +139,39 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "seed": int(seed),
   }
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
-  write_dir = (workdir if _is_chief(strategy)
+  write_dir = (workdir if checkpoints.is_chief(strategy)
                else tempfile.mkdtemp(prefix="keras_mas_worker_"))
-  checkpoint = _latest_checkpoint(workdir)
+  checkpoint = checkpoints.latest(workdir)
   if checkpoint is not None and not resume:
     raise ValueError(
         f"Invalid value for argument `workdir`. Expected a directory without "
         f"checkpoints, or resume=True to continue the run in it. Received: "
         f"workdir={workdir!r} holding {checkpoint[1]}")
-
-  num_tasks = len(sequence)
   if checkpoint is not None:
-    state = _read_state(checkpoint[1])
-    stored = state.get("config") or {}
-    if stored != config:
-      changed = sorted(k for k in set(config) | set(stored)
-                       if stored.get(k) != config.get(k))
-      raise ValueError(
-          "Invalid value for argument `resume`. The run in "
-          f"{workdir!r} was made with a different configuration; differing: "
-          + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
-                      for k in changed))
-    with scope():
-      net = _load_checkpoint_model(checkpoint[1])
-    _remove_partial_writes(write_dir)
-    first_task = checkpoint[0] + 1
-    if not os.path.isdir(os.path.join(write_dir, "export",
-                                      f"task_{checkpoint[0]}")):
-      _export(net, write_dir, sequence, checkpoint[0])  # Stopped mid-export.
-    matrix = np.array(state["accuracy_matrix"], dtype="float64")
-    baseline = state["baseline"]
-    timings = state["timings"]
-    old_accuracy = state.get("importance_data_accuracy")
-    if verbose:
-      print(f"Resuming after task {checkpoint[0]} from {checkpoint[1]}")
+    net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
+                            scope, verbose)
   else:
     with scope():
-      if isinstance(model, keras.Model):
-        net = _copy_model(model)
-      else:
-        net = architectures.build(model, sequence.input_shape,
-                                  sequence.num_outputs,
-                                  hidden_units=hidden_units, weights=weights,
-                                  freeze_backbone=freeze_backbone, seed=seed)
-    first_task = 0
-    matrix = np.full((num_tasks, num_tasks), np.nan)
-    baseline = _accuracies(net, sequence, batch_size)
-    timings = []
-    old_accuracy = None
+      net = _initial_model(model, sequence, hidden_units, weights,
+                           freeze_backbone, seed)
+    progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
     if old_x is not None:
-      old_accuracy = _old_accuracy(net, old_x, old_y, batch_size) or None
-      _consolidate_deployed(net, recipe, old_x, old_y, sequence, strength,
-                            alpha, importance_samples, batch_size, fisher)
+      _consolidate_deployed(net, recipe, old_x, old_y, strength, alpha,
+                            importance_samples, batch_size, fisher)
 
   net.penalty_mode = penalty_mode
   if recipe.tracks_path:
     net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
-  for k in range(first_task, num_tasks):
+  for k in range(progress.first_task, len(sequence)):
     task = sequence.tasks[k]
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
-    x, y, loss, task_metrics = methods_lib.training_data(
-        recipe, net, sequence, k, batch_size, temperature=temperature)
-    with scope():
-      net.compile(
-          optimizer=keras.optimizers.get(
-              {"class_name": optimizer,
-               "config": {"learning_rate": learning_rate}}),
-          loss=loss, metrics=task_metrics)
-    net.fit(x, y, batch_size=batch_size,
-            initial_epoch=k * epochs, epochs=(k + 1) * epochs,
-            verbose=verbose,
-            callbacks=[
-                keras.callbacks.TensorBoard(
-                    os.path.join(write_dir, "tensorboard"),
-                    write_graph=False),
-                callbacks_lib.DriftLogger(writer),
-                # MASModel.fit adds DivergenceGuard itself (first).
-            ])
+    _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
+         batch_size, temperature, write_dir, writer, verbose)
     trained = time.perf_counter()
-    matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
+    progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
     if recipe.estimator is not None:
       net.consolidate(recipe.consolidation_data(task),
                       **recipe.consolidation(task, strength, alpha,
@@ -291,20 +179,17 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                                              fisher))
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
-    if old_accuracy is not None:
-      old_accuracy += _old_accuracy(net, old_x, old_y, batch_size)
-    so_far = metrics_lib.summarize(matrix[:k + 1, :k + 1], baseline[:k + 1])
-    callbacks_lib.log_accuracy_matrix(writer, matrix, so_far, step=k)
+    progress.record(k, net, old_x, old_y, batch_size,
+                    fit_s=trained - started,
+                    consolidate_s=consolidated - trained)
+    so_far = progress.summary(k)
+    callbacks_lib.log_accuracy_matrix(writer, progress.matrix, so_far, step=k)
     writer.flush()
-    timings.append({"task": k, "fit_s": trained - started,
-                    "consolidate_s": consolidated - trained})
-    _write_checkpoint(write_dir, k, net, {
-        "config": config, "accuracy_matrix": matrix.tolist(),
-        "baseline": baseline, "timings": timings,
-        "importance_data_accuracy": old_accuracy})
+    checkpoints.write(write_dir, k, net, {"config": config,
+                                          **progress.state()})
     _export(net, write_dir, sequence, k)
     if verbose:
-      seen = " ".join(f"{a:.3f}" for a in matrix[k, :k + 1])
+      seen = " ".join(f"{a:.3f}" for a in progress.matrix[k, :k + 1])
       print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
             f"ACC {so_far['acc']:.3f}  forgetting {so_far['forgetting']:.3f}  "
             f"fit {trained - started:.1f}s  consolidate "
@@ -315,18 +200,193 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "method": method, "dataset": sequence.dataset,
       "recipe": sequence.recipe, "scenario": sequence.scenario,
       "tasks": [t.name for t in sequence.tasks],
-      "accuracy_matrix": matrix.tolist(), "baseline": baseline,
-      **metrics_lib.summarize(matrix, baseline),
-      "config": config, "extra": extra or {}, "timings": timings,
+      "accuracy_matrix": progress.matrix.tolist(),
+      "baseline": progress.baseline,
+      **metrics_lib.summarize(progress.matrix, progress.baseline),
+      "config": config, "extra": extra or {}, "timings": progress.timings,
   }
-  if old_accuracy is not None:
-    results["importance_data_accuracy"] = old_accuracy
-  _write_json(os.path.join(write_dir, "results.json"), results)
+  if progress.old_accuracy is not None:
+    results["importance_data_accuracy"] = progress.old_accuracy
+  checkpoints.write_json(os.path.join(write_dir, "results.json"), results)
   if write_dir != workdir:
     shutil.rmtree(write_dir, ignore_errors=True)
   if verbose:
     print(format_matrix(results))
   return results
+
+
+@dataclasses.dataclass
+class _Progress:
+  """What a run has measured so far; a checkpoint's state."""
+  first_task: int
+  matrix: np.ndarray
+  baseline: list
+  timings: list
+  old_accuracy: list = None
+
+  @classmethod
+  def start(cls, net, sequence, batch_size, old_x=None, old_y=None):
+    size = len(sequence)
+    return cls(0, np.full((size, size), np.nan),
+               _accuracies(net, sequence, batch_size), [],
+               _old_accuracy(net, old_x, old_y, batch_size) or None)
+
+  @classmethod
+  def from_state(cls, k, state):
+    return cls(k + 1, np.array(state["accuracy_matrix"], dtype="float64"),
+               state["baseline"], state["timings"],
+               state.get("importance_data_accuracy"))
+
+  def record(self, k, net, old_x, old_y, batch_size, **timings):
+    self.timings.append({"task": k, **timings})
+    if self.old_accuracy is not None:
+      self.old_accuracy += _old_accuracy(net, old_x, old_y, batch_size)
+
+  def summary(self, k):
+    return metrics_lib.summarize(self.matrix[:k + 1, :k + 1],
+                                 self.baseline[:k + 1])
+
+  def state(self):
+    return {"accuracy_matrix": self.matrix.tolist(),
+            "baseline": self.baseline, "timings": self.timings,
+            "importance_data_accuracy": self.old_accuracy}
+
+
+def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
+            verbose):
+  """The model and progress of the run in `workdir`, checked against `config`."""
+  k, path = checkpoint
+  state = checkpoints.read_state(path)
+  stored = state.get("config") or {}
+  if stored != config:
+    changed = sorted(key for key in set(config) | set(stored)
+                     if stored.get(key) != config.get(key))
+    raise ValueError(
+        "Invalid value for argument `resume`. The run in "
+        f"{workdir!r} was made with a different configuration; differing: "
+        + ", ".join(f"{key}={stored.get(key)!r} there, "
+                    f"{config.get(key)!r} here" for key in changed))
+  with scope():
+    net = checkpoints.load_model(path)
+  checkpoints.remove_partial_writes(write_dir)
+  if not os.path.isdir(os.path.join(write_dir, "export", f"task_{k}")):
+    _export(net, write_dir, sequence, k)  # Stopped mid-export.
+  if verbose:
+    print(f"Resuming after task {k} from {path}")
+  return net, _Progress.from_state(k, state)
+
+
+def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
+                   seed):
+  if isinstance(model, keras.Model):
+    return _copy_model(model)
+  return architectures.build(model, sequence.input_shape,
+                             sequence.num_outputs, hidden_units=hidden_units,
+                             weights=weights,
+                             freeze_backbone=freeze_backbone, seed=seed)
+
+
+def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
+         batch_size, temperature, write_dir, writer, verbose):
+  """One `fit` call for task `k`, with a fresh optimizer."""
+  x, y, loss, task_metrics = methods_lib.training_data(
+      recipe, net, sequence, k, batch_size, temperature=temperature)
+  with scope():
+    net.compile(
+        optimizer=keras.optimizers.get(
+            {"class_name": optimizer,
+             "config": {"learning_rate": learning_rate}}),
+        loss=loss, metrics=task_metrics)
+  net.fit(x, y, batch_size=batch_size,
+          initial_epoch=k * epochs, epochs=(k + 1) * epochs,
+          verbose=verbose,
+          callbacks=[
+              keras.callbacks.TensorBoard(
+                  os.path.join(write_dir, "tensorboard"), write_graph=False),
+              callbacks_lib.DriftLogger(writer),
+              # MASModel.fit adds DivergenceGuard itself (first).
+          ])
+
+
+def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
+                   batch_size, hidden_units, learning_rate, optimizer):
+  """Raises ValueError, naming it, for an invalid plain-valued argument."""
+  if fisher not in ("empirical", "true"):
+    raise ValueError(
+        "Invalid value for argument `fisher`. Expected 'empirical' or "
+        f"'true'. Received: fisher={fisher!r}")
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(
+        "Invalid value for argument `alpha`. Expected a number in [0, 1]. "
+        f"Received: alpha={alpha!r}")
+  if not temperature > 0:
+    raise ValueError(
+        "Invalid value for argument `temperature`. Expected a number > 0. "
+        f"Received: temperature={temperature!r}")
+  if penalty_mode not in models.PENALTY_MODES:
+    raise ValueError(
+        "Invalid value for argument `penalty_mode`. Expected one of "
+        f"{list(models.PENALTY_MODES)}. Received: "
+        f"penalty_mode={penalty_mode!r}")
+  for name, value in (("epochs", epochs), ("batch_size", batch_size),
+                      ("hidden_units", hidden_units)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(
+          f"Invalid value for argument `{name}`. Expected a positive integer. "
+          f"Received: {name}={value!r}")
+  if (not isinstance(learning_rate, (int, float, np.floating))
+      or not np.isfinite(learning_rate) or learning_rate <= 0):
+    raise ValueError(
+        "Invalid value for argument `learning_rate`. Expected a finite "
+        f"number > 0. Received: learning_rate={learning_rate!r}")
+  try:
+    keras.optimizers.get({"class_name": optimizer,
+                          "config": {"learning_rate": learning_rate}})
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
+        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
+    ) from e
+
+
+def _check_model(model, weights, freeze_backbone, sequence):
+  """The model's name for the configuration; raises if it cannot serve."""
+  if isinstance(model, keras.Model):
+    _check_model_fits(model, sequence)
+    model_name = f"custom:{model.name}"
+  else:
+    if (model not in architectures.ARCHITECTURES
+        and architectures.application_name(model) is None):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected one of "
+          f"{architectures.ARCHITECTURES}, a keras.applications model name "
+          f"(any case) or a built keras.Model. Received: model={model!r}")
+    model_name = model
+  if (weights is not None or freeze_backbone) and (
+      isinstance(model, keras.Model)
+      or architectures.application_name(model) is None):
+    raise ValueError(
+        "Invalid value for argument `weights`/`freeze_backbone`. Expected "
+        "them only with a keras.applications backbone. Received: "
+        f"model={model_name!r}, weights={weights!r}, "
+        f"freeze_backbone={freeze_backbone!r}")
+  if weights is not None and not os.path.isfile(weights):
+    raise ValueError(
+        "Invalid value for argument `weights`. Expected a local weights "
+        f"file or 'none'. Received: weights={weights!r} (no such file)")
+  return model_name
+
+
+def _check_importance_samples(importance_samples, sequence):
+  if importance_samples is None:
+    return
+  smallest = min(len(t.x_train) for t in sequence.tasks)
+  if (not isinstance(importance_samples, (int, np.integer))
+      or not 1 <= importance_samples <= smallest):
+    raise ValueError(
+        "Invalid value for argument `importance_samples`. Expected an "
+        f"integer from 1 to {smallest}, the smallest task's training set. "
+        f"Received: importance_samples={importance_samples!r}")
 
 
 def format_matrix(results):
@@ -447,14 +507,14 @@ def _check_importance_data(data, sequence, recipe, model):
 
 
 def _old_accuracy(net, x, y, batch_size):
-  if y is None:
+  if x is None or y is None:
     return []
   logits = net.predict(x, batch_size=max(batch_size, 256), verbose=0)
   return [float(np.mean(np.argmax(logits, axis=-1) == y))]
 
 
-def _consolidate_deployed(net, recipe, x, y, sequence, strength, alpha,
-                          num_samples, batch_size, fisher):
+def _consolidate_deployed(net, recipe, x, y, strength, alpha, num_samples,
+                          batch_size, fisher):
   """Ω on the data the model was deployed on, over all its outputs."""
   outputs = int(net.outputs[0].shape[-1])
   deployed = tasks_lib.Task(
@@ -488,112 +548,3 @@ def _export(net, workdir, sequence, k):
   export_lib.export_serving(
       net, os.path.join(workdir, "export", f"task_{k}"),
       sequence.input_shape, heads=heads_so_far)
-
-
-# --------------------------------------------------------------------------
-# Checkpoints: one directory per completed task, renamed into place whole.
-
-
-def _is_chief(strategy):
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.cluster_spec().as_dict():
-    return True
-  task_type, task_id = resolver.task_type, resolver.task_id
-  if task_type == "chief":
-    return True
-  return (task_type == "worker" and task_id == 0
-          and "chief" not in resolver.cluster_spec().as_dict())
-
-
-def _check_writable(workdir):
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(
-        "Invalid value for argument `workdir`. Expected a writable "
-        f"directory. Received: workdir={workdir!r} ({e.strerror})") from e
-
-
-def _latest_checkpoint(workdir):
-  root = os.path.join(workdir, _CHECKPOINTS)
-  if not os.path.isdir(root):
-    return None
-  latest = None
-  for entry in sorted(os.listdir(root)):
-    path = os.path.join(root, entry)
-    if entry.startswith("task_") and entry[5:].isdigit():
-      if not all(os.path.isfile(os.path.join(path, f))
-                 for f in (_MODEL, _STATE)):
-        warnings.warn(f"Ignoring incomplete checkpoint {path}.")
-        continue
-      k = int(entry[5:])
-      if latest is None or k > latest[0]:
-        latest = (k, path)
-    else:
-      warnings.warn(f"Ignoring partial checkpoint write {path}.")
-  return latest
-
-
-def _remove_partial_writes(workdir):
-  """Deletes what an interrupted run left half-written; it is never loaded."""
-  for folder in (_CHECKPOINTS, "export"):
-    root = os.path.join(workdir, folder)
-    for entry in os.listdir(root) if os.path.isdir(root) else []:
-      if ".partial-" in entry:
-        warnings.warn(f"Removing partial write {os.path.join(root, entry)} "
-                      "left by an interrupted run.")
-        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
-
-
-def _read_state(path):
-  keys = ("config", "accuracy_matrix", "baseline", "timings")
-  try:
-    state = _read_json(os.path.join(path, _STATE))
-    missing = [k for k in keys if k not in state]
-  except (OSError, ValueError, TypeError) as e:
-    missing, state = [str(e)], None
-  if missing:
-    raise ValueError(
-        "Invalid value for argument `resume`. Expected a readable checkpoint "
-        f"state with {list(keys)}. Received: {os.path.join(path, _STATE)}, "
-        f"which is damaged (missing or unreadable: {missing}). Nothing in the "
-        "workdir was changed.")
-  return state
-
-
-def _load_checkpoint_model(path):
-  # Safe mode: a checkpoint never runs code (no lambdas, no pickles).
-  try:
-    return keras.models.load_model(os.path.join(path, _MODEL), safe_mode=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(
-        "Invalid value for argument `resume`. Expected a loadable checkpoint. "
-        f"Received: {os.path.join(path, _MODEL)}, which fails to load "
-        f"({type(e).__name__}: {e}). Nothing in the workdir was changed."
-    ) from e
-
-
-def _write_checkpoint(workdir, k, net, state):
-  root = os.path.join(workdir, _CHECKPOINTS)
-  os.makedirs(root, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
-  net.save(os.path.join(staging, _MODEL))
-  _write_json(os.path.join(staging, _STATE), state)
-  target = os.path.join(root, f"task_{k}")
-  if os.path.exists(target):
-    shutil.rmtree(target)
-  os.rename(staging, target)
-
-
-def _write_json(path, value):
-  staging = f"{path}.partial-{os.getpid()}"
-  with open(staging, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(staging, path)
-
-
-def _read_json(path):
-  with open(path) as f:
-    return json.load(f)

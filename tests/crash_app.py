@@ -21,8 +21,8 @@ sys.path.insert(0, _ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import keras
 from keras_mas import callbacks
+from keras_mas import checkpoints
 from keras_mas import models
-from keras_mas import training
 
 _POINT, _TASK = os.environ["KERAS_MAS_TEST_CRASH_AT"].split(":")
 _TASK = int(_TASK)
@@ -61,14 +61,14 @@ elif _POINT == "consolidate":
 
   models.ESTIMATORS["mas"] = measure_then_die
 elif _POINT == "checkpoint":
-  write_json = training._write_json
+  write_json = checkpoints.write_json
 
   def write_json_or_die(path, value):
     if f".task_{_TASK}.partial-" in path:
       _die()
     write_json(path, value)
 
-  training._write_json = write_json_or_die
+  checkpoints.write_json = write_json_or_die
 elif _POINT == "export":
   # ExportArchive() builds an instance of a backend-specific class.
   archive_class = type(keras.export.ExportArchive())

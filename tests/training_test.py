@@ -12,6 +12,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import checkpoints
 from keras_mas import tasks
 from keras_mas import training
 
@@ -203,7 +204,7 @@ def test_partial_checkpoint_writes_are_ignored_with_a_warning(tmp_path):
   training.run_sequence(_tiny(num_tasks=2), workdir, **_FAST)
   os.makedirs(os.path.join(workdir, "checkpoints", ".task_2.partial-x"))
   with pytest.warns(UserWarning, match="partial checkpoint"):
-    latest = training._latest_checkpoint(workdir)
+    latest = checkpoints.latest(workdir)
   assert latest[0] == 1
 
 

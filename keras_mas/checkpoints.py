@@ -1,0 +1,136 @@
+"""Checkpoints of a task sequence: one directory per completed task.
+
+`checkpoints/task_<k>/` holds `model.keras` (weights, Ω, θ*, λ, the task
+count) and `state.json` (configuration, accuracy matrix so far, timings). A
+checkpoint is written beside its place and renamed into it whole, so an
+interrupted run leaves either a complete checkpoint or a `.partial-` one that
+is never loaded; `latest` finds where a resumed run continues.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import keras
+
+__all__ = ["check_writable", "is_chief", "latest", "load_model", "read_json",
+           "read_state", "remove_partial_writes", "write", "write_json"]
+
+_CHECKPOINTS = "checkpoints"
+_STATE = "state.json"
+_MODEL = "model.keras"
+
+
+def is_chief(strategy):
+  """Whether this worker writes the run's files (always without a cluster)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type == "chief":
+    return True
+  return (task_type == "worker" and task_id == 0
+          and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def check_writable(workdir):
+  """Creates `workdir` if needed; raises ValueError if it is not writable."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a writable "
+        f"directory. Received: workdir={workdir!r} ({e.strerror})") from e
+
+
+def latest(workdir):
+  """`(k, path)` of the last complete checkpoint in `workdir`, or None."""
+  root = os.path.join(workdir, _CHECKPOINTS)
+  if not os.path.isdir(root):
+    return None
+  latest = None
+  for entry in sorted(os.listdir(root)):
+    path = os.path.join(root, entry)
+    if entry.startswith("task_") and entry[5:].isdigit():
+      if not all(os.path.isfile(os.path.join(path, f))
+                 for f in (_MODEL, _STATE)):
+        warnings.warn(f"Ignoring incomplete checkpoint {path}.")
+        continue
+      k = int(entry[5:])
+      if latest is None or k > latest[0]:
+        latest = (k, path)
+    else:
+      warnings.warn(f"Ignoring partial checkpoint write {path}.")
+  return latest
+
+
+def remove_partial_writes(workdir):
+  """Deletes what an interrupted run left half-written; it is never loaded."""
+  for folder in (_CHECKPOINTS, "export"):
+    root = os.path.join(workdir, folder)
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+      if ".partial-" in entry:
+        warnings.warn(f"Removing partial write {os.path.join(root, entry)} "
+                      "left by an interrupted run.")
+        shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def read_state(path):
+  """The `state.json` of checkpoint `path`; ValueError if damaged."""
+  keys = ("config", "accuracy_matrix", "baseline", "timings")
+  try:
+    state = read_json(os.path.join(path, _STATE))
+    missing = [k for k in keys if k not in state]
+  except (OSError, ValueError, TypeError) as e:
+    missing, state = [str(e)], None
+  if missing:
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a readable checkpoint "
+        f"state with {list(keys)}. Received: {os.path.join(path, _STATE)}, "
+        f"which is damaged (missing or unreadable: {missing}). Nothing in the "
+        "workdir was changed.")
+  return state
+
+
+def load_model(path):
+  """The model of checkpoint `path`; ValueError if it does not load."""
+  # Safe mode: a checkpoint never runs code (no lambdas, no pickles).
+  try:
+    return keras.models.load_model(os.path.join(path, _MODEL), safe_mode=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a loadable checkpoint. "
+        f"Received: {os.path.join(path, _MODEL)}, which fails to load "
+        f"({type(e).__name__}: {e}). Nothing in the workdir was changed."
+    ) from e
+
+
+def write(workdir, k, net, state):
+  """Writes checkpoint `k` (model and state) into `workdir` atomically."""
+  root = os.path.join(workdir, _CHECKPOINTS)
+  os.makedirs(root, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
+  net.save(os.path.join(staging, _MODEL))
+  write_json(os.path.join(staging, _STATE), state)
+  target = os.path.join(root, f"task_{k}")
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  os.rename(staging, target)
+
+
+def write_json(path, value):
+  """Writes `value` to `path` as JSON, whole or not at all."""
+  staging = f"{path}.partial-{os.getpid()}"
+  with open(staging, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(staging, path)
+
+
+def read_json(path):
+  """The JSON value in `path`."""
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,82 @@
+"""Checkpoints: atomic writes, the latest complete one, damaged ones refused."""
+
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import keras_mas
+from keras_mas import checkpoints
+
+
+def _model():
+  inputs = keras.Input((3,))
+  return keras_mas.MASModel(inputs, keras.layers.Dense(2)(inputs))
+
+
+def test_write_then_latest_and_load(tmp_path):
+  workdir = str(tmp_path)
+  assert checkpoints.latest(workdir) is None
+  net = _model()
+  for k in (0, 1):
+    checkpoints.write(workdir, k, net, {"task": k})
+  k, path = checkpoints.latest(workdir)
+  assert (k, os.path.basename(path)) == (1, "task_1")
+  assert checkpoints.read_json(os.path.join(path, "state.json")) == {
+      "task": 1}
+  loaded = checkpoints.load_model(path)
+  for a, b in zip(loaded.weights, net.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  # Nothing half-written is left beside the checkpoints.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      "task_0", "task_1"]
+
+
+def test_incomplete_and_partial_checkpoints_are_skipped(tmp_path):
+  workdir = str(tmp_path)
+  checkpoints.write(workdir, 0, _model(), {})
+  os.makedirs(os.path.join(workdir, "checkpoints", "task_3"))
+  os.makedirs(os.path.join(workdir, "checkpoints", ".task_4.partial-9"))
+  with pytest.warns(UserWarning, match="incomplete checkpoint"):
+    assert checkpoints.latest(workdir)[0] == 0
+  with pytest.warns(UserWarning, match="interrupted run"):
+    checkpoints.remove_partial_writes(workdir)
+  assert not os.path.exists(
+      os.path.join(workdir, "checkpoints", ".task_4.partial-9"))
+
+
+def test_damaged_state_and_model_are_refused_by_name(tmp_path):
+  workdir = str(tmp_path)
+  checkpoints.write(workdir, 0, _model(), {"config": {}})
+  path = checkpoints.latest(workdir)[1]
+  with pytest.raises(ValueError, match="state.json.*damaged"):
+    checkpoints.read_state(path)
+  with open(os.path.join(path, "model.keras"), "wb") as f:
+    f.write(b"garbage")
+  with pytest.raises(ValueError, match="model.keras.*fails to load"):
+    checkpoints.load_model(path)
+
+
+def test_write_json_replaces_whole(tmp_path):
+  path = str(tmp_path / "r.json")
+  checkpoints.write_json(path, {"a": 1})
+  checkpoints.write_json(path, {"b": [1, 2]})
+  with open(path) as f:
+    assert json.load(f) == {"b": [1, 2]}
+  assert os.listdir(str(tmp_path)) == ["r.json"]
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ValueError, match="argument `workdir`"):
+    checkpoints.check_writable(str(blocker / "run"))
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
