@@ -15,8 +15,11 @@ Every piece keeps its state as plain values (`get_state` / `set_state`) so
 that a checkpoint can hold it beside the model.
 """
 
+import itertools
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -416,7 +419,7 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
                rehearse=True, consolidate_at="plateaus", strength=None,
                accumulate="sum", per_sample_loss=None, log_dir=None):
     super().__init__()
-    self.buffer = HardBuffer(buffer_size)
+    self.buffer = HardBuffer(_check_positive_int("buffer_size", buffer_size))
     self.window = window if window is not None else LossWindow()
     if not isinstance(self.window, LossWindow):
       raise ValueError(
@@ -556,7 +559,7 @@ def _batches(stream):
 
 
 def fit_stream(model, stream, task_free, callbacks=None,
-               updates_per_batch=1, steps=None):
+               updates_per_batch=1, steps=None, initial_step=0):
   """Learns a stream online, one pass, with task-free consolidation.
 
   Why a loop and not `model.fit`: rehearsal trains each batch together with
@@ -589,6 +592,8 @@ def fit_stream(model, stream, task_free, callbacks=None,
     callbacks: more Keras callbacks, called after `task_free` each step.
     updates_per_batch: train steps on each incoming batch (and buffer).
     steps: stop after this many incoming batches (None: the whole stream).
+    initial_step: batches of the stream already learned (when resuming,
+      `stream` starts after them): callbacks see batch indices from here.
 
   Returns:
     `task_free`, holding the consolidation steps and online accuracy.
@@ -606,6 +611,11 @@ def fit_stream(model, stream, task_free, callbacks=None,
                                           updates_per_batch)
   if steps is not None:
     steps = _check_positive_int("steps", steps)
+  if (isinstance(initial_step, bool)
+      or not isinstance(initial_step, (int, np.integer)) or initial_step < 0):
+    raise ValueError(
+        "Invalid value for argument `initial_step`. Expected an integer >= "
+        f"0. Received: initial_step={initial_step!r}")
   listed = [task_free] + list(callbacks or [])
   callback_list = keras.callbacks.CallbackList(listed, model=model)
   callback_list.on_train_begin()
@@ -613,6 +623,7 @@ def fit_stream(model, stream, task_free, callbacks=None,
   for index, (x, y) in enumerate(_batches(stream)):
     if steps is not None and index >= steps:
       break
+    index += initial_step
     callback_list.on_train_batch_begin(index)
     x_all, y_all = task_free.training_batch(x, y)
     for _ in range(updates_per_batch):
@@ -667,7 +678,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
                transition_steps=0, buffer_size=DEFAULT_BUFFER_SIZE,
                strength=1.0, learning_rate=1e-3, optimizer="adam",
                model="mlp", hidden_units=128, updates_per_batch=3,
-               window=None, seed=0, verbose=0):
+               window=None, seed=0, callbacks=None, checkpoint_every=None,
+               resume=False, verbose=0):
   """Learns `sequence` as one stream with hidden boundaries; scores it.
 
   The tasks' training data become one stream of small batches
@@ -700,7 +712,14 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     updates_per_batch: train steps on each incoming batch.
     window: a `LossWindow` (default: the documented defaults).
     seed: seeds the model, the stream's blur and training.
-    verbose: 1 prints one line at the end.
+    callbacks: more Keras callbacks, called at every incoming batch.
+    checkpoint_every: with `workdir`, write a checkpoint every this many
+      incoming batches into `workdir/checkpoint/` (the model with its
+      optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
+      the online record), replaced whole each time.
+    resume: continue the run whose checkpoint is in `workdir` (same
+      arguments); the result equals that of an uninterrupted run.
+    verbose: 1 prints the table at the end.
 
   Returns:
     A dict: `method`, `dataset`, `recipe`, `scenario`, `tasks`,
@@ -711,7 +730,9 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     `config`, `seconds`.
 
   Raises:
-    ValueError: naming the argument, before any training.
+    ValueError: naming the argument, before any training; for `resume`, if
+      the checkpoint is missing, damaged or of other arguments; without
+      `resume`, if `workdir` holds a checkpoint.
   """
   if method not in METHODS:
     raise ValueError(
@@ -733,6 +754,21 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
       buffer_size=buffer_size, window=window,
       rehearse=method != "finetune",
       consolidate_at=consolidate_at or None, log_dir=log_dir)
+  if (checkpoint_every is not None or resume) and workdir is None:
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a directory for "
+        "checkpoint_every or resume. Received: workdir=None")
+  if checkpoint_every is not None:
+    checkpoint_every = _check_positive_int("checkpoint_every",
+                                           checkpoint_every)
+  checkpoint_dir = (None if workdir is None
+                    else os.path.join(workdir, _CHECKPOINT))
+  if checkpoint_dir is not None and not resume and os.path.isdir(
+      checkpoint_dir):
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a directory without "
+        "a stream checkpoint, or resume=True to continue it. Received: "
+        f"workdir={workdir!r} holding {checkpoint_dir}")
   net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
                             hidden_units=hidden_units, seed=seed)
   try:
@@ -753,13 +789,29 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
             "model": model, "hidden_units": int(hidden_units),
             "updates_per_batch": int(updates_per_batch),
             "window": window.get_config(), "seed": int(seed)}
-  baseline = accuracies(net, sequence)
   evaluation = _BoundaryAccuracy(sequence, stream.boundaries)
+  first_step, seconds_before = 0, 0.0
+  if resume:
+    net, state = _read_checkpoint(checkpoint_dir, config)
+    task_free.set_state(state)
+    baseline = state["baseline"]
+    evaluation.matrix = np.array(
+        [[np.nan if v is None else v for v in row] for row in state["matrix"]],
+        dtype="float64")
+    first_step, seconds_before = task_free.step, state["seconds"]
+  else:
+    baseline = accuracies(net, sequence)
+  listed = [evaluation] + list(callbacks or [])
+  if checkpoint_every is not None:
+    listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,
+                                    task_free, evaluation, baseline,
+                                    stream.num_steps, seconds_before))
   keras.utils.set_random_seed(seed)
   started = time.perf_counter()
-  fit_stream(net, stream.batches(), task_free, callbacks=[evaluation],
-             updates_per_batch=updates_per_batch)
-  seconds = time.perf_counter() - started
+  fit_stream(net, itertools.islice(stream.batches(), first_step, None),
+             task_free, callbacks=listed,
+             updates_per_batch=updates_per_batch, initial_step=first_step)
+  seconds = seconds_before + time.perf_counter() - started
   matrix = evaluation.matrix
   starts = [0] + stream.boundaries[:-1]
   per_task = []
@@ -787,6 +839,78 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   if verbose:
     print(format_results([results]))
   return results
+
+
+_CHECKPOINT = "checkpoint"
+
+
+class _StreamCheckpoint(keras.callbacks.Callback):
+  """Every `every` batches: the model and the stream's state, whole."""
+
+  def __init__(self, directory, every, config, task_free, evaluation,
+               baseline, num_steps, seconds_before):
+    super().__init__()
+    self.directory, self.every, self.config = directory, every, config
+    self.task_free, self.evaluation = task_free, evaluation
+    self.baseline, self.num_steps = baseline, num_steps
+    self.started = time.perf_counter() - seconds_before
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = batch + 1
+    if step % self.every or step >= self.num_steps:
+      return
+    state = self.task_free.get_state()
+    parent = os.path.dirname(self.directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".checkpoint.partial-", dir=parent)
+    self.model.save(os.path.join(staging, "model.keras"))
+    np.savez(os.path.join(staging, "buffer.npz"),
+             **{k: v for k, v in state["buffer"].items() if v is not None})
+    with open(os.path.join(staging, "state.json"), "w") as f:
+      json.dump({"config": self.config, "stream": state["stream"],
+                 "baseline": self.baseline,
+                 "matrix": [[None if np.isnan(v) else float(v) for v in row]
+                            for row in self.evaluation.matrix],
+                 "seconds": time.perf_counter() - self.started}, f)
+    # The old checkpoint goes only once the new one is whole.
+    old = None
+    if os.path.isdir(self.directory):
+      old = self.directory + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(self.directory, old)
+    os.rename(staging, self.directory)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(directory, config):
+  """`(model, state)` of a stream checkpoint, checked against `config`."""
+  if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+    directory += ".old"  # Interrupted between the two renames.
+  try:
+    with open(os.path.join(directory, "state.json")) as f:
+      state = json.load(f)
+    with np.load(os.path.join(directory, "buffer.npz")) as saved:
+      buffer = {k: saved[k] for k in ("inputs", "labels", "losses")
+                if k in saved}
+    model = keras.models.load_model(os.path.join(directory, "model.keras"),
+                                    safe_mode=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a readable stream "
+        f"checkpoint in {directory}. Received: {type(e).__name__}: {e}"
+    ) from e
+  if state.get("config") != config:
+    stored = state.get("config") or {}
+    changed = sorted(k for k in set(config) | set(stored)
+                     if stored.get(k) != config.get(k))
+    raise ValueError(
+        "Invalid value for argument `resume`. The checkpoint was made with "
+        "other arguments; differing: "
+        + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
+                    for k in changed))
+  state["buffer"] = buffer or {"inputs": None}
+  return model, state
 
 
 def format_results(results):

@@ -1,6 +1,9 @@
 """Tests of keras_mas.task_free: detector, hard buffer, stream learning."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -306,3 +309,66 @@ class TestRunStream:
     sequence = tasks.make_sequence("digits", "split", "domain", 2)
     with pytest.raises(ValueError, match="`method`"):
       task_free.run_stream(sequence, "ewc")
+
+  @pytest.mark.slow  # ~20 s: three runs of a two-task stream.
+  def test_resume_after_a_crash_mid_stream_gives_the_same_results(
+      self, tmp_path):
+    import keras  # pylint: disable=g-import-not-at-top
+    from keras_mas import tasks  # pylint: disable=g-import-not-at-top
+
+    class Crash(keras.callbacks.Callback):
+
+      def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == 35:
+          raise RuntimeError("killed")
+
+    sequence = tasks.make_sequence("digits", "split", "domain", 2)
+    whole = task_free.run_stream(sequence, "mas")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="killed"):
+      task_free.run_stream(sequence, "mas", workdir=workdir,
+                           checkpoint_every=10, callbacks=[Crash()])
+    with pytest.raises(ValueError, match="`workdir`"):
+      task_free.run_stream(sequence, "mas", workdir=workdir)
+    with pytest.raises(ValueError, match="strength=1.0 there, 2.0 here"):
+      task_free.run_stream(sequence, "mas", workdir=workdir, strength=2.0,
+                           resume=True)
+    resumed = task_free.run_stream(sequence, "mas", workdir=workdir,
+                                   resume=True, checkpoint_every=10)
+    for key in ("consolidations", "online_accuracy", "peaks", "plateaus"):
+      assert resumed[key] == whole[key], key
+    np.testing.assert_allclose(resumed["accuracy_matrix"],
+                               whole["accuracy_matrix"], atol=1e-9)
+    assert whole["consolidations"]  # The run has something to resume.
+
+
+_APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "apps", "task_free.py")
+
+
+def _app(*flags):
+  return subprocess.run([sys.executable, _APP, *flags], capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
+class TestApp:
+
+  def test_bad_flag_is_one_line_and_nothing_is_written(self, tmp_path):
+    # One process (~10 s of imports); the library's checks are tested above.
+    done = _app(f"--workdir={tmp_path / 'run'}", "--buffer_size=0")
+    assert done.returncode == 1
+    errors = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "buffer_size" in errors[0]
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+
+  @pytest.mark.slow  # Two methods on a two-task stream: ~20 s.
+  def test_runs_methods_on_one_stream(self, tmp_path):
+    done = _app(f"--workdir={tmp_path}", "--num_tasks=2",
+                "--methods=finetune,mas")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "results.json") as f:
+      results = json.load(f)
+    assert [r["method"] for r in results] == ["finetune", "mas"]
+    assert results[0]["boundaries"] == results[1]["boundaries"]
+    assert os.listdir(tmp_path / "mas" / "tensorboard")
+    assert "mas " in done.stdout and "finetune " in done.stdout

@@ -1,0 +1,123 @@
+r"""Learns a task sequence as one stream with no task boundaries (task-free).
+
+  python apps/task_free.py --workdir=/tmp/task_free
+  tensorboard --logdir=/tmp/task_free
+
+The tasks become one stream of small batches; the learner is never told
+where a task ends. Runs task-free MAS and its baselines on the same stream
+and buffer size (online fine-tuning, experience replay, MAS at the true
+boundaries), each into --workdir/<method>/ (results.json, TensorBoard), and
+prints the table. A bad flag stops the app before training with one line
+naming it (exit status 1).
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import task_free
+from keras_mas import tasks
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
+                               required=True)
+_DATASET = flags.DEFINE_string("dataset", "digits", "A source name (see "
+                               "keras_mas.sources); 'digits' is bundled.")
+_RECIPE = flags.DEFINE_enum("recipe", "split", list(tasks.RECIPES),
+                            "How tasks are made from the dataset.")
+_SCENARIO = flags.DEFINE_enum("scenario", "domain", ["domain", "class"],
+                              "domain- or class-incremental (a task-free "
+                              "learner never knows a task id).")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.")
+_METHODS = flags.DEFINE_list(
+    "methods", list(task_free.METHODS),
+    f"Which of {list(task_free.METHODS)} to run, on the same stream.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 10,
+                                   "Samples per incoming batch.")
+_TRANSITION_STEPS = flags.DEFINE_integer(
+    "transition_steps", 0, "Blur each task change over this many batches.")
+_BUFFER_SIZE = flags.DEFINE_integer("buffer_size",
+                                    task_free.DEFAULT_BUFFER_SIZE,
+                                    "Samples in the hard buffer.")
+_STRENGTH = flags.DEFINE_float("strength", 1.0, "λ, the MAS penalty strength.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "A Keras optimizer.")
+_UPDATES = flags.DEFINE_integer("updates_per_batch", 3,
+                                "Train steps on each incoming batch.")
+_MODEL = flags.DEFINE_string("model", "mlp", "'mlp', 'cnn' or a "
+                             "keras.applications name.")
+_HIDDEN_UNITS = flags.DEFINE_integer("hidden_units", 128, "Hidden width.")
+_WINDOW_SIZE = flags.DEFINE_integer("window_size",
+                                    task_free.DEFAULT_WINDOW_SIZE,
+                                    "Losses in the sliding window.")
+_PLATEAU_MEAN = flags.DEFINE_float(
+    "plateau_mean_below", task_free.DEFAULT_PLATEAU_MEAN_BELOW,
+    "A plateau's window mean loss is below this.")
+_PLATEAU_VARIANCE = flags.DEFINE_float(
+    "plateau_variance_below", task_free.DEFAULT_PLATEAU_VARIANCE_BELOW,
+    "A plateau's window variance is below this.")
+_PEAK_STDDEVS = flags.DEFINE_float(
+    "peak_stddevs", task_free.DEFAULT_PEAK_STDDEVS,
+    "A peak rises this many plateau standard deviations above it ...")
+_PEAK_MIN_RISE = flags.DEFINE_float(
+    "peak_min_rise", task_free.DEFAULT_PEAK_MIN_RISE,
+    "... and at least this much.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds tasks, model and stream.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
+  try:
+    _main()
+  except (ValueError, OSError, RuntimeError) as e:
+    # Bad input is the user's to fix: one line, no traceback.
+    _fail(f"{type(e).__name__}: {e}")
+
+
+def _fail(message):
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
+def _main():
+  logging.set_verbosity(logging.WARNING)
+  bad = [m for m in _METHODS.value if m not in task_free.METHODS]
+  if bad or not _METHODS.value:
+    raise ValueError(
+        f"Invalid value for flag --methods. Expected names from "
+        f"{list(task_free.METHODS)}. Received: {_METHODS.value}")
+  window = task_free.LossWindow(
+      window_size=_WINDOW_SIZE.value,
+      plateau_mean_below=_PLATEAU_MEAN.value,
+      plateau_variance_below=_PLATEAU_VARIANCE.value,
+      peak_stddevs=_PEAK_STDDEVS.value, peak_min_rise=_PEAK_MIN_RISE.value)
+  sequence = tasks.make_sequence(_DATASET.value, _RECIPE.value,
+                                 _SCENARIO.value, _NUM_TASKS.value,
+                                 seed=_SEED.value)
+  results = []
+  for method in _METHODS.value:
+    results.append(task_free.run_stream(
+        sequence, method, workdir=os.path.join(_WORKDIR.value, method),
+        batch_size=_BATCH_SIZE.value,
+        transition_steps=_TRANSITION_STEPS.value,
+        buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
+        learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
+        model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value,
+        updates_per_batch=_UPDATES.value, window=window, seed=_SEED.value))
+  with open(os.path.join(_WORKDIR.value, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"{sequence.dataset} ({sequence.recipe}, {sequence.scenario}-"
+        f"incremental), one stream of {results[0]['num_steps']} batches of "
+        f"{_BATCH_SIZE.value}:")
+  print(task_free.format_results(results))
+
+
+if __name__ == "__main__":
+  app.run(main)
