@@ -281,6 +281,7 @@ class MASModel(keras.Model):
     weights are NaN or infinite, the weights go back to their values at the
     start of that epoch and `keras_mas.callbacks.TrainingDivergedError` is
     raised, naming λ and the stable limit. False trains on regardless.
+    A setting of this Python object: saving does not keep it.
     """
     return self._stop_on_divergence
 
@@ -303,7 +304,8 @@ class MASModel(keras.Model):
     step (and the first of each epoch): `mas_penalty` is the mean over
     those steps, and the other steps' `loss` adds that running mean. The
     training itself is the same for every k. Default 1: exact logs.
-    `evaluate` and `mas_penalty()` are always exact.
+    `evaluate` and `mas_penalty()` are always exact. A setting of this
+    Python object: saving does not keep it.
     """
     return self._penalty_log_interval
 
