@@ -13,6 +13,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from keras_mas import checkpoints
+from keras_mas import sources
 from keras_mas import tasks
 from keras_mas import training
 
@@ -291,3 +292,22 @@ def test_bad_importance_data_is_named_before_training(tmp_path, kwargs,
     training.run_sequence(_tiny(recipe="permuted", num_tasks=2),
                           str(tmp_path / "w"), **arguments)
   assert not os.path.exists(str(tmp_path / "w"))
+
+
+@pytest.mark.slow  # Two backbone SavedModel exports.
+@pytest.mark.skipif(
+    not os.path.isdir(sources.FASHION_MNIST_DIR),
+    reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh "
+    "installs it: apt-get install -y dataset-fashion-mnist)")
+def test_a_keras_applications_backbone_learns_fashion_mnist(tmp_path):
+  sequence = tasks.make_sequence("fashion_mnist", "split", "domain", 2)
+  for task in sequence.tasks:
+    task.x_train, task.y_train = task.x_train[:64], task.y_train[:64]
+    task.x_test, task.y_test = task.x_test[:32], task.y_test[:32]
+  results = training.run_sequence(
+      sequence, str(tmp_path / "run"), model="MobileNetV3Small",
+      weights="none", freeze_backbone=True, importance_samples=16, **_FAST)
+  assert results["config"]["model"] == "MobileNetV3Small"
+  served = tf.saved_model.load(str(tmp_path / "run" / "export" / "task_1"))
+  logits = served.serve(tf.zeros((2, 28, 28, 1)))  # Raw 28×28 grey inputs.
+  assert tuple(logits.shape) == (2, 5)
