@@ -28,7 +28,9 @@ _METHODS = flags.DEFINE_list(
     "methods", list(training.METHODS), "Methods to compare.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per method (0..N-1).",
                                lower_bound=1)
-_DATASET = flags.DEFINE_string("dataset", "digits", "Dataset.")
+_DATASET = flags.DEFINE_string(
+    "dataset", "digits", "'digits', 'fashion_mnist' (offline when Debian's "
+    "dataset-fashion-mnist is installed), 'idx:DIR' or a TFDS name.")
 _RECIPE = flags.DEFINE_enum("recipe", "split", list(tasks.RECIPES), "Recipe.")
 _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
                               "Scenario.")
