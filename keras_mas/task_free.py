@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mas import architectures
+from keras_mas import callbacks as callbacks_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import streams as streams_lib
 
@@ -408,8 +409,9 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     per_sample_loss: `fn(labels, outputs) -> losses` on NumPy arrays; the
       default is sparse categorical cross-entropy of logits.
     log_dir: if given, TensorBoard scalars under `stream/` are written
-      there: the incoming loss, the window's mean and variance, peaks,
-      plateaus, consolidations and the online accuracy.
+      there at every step: the incoming loss, the window's mean and
+      variance, peaks, plateaus (1 where detected, else 0), consolidations
+      and the online accuracy; and histograms of Ω at each consolidation.
 
   Raises:
     ValueError: naming the argument, for a value out of range.
@@ -521,6 +523,8 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
       tf.summary.scalar("stream/plateau", float(event == "plateau"))
       tf.summary.scalar("stream/consolidation", float(consolidated))
       tf.summary.scalar("stream/online_accuracy", self.online_accuracy)
+    if consolidated:
+      callbacks_lib.log_importance(self._writer, self.model, step=self.step)
 
   def on_train_end(self, logs=None):
     if self._writer is not None:
@@ -660,18 +664,30 @@ def accuracies(model, sequence, trained=None, batch_size=256):
 
 
 class _BoundaryAccuracy(keras.callbacks.Callback):
-  """Row `i` of the accuracy matrix after step `boundaries[i]`."""
+  """Row `i` of the accuracy matrix after step `boundaries[i]`; logged as a
+  task-aware run logs it when `log_dir` is given."""
 
-  def __init__(self, sequence, boundaries):
+  def __init__(self, sequence, boundaries, log_dir=None):
     super().__init__()
     self.sequence, self.boundaries = sequence, list(boundaries)
     self.matrix = np.full((len(boundaries),) * 2, np.nan)
+    self.baseline = None
+    self.log_dir = log_dir
+    self._writer = None
 
   def on_train_batch_end(self, batch, logs=None):
     step = batch + 1
     for i, boundary in enumerate(self.boundaries):
       if boundary == step:
         self.matrix[i] = accuracies(self.model, self.sequence, trained=i)
+        if self.log_dir is not None and self.baseline is not None:
+          if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+          so_far = metrics_lib.summarize(self.matrix[:i + 1, :i + 1],
+                                         self.baseline[:i + 1])
+          callbacks_lib.log_accuracy_matrix(self._writer, self.matrix,
+                                            so_far, step=i)
+          self._writer.flush()
 
 
 def run_stream(sequence, method="mas", workdir=None, batch_size=10,
@@ -789,7 +805,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
             "model": model, "hidden_units": int(hidden_units),
             "updates_per_batch": int(updates_per_batch),
             "window": window.get_config(), "seed": int(seed)}
-  evaluation = _BoundaryAccuracy(sequence, stream.boundaries)
+  evaluation = _BoundaryAccuracy(sequence, stream.boundaries, log_dir)
   first_step, seconds_before = 0, 0.0
   if resume:
     net, state = _read_checkpoint(checkpoint_dir, config)
@@ -801,6 +817,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     first_step, seconds_before = task_free.step, state["seconds"]
   else:
     baseline = accuracies(net, sequence)
+  evaluation.baseline = baseline
   listed = [evaluation] + list(callbacks or [])
   if checkpoint_every is not None:
     listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,

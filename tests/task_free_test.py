@@ -164,6 +164,16 @@ def _gaussian_task(task, n):
   return x.reshape(n, 4, 4, 1).astype("float32"), y.astype("int64")
 
 
+def _tags(log_dir):
+  """Every summary tag written under `log_dir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in log_dir.iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
 def _model(seed=0):
   import keras  # pylint: disable=g-import-not-at-top
   from keras_mas import architectures  # pylint: disable=g-import-not-at-top
@@ -186,7 +196,6 @@ def _stream(stretches, batch=10):
 class TestFitStream:
 
   def test_consolidates_once_after_each_change(self, tmp_path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     stretches = [(0, 30), (1, 30), (2, 60)]
     changes = np.cumsum([0] + [c for _, c in stretches])
     net = _model()
@@ -203,10 +212,8 @@ class TestFitStream:
       assert start < step < stop
     assert net.consolidated_tasks == 3
     assert 0.5 < learner.online_accuracy <= 1.0
-    tags = set()
-    for path in tmp_path.iterdir():
-      for event in tf.compat.v1.train.summary_iterator(str(path)):
-        tags.update(v.tag for v in event.summary.value)
+    tags = _tags(tmp_path)
+    assert any(t.startswith("importance/") for t in tags)
     assert {"stream/incoming_loss", "stream/window_mean", "stream/peak",
             "stream/plateau", "stream/consolidation",
             "stream/online_accuracy"} <= tags
@@ -301,6 +308,9 @@ class TestRunStream:
     assert 0.5 < mas["online_accuracy"] <= 1.0
     with open(tmp_path / "results.json") as f:
       assert json.load(f)["consolidations"] == mas["consolidations"]
+    assert {"stream/window_mean", "stream/consolidation", "accuracy/task_0",
+            "sequence/forgetting", "accuracy_matrix"} <= _tags(
+                tmp_path / "tensorboard")
     table = task_free.format_results([mas, finetune])
     assert "mas" in table and "finetune" in table
 
