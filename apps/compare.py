@@ -56,6 +56,9 @@ _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
     "importance_samples", None, "Samples per task for importance.",
     lower_bound=1)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_TFDS_SPLITS = flags.DEFINE_list(
+    "tfds_splits", None, "TRAIN,TEST split names of a TFDS --dataset in "
+    "TFDS's syntax, e.g. 'train[:20%],test' (default: train,test).")
 
 
 def main(argv):
@@ -79,7 +82,8 @@ def _main():
   tf.config.experimental.enable_op_determinism()
   sequence = tasks.make_sequence(_DATASET.value, _RECIPE.value,
                                  _SCENARIO.value, _NUM_TASKS.value,
-                                 data_dir=_DATA_DIR.value)
+                                 data_dir=_DATA_DIR.value,
+                                 splits=_TFDS_SPLITS.value)
   comparison.compare(
       sequence, _WORKDIR.value, _METHODS.value,
       seeds=tuple(range(_SEEDS.value)),

@@ -93,6 +93,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 2.0,
 _MAX_ANGLE = flags.DEFINE_float("max_angle", 90.0,
                                 "Rotation of the last task, --recipe=rotated.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+_TFDS_SPLITS = flags.DEFINE_list(
+    "tfds_splits", None, "TRAIN,TEST split names of a TFDS --dataset in "
+    "TFDS's syntax, e.g. 'train[:20%],test' (default: train,test).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 _RESUME = flags.DEFINE_bool("resume", False,
                             "Continue the run in --workdir.")
@@ -148,7 +151,7 @@ def _main():
     sequence = tasks.make_sequence(
         _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
         seed=_SEED.value, max_angle=_MAX_ANGLE.value,
-        data_dir=_DATA_DIR.value)
+        data_dir=_DATA_DIR.value, splits=_TFDS_SPLITS.value)
   importance_data = None
   if _IMPORTANCE_DATA.value:
     importance_data = sources.load_importance_data(

@@ -310,13 +310,16 @@ def _images_from(dataset, labeled=True):
   return (x / 255.0).astype("float32"), y
 
 
-def load(name, seed=0, data_dir=None):
+def load(name, seed=0, data_dir=None, splits=None):
   """Loads a source by name (see the module docstring).
 
   Args:
     name: `"digits"`, `"fashion_mnist"`, `"idx:DIR"` or a TFDS name.
     seed: seeds the train/test split of `digits`.
     data_dir: TFDS data directory.
+    splits: for a TFDS dataset, the `(train, test)` split names in TFDS's
+      split syntax (e.g. `("train[:10%]", "validation")`); default
+      `("train", "test")`. Giving them reads `fashion_mnist` from TFDS.
 
   Returns:
     `(x_train, y_train, x_test, y_test)` as NumPy arrays.
@@ -324,6 +327,18 @@ def load(name, seed=0, data_dir=None):
   Raises:
     ValueError: naming the argument, for an unknown or malformed source.
   """
+  if splits is not None:
+    splits = tuple(splits)
+    if len(splits) != 2 or not all(isinstance(p, str) and p for p in splits):
+      raise ValueError(
+          "Invalid value for argument `splits`. Expected (train, test) TFDS "
+          f"split names. Received: splits={splits!r}")
+    if name == "digits" or (isinstance(name, str) and name.startswith(
+        "idx:")):
+      raise ValueError(
+          "Invalid value for argument `splits`. Expected them only for a "
+          f"TFDS dataset. Received: splits={splits!r} for dataset={name!r}")
+    return _load_tfds(name, data_dir, splits)
   if name == "digits":
     from sklearn import datasets  # pylint: disable=g-import-not-at-top
     digits = datasets.load_digits()
@@ -340,7 +355,7 @@ def load(name, seed=0, data_dir=None):
   return _load_tfds(name, data_dir)
 
 
-def _load_tfds(name, data_dir):
+def _load_tfds(name, data_dir, splits=("train", "test")):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     # Registered datasets, and ones prepared in `data_dir` by the user.
@@ -356,9 +371,15 @@ def _load_tfds(name, data_dir):
         "Invalid value for argument `dataset`. Expected a TFDS dataset with "
         f"'image' and 'label' features. Received: dataset={name!r} with "
         f"features {sorted(features)}")
-  splits = tfds.load(name, split=["train", "test"], data_dir=data_dir)
+  try:
+    parts = tfds.load(name, split=list(splits), data_dir=data_dir)
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+        "Invalid value for argument `splits`. Expected split names of "
+        f"{name!r} ({sorted(builder.info.splits)}). Received: "
+        f"splits={tuple(splits)!r} ({e})") from e
   (x_train, y_train), (x_test, y_test) = (
-      _to_numpy(s.map(lambda e: (e["image"], e["label"]))) for s in splits)
+      _to_numpy(s.map(lambda e: (e["image"], e["label"]))) for s in parts)
   return (_images(x_train), np.asarray(y_train, "int64"),
           _images(x_test), np.asarray(y_test, "int64"))
 

@@ -69,7 +69,7 @@ class TaskSequence:
     return len(self.tasks)
 
 
-def load_source(name, seed=0, data_dir=None):
+def load_source(name, seed=0, data_dir=None, splits=None):
   """Loads a source as float32 images in [0, 1], shape (N, H, W, C).
 
   See `keras_mas.sources` for the names: `"digits"`, `"fashion_mnist"`
@@ -80,6 +80,7 @@ def load_source(name, seed=0, data_dir=None):
     name: the source's name.
     seed: seeds the train/test split of `digits`.
     data_dir: TFDS data directory.
+    splits: `(train, test)` TFDS split names (TFDS datasets only).
 
   Returns:
     `(x_train, y_train, x_test, y_test)` as NumPy arrays.
@@ -87,11 +88,12 @@ def load_source(name, seed=0, data_dir=None):
   Raises:
     ValueError: naming the argument, for an unknown or malformed source.
   """
-  return sources.load(name, seed=seed, data_dir=data_dir)
+  return sources.load(name, seed=seed, data_dir=data_dir, splits=splits)
 
 
 def make_sequence(dataset="digits", recipe="split", scenario="domain",
-                  num_tasks=5, seed=0, max_angle=90.0, data_dir=None):
+                  num_tasks=5, seed=0, max_angle=90.0, data_dir=None,
+                  splits=None):
   """Builds a seeded task sequence.
 
   Example:
@@ -111,6 +113,8 @@ def make_sequence(dataset="digits", recipe="split", scenario="domain",
     seed: seeds splits, permutations and shuffles.
     max_angle: rotation of the last task for `recipe="rotated"`, in degrees.
     data_dir: TFDS data directory.
+    splits: `(train, test)` TFDS split names, e.g. `("train[:20%]",
+      "test")` (TFDS datasets only; default `("train", "test")`).
 
   Returns:
     A `TaskSequence`.
@@ -136,16 +140,17 @@ def make_sequence(dataset="digits", recipe="split", scenario="domain",
         "Invalid value for argument `num_tasks`. Expected an integer >= 2. "
         f"Received: num_tasks={num_tasks!r}")
   rng = np.random.default_rng(seed)
-  sources = [load_source(n, seed=seed, data_dir=data_dir) for n in names]
+  loaded = [load_source(n, seed=seed, data_dir=data_dir, splits=splits)
+            for n in names]
 
   if recipe == "split":
-    parts = _split_by_classes(sources[0], num_tasks, dataset)
+    parts = _split_by_classes(loaded[0], num_tasks, dataset)
   elif recipe == "permuted":
-    parts = _permuted(sources[0], num_tasks, rng)
+    parts = _permuted(loaded[0], num_tasks, rng)
   elif recipe == "rotated":
-    parts = _rotated(sources[0], num_tasks, max_angle)
+    parts = _rotated(loaded[0], num_tasks, max_angle)
   else:
-    parts = _datasets(names, sources)
+    parts = _datasets(names, loaded)
 
   return _assemble(parts, dataset, recipe, scenario, rng)
 
@@ -359,10 +364,10 @@ def _rotated(source, num_tasks, max_angle):
   return parts
 
 
-def _datasets(names, sources):
+def _datasets(names, loaded):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  height, width = sources[0][0].shape[1:3]
-  channels = max(s[0].shape[-1] for s in sources)
+  height, width = loaded[0][0].shape[1:3]
+  channels = max(s[0].shape[-1] for s in loaded)
 
   def fit_shape(x):
     if x.shape[1:3] != (height, width):
@@ -373,4 +378,4 @@ def _datasets(names, sources):
 
   return [(name, fit_shape(x_tr), y_tr, fit_shape(x_te), y_te,
            int(max(y_tr.max(), y_te.max())) + 1)
-          for name, (x_tr, y_tr, x_te, y_te) in zip(names, sources)]
+          for name, (x_tr, y_tr, x_te, y_te) in zip(names, loaded)]

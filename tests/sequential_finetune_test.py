@@ -51,6 +51,8 @@ def test_app_runs_and_resumes(tmp_path):
     ("--optimizer=nope", "argument `optimizer`"),
     ("--model=resnet9000", "argument `model`"),
     ("--weights=/no/such/file.h5", "argument `weights`"),
+    ("--tfds_splits=train", "argument `splits`"),
+    ("--dataset=idx:/no/such/dir", "argument `dataset`"),
 ])
 def test_bad_flags_fail_before_training_in_one_line(tmp_path, flag,
                                                     message):

@@ -98,6 +98,15 @@ def test_a_tfds_dataset_prepared_on_disk_loads_for_real(tmp_path):
   sequence = tasks.make_sequence("keras_mas_tiny", "split", "task", 2,
                                  data_dir=str(tmp_path))
   assert sequence.input_shape == (6, 6, 1) and sequence.num_outputs == 4
+  half = tasks.make_sequence("keras_mas_tiny", "split", "task", 2,
+                             data_dir=str(tmp_path),
+                             splits=("train[:50%]", "test"))
+  assert sum(len(t.x_train) for t in half.tasks) == 12
+  with pytest.raises(ValueError, match="argument `splits`.*'test', 'train'"):
+    tasks.load_source("keras_mas_tiny", data_dir=str(tmp_path),
+                      splits=("train", "validation"))
+  with pytest.raises(ValueError, match="argument `splits`"):
+    tasks.load_source("digits", splits=("train", "test"))
   x_train, y_train, _, _ = tasks.load_source("keras_mas_tiny",
                                              data_dir=str(tmp_path))
   expected = {(tuple(e["image"].ravel()), int(e["label"]))
