@@ -478,7 +478,13 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     """
     x, y = np.asarray(x), np.asarray(y)
     x_all, y_all = self.buffer.with_batch(x, y) if self.rehearse else (x, y)
-    outputs = np.asarray(self.model.predict_on_batch(x_all))
+    # Padded to the full buffer's size: one traced predict function while
+    # the buffer fills, not one per size (inference: rows do not mix).
+    pad = self.buffer.capacity + len(x) - len(x_all) if self.rehearse else 0
+    padded = (np.concatenate([x_all, np.zeros((pad,) + x_all.shape[1:],
+                                              x_all.dtype)])
+              if pad > 0 else x_all)
+    outputs = np.asarray(self.model.predict_on_batch(padded))[:len(x_all)]
     losses = self.per_sample_loss(y_all, outputs)
     n = len(x)
     correct = int(np.sum(np.argmax(outputs[:n], axis=-1) == y.reshape(-1)))
