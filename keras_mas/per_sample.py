@@ -422,28 +422,34 @@ class ConvUnit(_Affine):
     sums = {}
     kernel = _kernel(layer)
     if _measured(self, kernel):
-      groups = layer.groups
-      kernel_shape = tuple(kernel.shape)
-      taps, cin_g, filters = _size(kernel_shape[:-2]), kernel_shape[-2], (
-          kernel_shape[-1])
-
-      def per_chunk(*tensors):
-        n = len(records)
-        total = 0.0
-        for x, d in zip(tensors[:n], tensors[n:]):
-          p = _patches(layer, x)  # (b, P, taps·cin)
-          p = tf.reshape(p, [tf.shape(p)[0], -1, taps, groups, cin_g])
-          d = tf.reshape(d, [tf.shape(d)[0], -1, groups, filters // groups])
-          total += tf.einsum("bpkgi,bpgf->bkigf", p, d)
-        g = tf.reshape(total, [-1, *kernel_shape])
-        return [tf.reduce_sum(transform(g), axis=0)]
-
-      per_sample = max(_size(kernel_shape), _patch_size(layer, records))
-      sums[id(kernel)] = _chunked_sum(
-          per_chunk, [_f32(_channels_last(layer, r.saved)) for r in records]
-          + deltas, per_sample)[0]
+      sums[id(kernel)] = self._kernel_sums(
+          kernel, [_f32(_channels_last(layer, r.saved)) for r in records],
+          deltas, transform)
     self._bias_sums(deltas, transform, sums)
     return sums
+
+  def _kernel_sums(self, kernel, inputs, deltas, transform):
+    layer = self.layer
+    groups = layer.groups
+    kernel_shape = tuple(kernel.shape)
+    taps, cin_g, filters = _size(kernel_shape[:-2]), kernel_shape[-2], (
+        kernel_shape[-1])
+
+    def per_chunk(*tensors):
+      n = len(inputs)
+      total = 0.0
+      for x, d in zip(tensors[:n], tensors[n:]):
+        p = _patches(layer, x)  # (b, P, taps·cin)
+        p = tf.reshape(p, [tf.shape(p)[0], -1, taps, groups, cin_g])
+        d = tf.reshape(d, [tf.shape(d)[0], -1, groups, filters // groups])
+        total += tf.einsum("bpkgi,bpgf->bkigf", p, d)
+      g = tf.reshape(total, [-1, *kernel_shape])
+      return [tf.reduce_sum(transform(g), axis=0)]
+
+    per_sample = max(_size(kernel_shape), max(
+        _size(x.shape[1:]) * taps for x in inputs))
+    return _chunked_sum(per_chunk, list(inputs) + list(deltas),
+                        per_sample)[0]
 
 
 class DepthwiseConvUnit(ConvUnit):
@@ -451,25 +457,10 @@ class DepthwiseConvUnit(ConvUnit):
 
   _TYPES = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
-  def recompute(self, record):
-    layer = self.layer
-    original = functools.partial(type(layer).call, layer)
-    with _without_activation(layer) as activation, _as_called(layer):
-      z = original(tf.stop_gradient(record.saved))
-    output = activation(z) if activation is not None else z
-    return _Record(record.saved, [z], output)
+  recompute = _Affine.recompute
 
-  def sums(self, records, deltas, transform):
-    layer = self.layer
-    deltas = [_channels_last(layer, d[0]) for d in deltas]
-    sums = {}
-    kernel = _kernel(layer)
-    if _measured(self, kernel):
-      sums[id(kernel)] = _depthwise_sums(
-          layer, kernel, [_f32(_channels_last(layer, r.saved))
-                          for r in records], deltas, transform)
-    self._bias_sums(deltas, transform, sums)
-    return sums
+  def _kernel_sums(self, kernel, inputs, deltas, transform):
+    return _depthwise_sums(self.layer, kernel, inputs, deltas, transform)
 
 
 def _depthwise_sums(layer, kernel, inputs, deltas, transform):
@@ -957,11 +948,6 @@ def _patches_supported(layer):
   if rank == 3 and any(d != 1 for d in layer.dilation_rate):
     return False  # tf.extract_volume_patches has no dilation.
   return rank in (1, 2, 3)
-
-
-def _patch_size(layer, records):
-  taps = _size(layer.kernel_size)
-  return max(_size(r.saved.shape[1:]) * taps for r in records)
 
 
 def _patches(layer, x):
