@@ -239,7 +239,9 @@ class _Affine(Unit):
 
   @classmethod
   def parameters(cls, layer):
-    return [v for v in (_kernel(layer), layer.bias) if v is not None]
+    lora = ((layer.lora_kernel_a, layer.lora_kernel_b)
+            if getattr(layer, "lora_enabled", False) else ())
+    return [v for v in (_kernel(layer), layer.bias, *lora) if v is not None]
 
   def _bias_sums(self, deltas, transform, sums):
     bias = self.layer.bias
@@ -255,12 +257,6 @@ class DenseUnit(_Affine):
   def handles(cls, layer):
     return (_plain(layer, keras.layers.Dense)
             and layer.quantization_mode is None)
-
-  @classmethod
-  def parameters(cls, layer):
-    extra = ([layer.lora_kernel_a, layer.lora_kernel_b]
-             if layer.lora_enabled else [])
-    return super().parameters(layer) + extra
 
   def sums(self, records, deltas, transform):
     layer = self.layer
@@ -297,12 +293,6 @@ class EinsumDenseUnit(_Affine):
     except _NoClosedForm:
       return False
     return True
-
-  @classmethod
-  def parameters(cls, layer):
-    extra = ([layer.lora_kernel_a, layer.lora_kernel_b]
-             if layer.lora_enabled else [])
-    return super().parameters(layer) + extra
 
   def sums(self, records, deltas, transform):
     layer = self.layer
