@@ -10,8 +10,8 @@ Exact per-sample importance, `mean_k f(g_k)`, is formed layer by layer
 layer's input and output gradient, and each layer with a closed form turns
 them into its variables' per-sample gradients (Dense, EinsumDense and so
 MultiHeadAttention, convolutions, Embedding, normalization layers); any other
-layer alone re-runs its own call one sample at a time. The whole pass over
-the data runs in one compiled function, accumulating on the device.
+layer alone re-runs its own call one sample at a time. Each batch is one
+compiled call that adds into sums kept on the device.
 """
 
 import contextlib
@@ -24,8 +24,8 @@ import tensorflow as tf
 from keras_mas import _data
 from keras_mas import per_sample as per_sample_lib
 
-__all__ = ["fisher", "local_mas", "mas", "path_integral", "squared_output_norm",
-           "uniform"]
+__all__ = ["default_batch_size", "fisher", "local_mas", "mas", "path_integral",
+           "squared_output_norm", "uniform"]
 
 # Compiled functions, kept per model so that importance passes over several
 # tasks reuse one trace instead of retracing every time.
@@ -294,7 +294,7 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   """Sums `step` over the batches of `data`, divides by the sample count.
 
   On one device each batch of a `tf.data` pipeline is one compiled call,
-  pipeline, the sums kept on the device. Under a `tf.distribute` strategy
+  the sums kept on the device. Under a `tf.distribute` strategy
   with several replicas (the model's own, or the one in scope), each batch
   is split among the replicas, every replica sums over its share and the
   sums are added across replicas (and workers) before the division by the
