@@ -11,8 +11,13 @@ a window whose mean and variance both fall below thresholds is a *plateau*
 measured on the buffer, accumulated into Ω, and θ* ← θ
 (`MASModel.consolidate`).
 
-Every piece keeps its state as plain values (`get_state` / `set_state`) so
-that a checkpoint can hold it beside the model.
+`TaskFreeConsolidation` holds the window and the buffer and consolidates;
+`fit_stream` learns a stream with it (one pass, test-then-train, the
+model's own compiled train step); `run_stream` turns a task sequence into
+one stream with hidden boundaries (`keras_mas.streams`) and scores
+task-free MAS against online fine-tuning, experience replay and MAS at the
+true boundaries. Every piece keeps its state as plain values (`get_state` /
+`set_state`) so that a checkpoint can hold it beside the model.
 """
 
 import itertools
@@ -29,6 +34,7 @@ import tensorflow as tf
 from keras_mas import architectures
 from keras_mas import callbacks as callbacks_lib
 from keras_mas import metrics as metrics_lib
+from keras_mas import regularizers
 from keras_mas import streams as streams_lib
 
 __all__ = ["METHODS", "HardBuffer", "LossWindow", "TaskFreeConsolidation",
@@ -403,7 +409,7 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     consolidate_at: `"plateaus"` (task-free, the detector decides), None
       (never: fine-tuning or replay), or a list of step numbers (oracle
       boundaries: consolidate after those steps).
-    strength: λ set at the first consolidation (None keeps the model's).
+    strength: λ set at each consolidation (None keeps the model's).
     accumulate: `"sum"` (the MAS paper's) or `"decay"`, see
       `MASModel.consolidate`.
     per_sample_loss: `fn(labels, outputs) -> losses` on NumPy arrays; the
@@ -439,6 +445,12 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
             "Invalid value for argument `consolidate_at`. Expected "
             "'plateaus', None, or a list of step numbers >= 1. Received: "
             f"consolidate_at={consolidate_at!r}")
+    if accumulate not in ("sum", "decay"):
+      raise ValueError(
+          "Invalid value for argument `accumulate`. Expected 'sum' or "
+          f"'decay'. Received: accumulate={accumulate!r}")
+    if strength is not None:
+      strength = regularizers.validate_strength(strength)
     self.consolidate_at = consolidate_at
     self.rehearse = bool(rehearse)
     self.strength = strength

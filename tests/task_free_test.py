@@ -282,6 +282,10 @@ class TestFitStream:
       task_free.TaskFreeConsolidation(consolidate_at=[0, 3])
     with pytest.raises(ValueError, match="`window`"):
       task_free.TaskFreeConsolidation(window=5)
+    with pytest.raises(ValueError, match="`accumulate`"):
+      task_free.TaskFreeConsolidation(accumulate="mean")
+    with pytest.raises(ValueError, match="strength"):
+      task_free.TaskFreeConsolidation(strength=-1.0)
 
 
 class TestRunStream:
