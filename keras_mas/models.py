@@ -386,7 +386,7 @@ class MASModel(keras.Model):
   # The method.
 
   def consolidate(self, data, method="mas", strength=None, accumulate="sum",
-                  alpha=0.5, num_samples=None, batch_size=32, **options):
+                  alpha=0.5, num_samples=None, batch_size=None, **options):
     """Measures importance on `data` and anchors the current weights.
 
     Runs after a task is learned: `Ω_new` is computed with `method`, then
@@ -404,7 +404,8 @@ class MASModel(keras.Model):
       accumulate: `"sum"` or `"decay"`.
       alpha: weight of the old importance for `accumulate="decay"`, in [0, 1].
       num_samples: use at most this many samples.
-      batch_size: batch size when `data` is an array.
+      batch_size: batch size when `data` is an array; by default
+        `importance.default_batch_size(data)` (32 to 1,024 samples).
       **options: passed to the estimator, e.g. `per_sample=False` or
         `output_fn` for `"mas"`.
 
