@@ -6,9 +6,10 @@ r"""Learns a task sequence as one stream with no task boundaries (task-free).
 The tasks become one stream of small batches; the learner is never told
 where a task ends. Runs task-free MAS and its baselines on the same stream
 and buffer size (online fine-tuning, experience replay, MAS at the true
-boundaries), each into --workdir/<method>/ (results.json, TensorBoard), and
-prints the table. A bad flag stops the app before training with one line
-naming it (exit status 1).
+boundaries), each into --workdir/<method>/ (results.json, TensorBoard, a
+checkpoint every --checkpoint_every batches), and prints the table.
+--resume continues an interrupted run. A bad flag stops the app before
+training with one line naming it (exit status 1).
 """
 
 import json
@@ -69,6 +70,12 @@ _PEAK_MIN_RISE = flags.DEFINE_float(
     "peak_min_rise", task_free.DEFAULT_PEAK_MIN_RISE,
     "... and at least this much.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds tasks, model and stream.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 50, "Checkpoint each method's stream every this many "
+    "batches (0: never).")
+_RESUME = flags.DEFINE_bool(
+    "resume", False, "Continue an interrupted run in --workdir: finished "
+    "methods are read back, the interrupted one resumes from its checkpoint.")
 
 
 def main(argv):
@@ -101,10 +108,23 @@ def _main():
   sequence = tasks.make_sequence(_DATASET.value, _RECIPE.value,
                                  _SCENARIO.value, _NUM_TASKS.value,
                                  seed=_SEED.value)
+  if _CHECKPOINT_EVERY.value < 0:
+    raise ValueError(
+        "Invalid value for flag --checkpoint_every. Expected an integer >= "
+        f"0. Received: {_CHECKPOINT_EVERY.value}")
   results = []
   for method in _METHODS.value:
+    workdir = os.path.join(_WORKDIR.value, method)
+    finished = os.path.join(workdir, "results.json")
+    if _RESUME.value and os.path.isfile(finished):
+      with open(finished) as f:
+        results.append(json.load(f))
+      continue
     results.append(task_free.run_stream(
-        sequence, method, workdir=os.path.join(_WORKDIR.value, method),
+        sequence, method, workdir=workdir,
+        checkpoint_every=_CHECKPOINT_EVERY.value or None,
+        resume=_RESUME.value and os.path.isdir(
+            os.path.join(workdir, "checkpoint")),
         batch_size=_BATCH_SIZE.value,
         transition_steps=_TRANSITION_STEPS.value,
         buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,

@@ -375,14 +375,23 @@ class TestApp:
     assert len(errors) == 1 and "buffer_size" in errors[0]
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
-  @pytest.mark.slow  # Two methods on a two-task stream: ~20 s.
+  @pytest.mark.slow  # Two methods on a two-task stream, twice more: ~40 s.
   def test_runs_methods_on_one_stream(self, tmp_path):
-    done = _app(f"--workdir={tmp_path}", "--num_tasks=2",
-                "--methods=finetune,mas")
+    flags = (f"--workdir={tmp_path}", "--num_tasks=2",
+             "--methods=finetune,mas", "--checkpoint_every=10")
+    done = _app(*flags)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "results.json") as f:
       results = json.load(f)
     assert [r["method"] for r in results] == ["finetune", "mas"]
     assert results[0]["boundaries"] == results[1]["boundaries"]
     assert os.listdir(tmp_path / "mas" / "tensorboard")
+    assert os.path.isdir(tmp_path / "mas" / "checkpoint")
     assert "mas " in done.stdout and "finetune " in done.stdout
+    # Again without --resume: refused, one line; with it: read back.
+    again = _app(*flags)
+    assert again.returncode == 1 and "resume" in again.stderr
+    resumed = _app(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with open(tmp_path / "results.json") as f:
+      assert json.load(f) == results
