@@ -209,7 +209,8 @@ class LossWindow:
         # Still settling: the plateau's level follows the window down.
         self.plateau_mean, self.plateau_variance = mean, variance
       return None
-    if mean < self.plateau_mean_below and variance < self.plateau_variance_below:
+    if (mean < self.plateau_mean_below
+        and variance < self.plateau_variance_below):
       self.after_peak = False
       self.plateau_mean, self.plateau_variance = mean, variance
       self.plateaus.append(self.step)
