@@ -29,8 +29,10 @@ setuptools.setup(
         "importlib_resources>=5",
     ],
     extras_require={
+        # keras-hub: a KerasHub backbone built from a config (no download)
+        # in tests/model_zoo_test.py.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
-                 "psutil>=5.9"],
+                 "psutil>=5.9", "keras-hub>=0.32"],
     },
     license="Apache-2.0",
 )

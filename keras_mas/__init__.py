@@ -3,8 +3,8 @@
 Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars, "Memory Aware Synapses:
 Learning what (not) to forget", ECCV 2018.
 
-`import keras_mas` registers `MASModel` and `MASRegularizer` with Keras's
-saving: do it before `keras.models.load_model` on a file that holds them
+`import keras_mas` registers `MASModel`, `MASRegularizer` and the task
+heads' losses and metrics with Keras's saving: do it before `keras.models.load_model` on a file that holds them
 (Keras imports no package but its own to find a class). The other modules
 (`keras_mas.tasks`, `keras_mas.metrics`, `keras_mas.training`, ...) load on
 first use.
@@ -14,6 +14,9 @@ import importlib
 import pkgutil
 
 from keras_mas import callbacks
+# The losses and metrics of task heads, registered for `load_model` of the
+# app's checkpoints (compiled with them).
+from keras_mas import heads
 from keras_mas import importance
 from keras_mas import models
 from keras_mas import regularizers

@@ -55,9 +55,13 @@ class Method:
   rehearse: bool = False
   tracks_path: bool = False
 
-  def consolidation(self, task, strength, alpha, num_samples, batch_size,
+  def consolidation(self, task, strength, alpha, num_samples,
                     fisher="empirical"):
-    """`(data_kind, kwargs)` for `MASModel.consolidate` after `task`."""
+    """`MASModel.consolidate`'s arguments after `task`.
+
+    No batch size: importance batches by input size, not at the training
+    batch size (a pass costs a fraction of an epoch).
+    """
     options = dict(self.options)
     if self.slice_outputs:
       options["output_fn"] = heads.OutputSlice(task.start, task.stop)
@@ -65,7 +69,7 @@ class Method:
       options["empirical"] = fisher == "empirical"
     return dict(method=self.estimator, strength=strength,
                 accumulate=self.accumulate, alpha=alpha,
-                num_samples=num_samples, batch_size=batch_size, **options)
+                num_samples=num_samples, **options)
 
   def consolidation_data(self, task):
     if self.labels:
@@ -77,7 +81,7 @@ METHODS = {
     m.name: m for m in (
         Method("finetune"),
         Method("mas", estimator="mas", slice_outputs=True),
-        Method("local_mas", estimator="local_mas"),
+        Method("local_mas", estimator="local_mas", slice_outputs=True),
         Method("l2", estimator="uniform"),
         Method("ewc", estimator="fisher", labels=True, slice_outputs=True),
         Method("online_ewc", estimator="fisher", labels=True,

@@ -157,7 +157,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
     if old_x is not None:
       _consolidate_deployed(net, recipe, old_x, old_y, strength, alpha,
-                            importance_samples, batch_size, fisher)
+                            importance_samples, fisher)
 
   net.penalty_mode = penalty_mode
   if recipe.tracks_path:
@@ -175,8 +175,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     if recipe.estimator is not None:
       net.consolidate(recipe.consolidation_data(task),
                       **recipe.consolidation(task, strength, alpha,
-                                             importance_samples, batch_size,
-                                             fisher))
+                                             importance_samples, fisher))
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
     progress.record(k, net, old_x, old_y, batch_size,
@@ -514,7 +513,7 @@ def _old_accuracy(net, x, y, batch_size):
 
 
 def _consolidate_deployed(net, recipe, x, y, strength, alpha, num_samples,
-                          batch_size, fisher):
+                          fisher):
   """Ω on the data the model was deployed on, over all its outputs."""
   outputs = int(net.outputs[0].shape[-1])
   deployed = tasks_lib.Task(
@@ -525,7 +524,7 @@ def _consolidate_deployed(net, recipe, x, y, strength, alpha, num_samples,
                       deployed, strength, alpha,
                       None if num_samples is None else min(num_samples,
                                                            len(x)),
-                      batch_size, fisher))
+                      fisher))
 
 
 def _copy_model(model):
