@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from keras_mas import sources
+from keras_mas import task_free
 from keras_mas import tasks
 from keras_mas import training
 
@@ -53,8 +54,28 @@ _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
                               "task-, domain- or class-incremental.")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.",
                                    lower_bound=1)
-_METHOD = flags.DEFINE_enum("method", "mas", list(training.METHODS),
-                            "Continual-learning method.")
+_METHOD = flags.DEFINE_enum(
+    "method", "mas", list(dict.fromkeys(training.METHODS + task_free.METHODS)),
+    "Continual-learning method; with --task_boundaries=none one of "
+    f"{list(task_free.METHODS)} ('replay': the hard buffer alone; "
+    "'mas_oracle': MAS consolidating at the true task changes).")
+_TASK_BOUNDARIES = flags.DEFINE_enum(
+    "task_boundaries", "given", ["given", "none"],
+    "'given': each task is learned with its own fit and consolidated after "
+    "it; 'none': the tasks become one stream of small batches and the "
+    "learner is never told where a task ends (task-free MAS, CVPR 2019).")
+_STREAM_BATCH_SIZE = flags.DEFINE_integer(
+    "stream_batch_size", 10, "--task_boundaries=none: samples per incoming "
+    "batch.", lower_bound=1)
+_TRANSITION_STEPS = flags.DEFINE_integer(
+    "transition_steps", 0, "--task_boundaries=none: blur each change of "
+    "task over this many batches.", lower_bound=0)
+_BUFFER_SIZE = flags.DEFINE_integer(
+    "buffer_size", task_free.DEFAULT_BUFFER_SIZE, "--task_boundaries=none: "
+    "samples in the hard buffer rehearsed with each batch.", lower_bound=1)
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", None, "--task_boundaries=none: checkpoint the "
+    "stream every this many batches (for --resume).", lower_bound=1)
 _STRENGTH = flags.DEFINE_float(
     "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
     "permuted-digits sequence; see README).")
@@ -152,6 +173,15 @@ def _main():
         _DATASET.value, _RECIPE.value, _SCENARIO.value, _NUM_TASKS.value,
         seed=_SEED.value, max_angle=_MAX_ANGLE.value,
         data_dir=_DATA_DIR.value, splits=_TFDS_SPLITS.value)
+  if _TASK_BOUNDARIES.value == "none":
+    _stream(sequence)
+    return
+  if _METHOD.value not in training.METHODS:
+    raise ValueError(
+        f"Invalid value for argument `method`. Expected one of "
+        f"{list(training.METHODS)} when task boundaries are given. "
+        f"Received: method={_METHOD.value!r} (a --task_boundaries=none "
+        "method)")
   importance_data = None
   if _IMPORTANCE_DATA.value:
     importance_data = sources.load_importance_data(
@@ -172,6 +202,34 @@ def _main():
       importance_data=importance_data, verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+
+
+def _stream(sequence):
+  """--task_boundaries=none: the sequence as one stream, task-free."""
+  unsupported = [f"--{f.name}" for f in (
+      _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES)
+                 if f.value] + (["--distribution"] if _DISTRIBUTION.value !=
+                                "none" else [])
+  if unsupported:
+    raise ValueError(
+        "Invalid value for argument `task_boundaries`. Expected given task "
+        f"boundaries with {unsupported}. Received: task_boundaries='none'")
+  if _METHOD.value not in task_free.METHODS:
+    raise ValueError(
+        f"Invalid value for argument `method`. Expected one of "
+        f"{list(task_free.METHODS)} with --task_boundaries=none. Received: "
+        f"method={_METHOD.value!r}")
+  results = task_free.run_stream(
+      sequence, method=_METHOD.value, workdir=_WORKDIR.value,
+      batch_size=_STREAM_BATCH_SIZE.value,
+      transition_steps=_TRANSITION_STEPS.value,
+      buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
+      learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
+      model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value, seed=_SEED.value,
+      checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
+      verbose=_VERBOSE.value)
+  if _VERBOSE.value:
+    print(training.format_matrix(results))
 
 
 def _image_size(init_model):

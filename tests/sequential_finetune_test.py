@@ -35,6 +35,21 @@ def test_app_runs_and_resumes(tmp_path):
   assert "Resuming after task 1" in again.stdout
 
 
+def test_app_learns_task_free_on_a_stream(tmp_path):
+  workdir = str(tmp_path / "stream")
+  done = _run(f"--workdir={workdir}", "--task_boundaries=none", "--strength=1",
+              "--num_tasks=2", "--recipe=split", "--verbose=0")
+  assert done.returncode == 0, done.stderr
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["method"] == "mas"
+  assert len(results["accuracy_matrix"]) == 2
+  assert results["consolidations"] and 0 < results["online_accuracy"] <= 1
+  wrong = _run(f"--workdir={tmp_path / 'ewc'}", "--task_boundaries=none",
+               "--method=ewc", *_FAST)
+  assert wrong.returncode == 1 and "argument `method`" in wrong.stderr
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--method=magic", "--method"),
     ("--scenario=online", "--scenario"),
@@ -53,6 +68,8 @@ def test_app_runs_and_resumes(tmp_path):
     ("--weights=/no/such/file.h5", "argument `weights`"),
     ("--tfds_splits=train", "argument `splits`"),
     ("--dataset=idx:/no/such/dir", "argument `dataset`"),
+    ("--method=replay", "argument `method`"),
+    ("--task_boundaries=maybe", "--task_boundaries"),
 ])
 def test_bad_flags_fail_before_training_in_one_line(tmp_path, flag,
                                                     message):
