@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -298,7 +299,9 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
         loss=loss, metrics=task_metrics)
   net.fit(x, y, batch_size=batch_size,
           initial_epoch=k * epochs, epochs=(k + 1) * epochs,
-          verbose=verbose,
+          # Progress bars only on a terminal: in a log file they are a flood
+          # (the line per task says how the task went).
+          verbose=verbose if sys.stdout.isatty() else 0,
           callbacks=[
               keras.callbacks.TensorBoard(
                   os.path.join(write_dir, "tensorboard"), write_graph=False),
