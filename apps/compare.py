@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import cli
 from keras_mas import comparison
 from keras_mas import tasks
 from keras_mas import training
@@ -65,21 +66,6 @@ _TFDS_SPLITS = flags.DEFINE_list(
     "TFDS's syntax, e.g. 'train[:20%],test' (default: train,test).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
-  try:
-    _main()
-  except (ValueError, OSError, RuntimeError) as e:
-    # Bad input is the user's to fix: one line, no traceback.
-    _fail(f"{type(e).__name__}: {e}")
-
-
-def _fail(message):
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
-
-
 def _main():
   logging.set_verbosity(logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -102,6 +88,8 @@ def _main():
   with open(os.path.join(_WORKDIR.value, "comparison.md")) as f:
     print(f.read())
 
+
+main = cli.main_with_one_line_errors(_main)
 
 if __name__ == "__main__":
   app.run(main)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import cli
 from keras_mas import sources
 from keras_mas import task_free
 from keras_mas import tasks
@@ -133,21 +134,6 @@ _VIRTUAL_CPUS = flags.DEFINE_integer(
     "Split the CPU into this many logical devices (to run 'mirrored' with "
     "several replicas on a machine without accelerators).", lower_bound=0)
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
-  try:
-    _main()
-  except (ValueError, OSError, RuntimeError) as e:
-    # Bad input is the user's to fix: one line, no traceback.
-    _fail(f"{type(e).__name__}: {e}")
-
-
-def _fail(message):
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
 
 
 def _main():
@@ -266,6 +252,8 @@ def _image_size(init_model):
   channels = fixed[2] if fixed and len(fixed) == 3 and fixed[2] else 3
   return size, channels
 
+
+main = cli.main_with_one_line_errors(_main)
 
 if __name__ == "__main__":
   app.run(main)

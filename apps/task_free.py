@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import cli
 from keras_mas import task_free
 from keras_mas import tasks
 
@@ -82,21 +83,6 @@ _RESUME = flags.DEFINE_bool(
     "methods are read back, the interrupted one resumes from its checkpoint.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    _fail(f"Unexpected arguments {argv[1:]}; every setting is a --flag.")
-  try:
-    _main()
-  except (ValueError, OSError, RuntimeError) as e:
-    # Bad input is the user's to fix: one line, no traceback.
-    _fail(f"{type(e).__name__}: {e}")
-
-
-def _fail(message):
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
-
-
 def _main():
   logging.set_verbosity(logging.WARNING)
   bad = [m for m in _METHODS.value if m not in task_free.METHODS]
@@ -142,6 +128,8 @@ def _main():
         f"{_BATCH_SIZE.value}:")
   print(task_free.format_results(results))
 
+
+main = cli.main_with_one_line_errors(_main)
 
 if __name__ == "__main__":
   app.run(main)
