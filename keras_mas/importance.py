@@ -19,6 +19,7 @@ import math
 import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_mas import _data
@@ -318,7 +319,8 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
       raise ValueError(
           "Invalid value for argument `data`. Expected labels that index the "
           f"logits of model '{model.name}' (0 to the number of outputs - 1). "
-          "Received: labels out of that range") from None
+          f"Received: labels {_label_values(data)}out of that range"
+      ) from None
     raise _data_error(model, data, e) from e
   except (ValueError, TypeError, tf.errors.OpError) as e:
     message = str(e)
@@ -329,6 +331,16 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
     raise _data_error(model, data, e) from e
   _data.check_count(count, num_samples)
   return [t / count for t in totals]
+
+
+def _label_values(data):
+  """The distinct labels of `(x, y)` arrays, for an error message."""
+  if isinstance(data, tuple) and len(data) > 1 and hasattr(data[1],
+                                                           "__array__"):
+    values = np.unique(np.asarray(data[1]))
+    shown = ", ".join(str(v) for v in values[:20])
+    return f"[{shown}{', ...' if len(values) > 20 else ''}] with some "
+  return ""
 
 
 def _data_error(model, data, error):

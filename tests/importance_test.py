@@ -264,6 +264,13 @@ def test_errors_name_the_argument():
     importance.mas(model, np.ones((4, 5)), per_sample="yes")
 
 
+def test_fisher_names_labels_out_of_range():
+  model = _mlp()  # three logits
+  x = np.zeros((4, 5), "float32")
+  with pytest.raises(ValueError, match=r"labels \[0, 1, 7\] with some out"):
+    importance.fisher(model, (x, np.array([0, 1, 7, 1])))
+
+
 def test_default_batch_holds_about_a_million_input_values():
   assert importance.default_batch_size(np.zeros((9, 784))) == 1024
   assert importance.default_batch_size(np.zeros((9, 32, 32, 3))) == 256
