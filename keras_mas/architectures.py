@@ -65,6 +65,47 @@ class ApplicationPreprocessing(keras.layers.Layer):
     return {**super().get_config(), "module": self.module}
 
 
+def check_options(name, weights=None, freeze_backbone=False):
+  """Raises, naming the argument, unless `build` can make `name` so.
+
+  Args:
+    name: as for `build`.
+    weights: as for `build`.
+    freeze_backbone: as for `build`.
+
+  Returns:
+    The `keras.applications` name of `name`, or None for `"mlp"`/`"cnn"`.
+
+  Raises:
+    ValueError: for an unknown `name`, weights or a frozen backbone asked of
+      a model without a backbone, or a missing `weights` file.
+  """
+  weights = _weights_file(weights)
+  application = application_name(name)
+  if name not in ARCHITECTURES and application is None:
+    raise ValueError(
+        f"Invalid value for argument `model`. Expected one of "
+        f"{ARCHITECTURES} or a keras.applications model name (any case, "
+        f"e.g. 'MobileNetV2'). Received: model={name!r}")
+  if application is None and (weights is not None or freeze_backbone):
+    raise ValueError(
+        "Invalid value for argument `weights`/`freeze_backbone`. Expected "
+        "them only with a keras.applications backbone. Received: "
+        f"model={name!r}, weights={weights!r}, "
+        f"freeze_backbone={freeze_backbone!r}")
+  if weights is not None and not os.path.isfile(weights):
+    raise ValueError(
+        "Invalid value for argument `weights`. Expected a local weights "
+        f"file or 'none'. Received: weights={weights!r} (no such file)")
+  return application
+
+
+def _weights_file(weights):
+  if isinstance(weights, str) and weights.lower() == "none":
+    return None
+  return weights
+
+
 def build(name, input_shape, num_outputs, hidden_units=128, weights=None,
           freeze_backbone=False, seed=0):
   """Returns a built `MASModel` producing `num_outputs` logits.
@@ -115,24 +156,8 @@ def build(name, input_shape, num_outputs, hidden_units=128, weights=None,
     raise ValueError(
         "Invalid value for argument `num_outputs`. Expected a positive "
         f"integer. Received: num_outputs={num_outputs!r}")
-  if isinstance(weights, str) and weights.lower() == "none":
-    weights = None
-  application = application_name(name)
-  if name not in ARCHITECTURES and application is None:
-    raise ValueError(
-        f"Invalid value for argument `model`. Expected one of "
-        f"{ARCHITECTURES} or a keras.applications model name (any case, "
-        f"e.g. 'MobileNetV2'). Received: model={name!r}")
-  if application is None and (weights is not None or freeze_backbone):
-    raise ValueError(
-        "Invalid value for argument `weights`/`freeze_backbone`. Expected "
-        "them only with a keras.applications backbone. Received: "
-        f"model={name!r}, weights={weights!r}, "
-        f"freeze_backbone={freeze_backbone!r}")
-  if weights is not None and not os.path.isfile(weights):
-    raise ValueError(
-        "Invalid value for argument `weights`. Expected a local weights "
-        f"file or 'none'. Received: weights={weights!r} (no such file)")
+  weights = _weights_file(weights)
+  application = check_options(name, weights, freeze_backbone)
   keras.utils.set_random_seed(seed)
   inputs = keras.Input(tuple(input_shape), name="image")
   if name == "mlp":

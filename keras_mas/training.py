@@ -353,29 +353,17 @@ def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
 
 def _check_model(model, weights, freeze_backbone, sequence):
   """The model's name for the configuration; raises if it cannot serve."""
-  if isinstance(model, keras.Model):
-    _check_model_fits(model, sequence)
-    model_name = f"custom:{model.name}"
-  else:
-    if (model not in architectures.ARCHITECTURES
-        and architectures.application_name(model) is None):
-      raise ValueError(
-          "Invalid value for argument `model`. Expected one of "
-          f"{architectures.ARCHITECTURES}, a keras.applications model name "
-          f"(any case) or a built keras.Model. Received: model={model!r}")
-    model_name = model
-  if (weights is not None or freeze_backbone) and (
-      isinstance(model, keras.Model)
-      or architectures.application_name(model) is None):
+  if not isinstance(model, keras.Model):
+    architectures.check_options(model, weights, freeze_backbone)
+    return model
+  _check_model_fits(model, sequence)
+  model_name = f"custom:{model.name}"
+  if weights is not None or freeze_backbone:
     raise ValueError(
         "Invalid value for argument `weights`/`freeze_backbone`. Expected "
         "them only with a keras.applications backbone. Received: "
         f"model={model_name!r}, weights={weights!r}, "
         f"freeze_backbone={freeze_backbone!r}")
-  if weights is not None and not os.path.isfile(weights):
-    raise ValueError(
-        "Invalid value for argument `weights`. Expected a local weights "
-        f"file or 'none'. Received: weights={weights!r} (no such file)")
   return model_name
 
 
