@@ -40,7 +40,8 @@ from keras import ops
 from keras.src.backend import AutocastScope
 import tensorflow as tf
 
-__all__ = ["CLOSED_FORM_LAYERS", "Unit", "largest_batch", "plan", "recording"]
+__all__ = ["CLOSED_FORM_LAYERS", "Fallback", "ModelFallback", "Unit",
+           "largest_batch", "plan", "recording"]
 
 # At most this many float32 values of per-sample gradients (or convolution
 # patches) exist at once: larger batches are processed in chunks.
