@@ -36,6 +36,7 @@ from keras_mas import callbacks as callbacks_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import regularizers
 from keras_mas import streams as streams_lib
+from keras_mas import training
 
 __all__ = ["METHODS", "HardBuffer", "LossWindow", "TaskFreeConsolidation",
            "fit_stream", "format_results", "run_stream",
@@ -773,11 +774,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     raise ValueError(
         f"Invalid value for argument `method`. Expected one of {METHODS}. "
         f"Received: method={method!r}")
-  if (not isinstance(learning_rate, (int, float, np.floating))
-      or not np.isfinite(learning_rate) or learning_rate <= 0):
-    raise ValueError(
-        "Invalid value for argument `learning_rate`. Expected a finite "
-        f"number > 0. Received: learning_rate={learning_rate!r}")
+  training.validate_learning_rate(learning_rate)
   stream = streams_lib.from_sequence(sequence, batch_size=batch_size,
                                      transition_steps=transition_steps,
                                      seed=seed)

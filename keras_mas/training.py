@@ -29,7 +29,7 @@ from keras_mas import models
 from keras_mas import regularizers
 from keras_mas import tasks as tasks_lib
 
-__all__ = ["METHODS", "run_sequence", "format_matrix"]
+__all__ = ["METHODS", "format_matrix", "run_sequence", "validate_learning_rate"]
 
 METHODS = tuple(methods_lib.METHODS)
 
@@ -336,11 +336,7 @@ def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
       raise ValueError(
           f"Invalid value for argument `{name}`. Expected a positive integer. "
           f"Received: {name}={value!r}")
-  if (not isinstance(learning_rate, (int, float, np.floating))
-      or not np.isfinite(learning_rate) or learning_rate <= 0):
-    raise ValueError(
-        "Invalid value for argument `learning_rate`. Expected a finite "
-        f"number > 0. Received: learning_rate={learning_rate!r}")
+  validate_learning_rate(learning_rate)
   try:
     keras.optimizers.get({"class_name": optimizer,
                           "config": {"learning_rate": learning_rate}})
@@ -349,6 +345,15 @@ def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
         "Invalid value for argument `optimizer`. Expected a Keras optimizer "
         f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
     ) from e
+
+
+def validate_learning_rate(learning_rate):
+  """Raises, naming it, unless `learning_rate` is a finite number > 0."""
+  if (not isinstance(learning_rate, (int, float, np.floating))
+      or not np.isfinite(learning_rate) or learning_rate <= 0):
+    raise ValueError(
+        "Invalid value for argument `learning_rate`. Expected a finite "
+        f"number > 0. Received: learning_rate={learning_rate!r}")
 
 
 def _check_model(model, weights, freeze_backbone, sequence):
