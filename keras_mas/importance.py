@@ -197,9 +197,12 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=None,
     if empirical:
       labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
       classes = tf.shape(logits)[-1]
-      tf.debugging.assert_equal(
+      check = tf.debugging.assert_equal(
           tf.reduce_all((labels >= 0) & (labels < classes)), True,
           message=_LABELS_OUT_OF_RANGE)
+      # Checked before the loss, whose own error would blame the inputs.
+      with tf.control_dependencies([check]):
+        labels = tf.identity(labels)
     else:
       labels = tf.stop_gradient(tf.cast(tf.random.stateless_categorical(
           logits, 1, seed=[seed, tf.shape(logits)[0]])[:, 0], tf.int32))
