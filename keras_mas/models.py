@@ -117,6 +117,8 @@ class MASModel(keras.Model):
     self._si_path = None
     self._stop_on_divergence = True
     self._penalty_log_interval = 1
+    # Not tracked by Keras: a buffer is the stream's state, not the model's.
+    object.__setattr__(self, "_rehearsal", None)
     if self.built:
       self._ensure_mas_state()
 
@@ -352,6 +354,85 @@ class MASModel(keras.Model):
     # at the same epoch end can save diverged ones.
     return [guard] + listed
 
+  def reset_optimizer(self):
+    """Gives the optimizer a fresh state for a new task, without a retrace.
+
+    Every optimizer variable (step count, moments, accumulators) goes back
+    to the value a newly built optimizer of the same configuration gives
+    it; the configuration (learning rate included) stays. `compile` with a
+    new optimizer does the same but discards the traced train, test and
+    predict functions: the next call of each traces again (seconds on a
+    large model). Between tasks whose loss and metrics are the same, call
+    this instead:
+
+    ```python
+    model.fit(task_a_x, task_a_y, epochs=5)
+    model.consolidate(task_a_x)
+    model.reset_optimizer()  # No momentum from task A moves the weights.
+    model.fit(task_b_x, task_b_y, epochs=5)  # No retrace.
+    ```
+
+    Raises:
+      ValueError: if the model is not compiled, or the trainable variables
+        changed since the optimizer was built (compile again instead).
+    """
+    optimizer = getattr(self, "optimizer", None)
+    if optimizer is None:
+      raise ValueError(
+          "Invalid call to `reset_optimizer`. Expected a compiled model. "
+          f"Received: model {self.name!r}, not compiled")
+    if not optimizer.built:
+      return  # Built fresh at the next `fit`.
+    variables = self.trainable_variables
+    with self.distribute_strategy.scope():
+      fresh = keras.optimizers.deserialize(
+          keras.optimizers.serialize(optimizer))
+      fresh.build(variables)
+    old, new = optimizer.variables, fresh.variables
+    if len(old) != len(new) or any(
+        tuple(a.shape) != tuple(b.shape) for a, b in zip(old, new)):
+      raise ValueError(
+          "Invalid call to `reset_optimizer`. Expected the trainable "
+          "variables the optimizer was built for. Received: model "
+          f"{self.name!r} whose trainable variables changed since; compile "
+          "it again instead")
+    for a, b in zip(old, new):
+      a.assign(b.value)
+
+  @property
+  def rehearsal(self):
+    """A buffer rehearsed with every training batch, or None (default).
+
+    An object with two methods that run inside the traced train step:
+    `join(x, y, sample_weight)` returns the batch to train on, the incoming
+    batch with the buffer's samples, as `(x, y, sample_weight)`, the
+    incoming samples first; `update(x, y, y_pred, incoming)` then updates the
+    buffer from the joined batch and its predictions (before the step),
+    `incoming` the number of incoming samples. Metrics are computed on the
+    incoming samples alone, from predictions made before the step: on a
+    stream they are test-then-train (prequential). Task-free learning
+    (`keras_mas.task_free`) sets it. Setting it retraces the train step;
+    saving does not keep it. Not supported under a distribution strategy.
+    """
+    return self._rehearsal
+
+  @rehearsal.setter
+  def rehearsal(self, buffer):
+    if buffer is not None and not all(
+        callable(getattr(buffer, name, None)) for name in ("join", "update")):
+      raise ValueError(
+          "Invalid value for argument `rehearsal`. Expected None or an "
+          "object with `join` and `update` methods. Received: "
+          f"rehearsal={buffer!r}")
+    if buffer is not None and self.distribute_strategy.num_replicas_in_sync > 1:
+      raise ValueError(
+          "Invalid value for argument `rehearsal`. Expected no distribution "
+          "strategy (each replica would keep its own buffer). Received: "
+          f"{type(self.distribute_strategy).__name__} with "
+          f"{self.distribute_strategy.num_replicas_in_sync} replicas")
+    object.__setattr__(self, "_rehearsal", buffer)
+    self.train_function = None
+
   def track_path_integral(self):
     """Accumulates Synaptic Intelligence's path integral during `fit`.
 
@@ -510,6 +591,10 @@ class MASModel(keras.Model):
     task gradient alone and `_proximal_update` applies the penalty.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    rehearsal = self._rehearsal
+    if rehearsal is not None:
+      incoming = tf.shape(tf.nest.flatten(x)[0])[0]
+      x, y, sample_weight = rehearsal.join(x, y, sample_weight)
     with tf.GradientTape() as tape:
       if self._call_has_training_arg:
         y_pred = self(x, training=True)
@@ -577,6 +662,12 @@ class MASModel(keras.Model):
       self._proximal_update()
     if path is not None:
       path.after_step(path_step)
+    if rehearsal is not None:
+      rehearsal.update(x, y, y_pred, incoming)
+      x, y, y_pred = tf.nest.map_structure(lambda t: t[:incoming],
+                                           (x, y, y_pred))
+      if sample_weight is not None:
+        sample_weight = sample_weight[:incoming]
     return self._replica_logs(
         self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 

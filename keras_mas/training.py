@@ -288,15 +288,24 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
 
 def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, write_dir, writer, verbose):
-  """One `fit` call for task `k`, with a fresh optimizer."""
+  """One `fit` call for task `k`, with a fresh optimizer state."""
   x, y, loss, task_metrics = methods_lib.training_data(
       recipe, net, sequence, k, batch_size, temperature=temperature)
-  with scope():
-    net.compile(
-        optimizer=keras.optimizers.get(
-            {"class_name": optimizer,
-             "config": {"learning_rate": learning_rate}}),
-        loss=loss, metrics=task_metrics)
+  compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
+      [loss] + task_metrics))
+  if net.compiled and getattr(net, "_keras_mas_compiled_for",
+                              None) == compiled_for:
+    # The same loss and metrics as the last task's: fresh optimizer state
+    # without `compile`, which would retrace train, test and predict.
+    net.reset_optimizer()
+  else:
+    with scope():
+      net.compile(
+          optimizer=keras.optimizers.get(
+              {"class_name": optimizer,
+               "config": {"learning_rate": learning_rate}}),
+          loss=loss, metrics=task_metrics)
+    object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
   net.fit(x, y, batch_size=batch_size,
           initial_epoch=k * epochs, epochs=(k + 1) * epochs,
           # Progress bars only on a terminal: in a log file they are a flood
