@@ -53,7 +53,7 @@ def log_importance(writer, model, step):
       tf.summary.histogram(f"importance/{v.path}", omega, step=step)
 
 
-def log_accuracy_matrix(writer, matrix, metrics, step):
+def log_accuracy_matrix(writer, matrix, metrics, step, image=True):
   """Per-task accuracy, ACC, forgetting and the matrix as an image.
 
   Args:
@@ -61,6 +61,8 @@ def log_accuracy_matrix(writer, matrix, metrics, step):
     matrix: `T×T` accuracies, rows after `step` filled, the rest NaN.
     metrics: dict with `acc` and `forgetting` of the tasks so far.
     step: index of the task just trained.
+    image: also draw the matrix as an image (a matplotlib figure, a few
+      tenths of a second: `run_sequence` draws it after the last task).
   """
   matrix = np.asarray(matrix, dtype="float64")
   with writer.as_default():
@@ -68,7 +70,9 @@ def log_accuracy_matrix(writer, matrix, metrics, step):
       tf.summary.scalar(f"accuracy/task_{j}", accuracy, step=step)
     tf.summary.scalar("sequence/acc", metrics["acc"], step=step)
     tf.summary.scalar("sequence/forgetting", metrics["forgetting"], step=step)
-    tf.summary.image("accuracy_matrix", _matrix_image(matrix)[None], step=step)
+    if image:
+      tf.summary.image("accuracy_matrix", _matrix_image(matrix)[None],
+                       step=step)
 
 
 def _matrix_image(matrix):
