@@ -11,16 +11,18 @@ a window whose mean and variance both fall below thresholds is a *plateau*
 measured on the buffer, accumulated into Ω, and θ* ← θ
 (`MASModel.consolidate`).
 
-`TaskFreeConsolidation` holds the window and the buffer and consolidates;
-`fit_stream` learns a stream with it (one pass, test-then-train, the
-model's own compiled train step); `run_stream` turns a task sequence into
-one stream with hidden boundaries (`keras_mas.streams`) and scores
-task-free MAS against online fine-tuning, experience replay and MAS at the
-true boundaries. Every piece keeps its state as plain values (`get_state` /
-`set_state`) so that a checkpoint can hold it beside the model.
+Keras-native: one `model.fit` over the stream. `HardBuffer` is the
+model's `rehearsal` (`MASModel.rehearsal`): it is joined to each batch and
+updated inside the traced train step, so `fit`'s metrics are prequential
+(test-then-train). `TaskFreeConsolidation`, a Keras callback, sets it,
+keeps the window and consolidates; `fit_stream` is `model.fit` with it;
+`run_stream` turns a task sequence into one stream with hidden boundaries
+(`keras_mas.streams`) and scores task-free MAS against online fine-tuning,
+experience replay and MAS at the true boundaries. Every piece keeps its
+state as plain values (`get_state` / `set_state`) so that a checkpoint can
+hold it beside the model.
 """
 
-import itertools
 import json
 import os
 import shutil
@@ -33,14 +35,15 @@ import tensorflow as tf
 
 from keras_mas import architectures
 from keras_mas import callbacks as callbacks_lib
+from keras_mas import export as export_lib
 from keras_mas import metrics as metrics_lib
+from keras_mas import models
 from keras_mas import regularizers
 from keras_mas import streams as streams_lib
 from keras_mas import training
 
 __all__ = ["METHODS", "HardBuffer", "LossWindow", "TaskFreeConsolidation",
-           "fit_stream", "format_results", "run_stream",
-           "sparse_crossentropy_per_sample"]
+           "fit_stream", "format_results", "repeat_updates", "run_stream"]
 
 # What `run_stream` compares, on the same stream and buffer size:
 # task-free MAS; online fine-tuning (no buffer, no penalty); experience
@@ -260,148 +263,383 @@ class LossWindow:
     self.plateaus = [int(s) for s in state["plateaus"]]
 
 
-class HardBuffer:
-  """The `capacity` hardest recent samples: the highest losses seen last.
+def _sparse_crossentropy(labels, outputs):
+  return keras.losses.sparse_categorical_crossentropy(labels, outputs,
+                                                      from_logits=True)
 
-  After every step the buffer's samples and the incoming batch compete on
-  their current losses (measured on the same weights, just before training
-  on them); the `capacity` highest stay. A sample the model has learned
-  leaves; one it still gets wrong stays and is rehearsed again. On equal
-  losses the newer sample wins.
+
+def _empty(spec_shape, dtype, name):
+  """A variable holding no rows yet, any number later (its batch axis is
+  left open: `assign` of a tensor with another row count is allowed)."""
+  return tf.Variable(tf.zeros((0,) + tuple(spec_shape), dtype),
+                     shape=tf.TensorShape((None,) + tuple(spec_shape)),
+                     trainable=False, name=name)
+
+
+class HardBuffer:
+  """The `capacity` hardest recent samples, kept inside the train step.
+
+  Used as `MASModel.rehearsal`: each training batch is the incoming batch
+  followed by the buffer's samples (`join`); after the step, the buffer's
+  samples and the incoming ones compete on their losses measured just
+  before the step (the same weights for all), and the `capacity` highest
+  stay (`update`, `tf.math.top_k`). A sample the model has learned leaves;
+  one it still gets wrong stays and is rehearsed again. On equal losses
+  the incoming (newer) sample wins. All of it runs in the traced train
+  step, on `tf.Variable`s made at the first batch (their batch axis is
+  open, so the buffer grows while it fills without a retrace).
+
+  With `updates_per_batch = k > 1`, each incoming batch is followed in the
+  dataset by `k − 1` *empty* batches (`repeat_updates` makes them): each
+  trains once more on the incoming batch, kept from the first, joined to
+  the same buffer; the buffer is updated after the k-th step from the
+  losses measured before the first. The metrics see the incoming samples
+  once, before any step on them: prequential.
 
   Example:
 
   ```python
-  buffer = HardBuffer(50)
-  x_all, y_all = buffer.with_batch(x, y)
-  losses = per_sample_loss(y_all, model.predict_on_batch(x_all))
-  buffer.update(x_all, y_all, losses)
+  buffer = keras_mas.task_free.HardBuffer(50)
+  model.rehearsal = buffer  # a compiled keras_mas.MASModel
+  model.fit(stream_dataset)  # each batch rehearsed with the buffer
+  print(len(buffer), buffer.losses)
   ```
 
   Args:
     capacity: the most samples kept.
+    loss_fn: `fn(labels, outputs) -> per-sample losses` on tensors (it
+      runs in the train step); default: sparse categorical cross-entropy
+      of logits.
+    rehearse: join the buffer to each batch. False: the buffer is kept
+      (the hardest incoming samples, for importance) but not trained on.
+    updates_per_batch: train steps on each incoming batch (see above).
 
   Raises:
-    ValueError: if `capacity` is not a positive integer.
+    ValueError: naming the argument, for a value out of range.
   """
 
-  def __init__(self, capacity=DEFAULT_BUFFER_SIZE):
+  def __init__(self, capacity=DEFAULT_BUFFER_SIZE, loss_fn=None,
+               rehearse=True, updates_per_batch=1):
     self.capacity = _check_positive_int("capacity", capacity)
-    self.inputs = None
-    self.labels = None
-    self.losses = None
+    self.updates_per_batch = _check_positive_int("updates_per_batch",
+                                                 updates_per_batch)
+    if loss_fn is not None and not callable(loss_fn):
+      raise ValueError(
+          "Invalid value for argument `loss_fn`. Expected a function "
+          f"(labels, outputs) -> per-sample losses. Received: "
+          f"loss_fn={loss_fn!r}")
+    self.loss_fn = loss_fn or _sparse_crossentropy
+    self.rehearse = bool(rehearse)
+    self._inputs = None
+
+  @property
+  def built(self):
+    return self._inputs is not None
+
+  def build(self, input_shape, label_shape=(), input_dtype="float32",
+            label_dtype="int64"):
+    """Makes the variables: per-sample shapes, without the batch axis.
+
+    `join` calls it at the first batch; call it before to choose."""
+    input_shape = tuple(input_shape)
+    label_shape = tuple(label_shape)
+    if any(d is None for d in input_shape + label_shape):
+      raise ValueError(
+          "Invalid value for argument `input_shape`. Expected fully known "
+          "per-sample shapes of inputs and labels. Received: input_shape="
+          f"{input_shape}, label_shape={label_shape}")
+    with tf.init_scope():
+      self._inputs = _empty(input_shape, input_dtype, "buffer_inputs")
+      self._labels = _empty(label_shape, label_dtype, "buffer_labels")
+      self._losses = _empty((), "float32", "buffer_losses")
+      # The incoming batch and the joined batch's losses, kept from the
+      # first of `updates_per_batch` steps for the others.
+      self._kept_inputs = _empty(input_shape, input_dtype, "kept_inputs")
+      self._kept_labels = _empty(label_shape, label_dtype, "kept_labels")
+      self._kept_losses = _empty((), "float32", "kept_losses")
+      self._phase = tf.Variable(0, dtype="int32", trainable=False,
+                                name="phase")
+      self._incoming_loss = tf.Variable(float("nan"), dtype="float32",
+                                        trainable=False, name="incoming_loss")
+      self._incoming_count = tf.Variable(0, dtype="int32", trainable=False,
+                                         name="incoming_count")
 
   def __len__(self):
-    return 0 if self.inputs is None else len(self.inputs)
+    return int(tf.shape(self._inputs)[0]) if self.built else 0
 
-  def with_batch(self, x, y):
-    """The incoming batch followed by the buffer's samples, `(x, y)`."""
-    x, y = np.asarray(x), np.asarray(y)
-    if not len(self):
-      return x, y
-    if x.shape[1:] != self.inputs.shape[1:]:
+  @property
+  def inputs(self):
+    """The samples kept, a NumPy array (None while empty)."""
+    return self._inputs.numpy() if len(self) else None
+
+  @property
+  def labels(self):
+    return self._labels.numpy() if len(self) else None
+
+  @property
+  def losses(self):
+    """Each sample's loss when last measured (float32)."""
+    return self._losses.numpy() if len(self) else None
+
+  @property
+  def incoming_loss(self):
+    """The last incoming batch's mean loss, before any step on it."""
+    return float(self._incoming_loss.numpy()) if self.built else float("nan")
+
+  @property
+  def incoming_count(self):
+    """The last incoming batch's number of samples."""
+    return int(self._incoming_count.numpy()) if self.built else 0
+
+  @property
+  def phase(self):
+    """Steps taken on the current incoming batch, modulo
+    `updates_per_batch` (0: the batch is done)."""
+    return int(self._phase.numpy()) if self.built else 0
+
+  def _check_batch(self, x, y):
+    if not tf.is_tensor(x) and (isinstance(x, (list, tuple, dict))):
+      flat = tf.nest.flatten(x)
+      if len(flat) != 1:
+        raise ValueError(
+            "Invalid value for argument `x`. Expected one input tensor per "
+            f"batch for a HardBuffer. Received: {len(flat)} inputs")
+      x = flat[0]
+    if y is None or not tf.is_tensor(y) and isinstance(y, (list, tuple,
+                                                          dict)):
       raise ValueError(
-          "Invalid value for argument `x`. Expected inputs of the buffer's "
-          f"shape {self.inputs.shape[1:]}. Received: {x.shape[1:]}")
-    return (np.concatenate([x, self.inputs.astype(x.dtype, copy=False)]),
-            np.concatenate([y, self.labels.astype(y.dtype, copy=False)]))
+          "Invalid value for argument `y`. Expected one label tensor per "
+          f"batch (rehearsal trains on labels). Received: y={y!r}")
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    if not self.built:
+      self.build(x.shape[1:], y.shape[1:], x.dtype, y.dtype)
+    if (x.shape[1:] != self._inputs.shape[1:]
+        or y.shape[1:] != self._labels.shape[1:]):
+      raise ValueError(
+          "Invalid value for argument `x`. Expected samples of the buffer's "
+          f"shapes {tuple(self._inputs.shape[1:])} (labels "
+          f"{tuple(self._labels.shape[1:])}). Received: "
+          f"{tuple(x.shape[1:])} ({tuple(y.shape[1:])})")
+    return (tf.cast(x, self._inputs.dtype), tf.cast(y, self._labels.dtype))
 
-  def update(self, x, y, losses):
-    """Keeps the `capacity` samples of `(x, y)` with the highest `losses`.
+  def join(self, x, y, sample_weight=None):
+    """The batch to train on: the incoming samples, then the buffer's.
 
-    `(x, y)` is what `with_batch` returned (the batch first, so that it
-    wins ties), `losses` one value per sample.
+    Called by `MASModel.train_step` (traced). An empty incoming batch,
+    with `updates_per_batch > 1`, stands for the batch kept from the
+    first step.
 
-    Raises:
-      ValueError: for lengths that differ or non-finite losses (nothing
-        changes).
+    Returns:
+      `(x, y, sample_weight)`, the buffer's samples weighted 1.
     """
-    x, y = np.asarray(x), np.asarray(y)
-    losses = np.asarray(losses, dtype="float64").reshape(-1)
-    if not len(x) == len(y) == len(losses):
-      raise ValueError(
-          "Invalid value for argument `losses`. Expected one per sample of "
-          f"`x` and `y`. Received: {len(x)} inputs, {len(y)} labels, "
-          f"{len(losses)} losses")
-    if not np.all(np.isfinite(losses)):
-      raise ValueError(
-          "Invalid value for argument `losses`. Expected finite losses. "
-          f"Received: {int(np.sum(~np.isfinite(losses)))} NaN or infinite")
-    keep = np.argsort(-losses, kind="stable")[:self.capacity]
-    self.inputs, self.labels, self.losses = x[keep], y[keep], losses[keep]
+    x, y = self._check_batch(x, y)
+    if self.updates_per_batch > 1:
+      if sample_weight is not None:
+        raise ValueError(
+            "Invalid value for argument `sample_weight`. Expected None with "
+            f"updates_per_batch={self.updates_per_batch}. Received: sample "
+            "weights (or class_weight)")
+      first = tf.equal(self._phase, 0)
+      tf.debugging.assert_equal(
+          first, tf.shape(x)[0] > 0, message=(
+              f"updates_per_batch={self.updates_per_batch}: each incoming "
+              "batch must be followed by that many empty batches less one "
+              "(keras_mas.task_free.repeat_updates)"))
+      x = tf.cond(first, lambda: x, self._kept_inputs.read_value)
+      y = tf.cond(first, lambda: y, self._kept_labels.read_value)
+      self._kept_inputs.assign(x)
+      self._kept_labels.assign(y)
+    if not self.rehearse:
+      return x, y, sample_weight
+    kept = self._inputs.read_value()
+    if sample_weight is not None:
+      sample_weight = tf.concat([sample_weight, tf.ones(
+          tf.concat([tf.shape(kept)[:1], tf.shape(sample_weight)[1:]], 0),
+          sample_weight.dtype)], 0)
+    return (tf.concat([x, kept], 0),
+            tf.concat([y, self._labels.read_value()], 0), sample_weight)
+
+  def update(self, x, y, y_pred, incoming):
+    """Keeps the hardest `capacity` samples of the joined batch (and, when
+    not rehearsing, of the buffer), by their losses before the step.
+
+    Called by `MASModel.train_step` (traced) after the step: `(x, y)` is
+    what `join` returned, `y_pred` its outputs before the step, `incoming`
+    the number of incoming samples (0 for a repeated step).
+    """
+    x, y = self._check_batch(x, y)
+    losses = tf.reshape(tf.cast(self.loss_fn(y, y_pred), "float32"), [-1])
+    k = self.updates_per_batch
+    if k > 1:
+      phase = self._phase.read_value()
+      losses = tf.cond(tf.equal(phase, 0), lambda: losses,
+                       self._kept_losses.read_value)
+      self._kept_losses.assign(losses)
+      incoming = tf.shape(self._kept_inputs)[0]
+      last = tf.equal(phase, k - 1)
+      self._phase.assign((phase + 1) % k)
+    incoming = tf.cast(incoming, "int32")
+    self._incoming_loss.assign(tf.reduce_mean(losses[:incoming]))
+    self._incoming_count.assign(incoming)
+    if self.rehearse:
+      candidates = (x, y, losses)
+    else:
+      candidates = (tf.concat([x, self._inputs.read_value()], 0),
+                    tf.concat([y, self._labels.read_value()], 0),
+                    tf.concat([losses, self._losses.read_value()], 0))
+
+    def keep():
+      # top_k puts the lower index first on ties: incoming samples win.
+      best = tf.math.top_k(candidates[2], k=tf.minimum(
+          self.capacity, tf.shape(candidates[2])[0]))
+      return (tf.gather(candidates[0], best.indices),
+              tf.gather(candidates[1], best.indices), best.values)
+
+    def unchanged():
+      return (self._inputs.read_value(), self._labels.read_value(),
+              self._losses.read_value())
+
+    new = keep() if k == 1 else tf.cond(last, keep, unchanged)
+    for variable, value in zip((self._inputs, self._labels, self._losses),
+                               new):
+      variable.assign(value)
+
+  def reset(self):
+    """Empties the buffer (a fresh stream)."""
+    if self.built:
+      self._assign(self._inputs.numpy()[:0], self._labels.numpy()[:0],
+                   np.zeros(0, "float32"))
+
+  def _assign(self, inputs, labels, losses):
+    self._inputs.assign(inputs)
+    self._labels.assign(labels)
+    self._losses.assign(losses)
+    for kept in (self._kept_inputs, self._kept_labels, self._kept_losses):
+      kept.assign(tf.zeros((0,) + tuple(kept.shape[1:]), kept.dtype))
+    self._phase.assign(0)
+    self._incoming_loss.assign(float("nan"))
+    self._incoming_count.assign(0)
 
   def get_state(self):
     """`{"inputs", "labels", "losses"}` as NumPy arrays (None when empty);
-    `numpy.savez` writes them."""
+    `numpy.savez` writes them.
+
+    Raises:
+      ValueError: between the steps of one incoming batch (the state is
+        that of whole batches).
+    """
+    if self.phase:
+      raise ValueError(
+          "Invalid call to `get_state`. Expected a buffer between incoming "
+          f"batches. Received: {self.phase} of {self.updates_per_batch} "
+          "steps on the current batch done")
     return {"inputs": self.inputs, "labels": self.labels,
             "losses": self.losses}
 
   def set_state(self, state):
-    """Restores what `get_state` returned.
+    """Restores what `get_state` returned (making the variables if needed).
 
     Raises:
-      ValueError: for a state larger than the capacity or of mismatched
-        lengths (nothing changes).
+      ValueError: for a state larger than the capacity, of mismatched
+        lengths or of other sample shapes (nothing changes).
     """
     if state.get("inputs") is None:
-      self.inputs = self.labels = self.losses = None
+      self.reset()
       return
     x, y = np.asarray(state["inputs"]), np.asarray(state["labels"])
-    losses = np.asarray(state["losses"], dtype="float64")
-    if not len(x) == len(y) == len(losses) or len(x) > self.capacity:
+    losses = np.asarray(state["losses"], dtype="float32").reshape(-1)
+    if (not len(x) == len(y) == len(losses) or len(x) > self.capacity
+        or not np.all(np.isfinite(losses))):
       raise ValueError(
           "Invalid value for argument `state`. Expected at most "
-          f"{self.capacity} samples with one label and loss each. Received: "
-          f"{len(x)} inputs, {len(y)} labels, {len(losses)} losses")
-    self.inputs, self.labels, self.losses = x, y, losses
+          f"{self.capacity} samples with one label and finite loss each. "
+          f"Received: {len(x)} inputs, {len(y)} labels, {len(losses)} losses")
+    if self.built and (x.shape[1:] != tuple(self._inputs.shape[1:])
+                       or y.shape[1:] != tuple(self._labels.shape[1:])):
+      raise ValueError(
+          "Invalid value for argument `state`. Expected samples of the "
+          f"buffer's shape {tuple(self._inputs.shape[1:])}. Received: "
+          f"{x.shape[1:]}")
+    if not self.built:
+      self.build(x.shape[1:], y.shape[1:], x.dtype, y.dtype)
+    self._assign(x.astype(self._inputs.dtype.as_numpy_dtype),
+                 y.astype(self._labels.dtype.as_numpy_dtype), losses)
 
 
-def sparse_crossentropy_per_sample(labels, logits):
-  """Per-sample sparse categorical cross-entropy of logits, in NumPy (float64).
+def repeat_updates(dataset, updates_per_batch):
+  """Each batch of `dataset` followed by `updates_per_batch − 1` empty ones.
+
+  With a `HardBuffer(updates_per_batch=k)` as `model.rehearsal`, an empty
+  batch means one more step on the last incoming batch (see `HardBuffer`):
+  `model.fit(repeat_updates(stream, k))` takes k steps per incoming batch
+  and its metrics still count each incoming sample once.
 
   Args:
-    labels: integer labels, shape `(N,)`.
-    logits: shape `(N, C)`.
+    dataset: a batched `tf.data.Dataset` of `(x, y)`.
+    updates_per_batch: a positive integer; 1 returns `dataset`.
 
   Returns:
-    The `N` losses.
+    A `tf.data.Dataset`.
   """
-  logits = np.asarray(logits, dtype="float64")
-  labels = np.asarray(labels).reshape(-1).astype("int64")
-  shifted = logits - logits.max(axis=-1, keepdims=True)
-  log_norm = np.log(np.exp(shifted).sum(axis=-1))
-  return log_norm - shifted[np.arange(len(labels)), labels]
+  k = _check_positive_int("updates_per_batch", updates_per_batch)
+  if k == 1:
+    return dataset
+
+  def expand(*element):
+    empty = tf.nest.map_structure(lambda t: t[:0], element)
+    return tf.data.Dataset.from_tensors(element).concatenate(
+        tf.data.Dataset.from_tensors(empty).repeat(k - 1))
+
+  repeated = dataset.flat_map(expand)
+  count = int(dataset.cardinality())
+  if count >= 0:
+    # Known length: `fit` counts its steps (no "ran out of data" warning).
+    repeated = repeated.apply(tf.data.experimental.assert_cardinality(
+        count * k))
+  return repeated
 
 
 _CONSOLIDATE_AT = ("plateaus",)
+# Keys under which a compiled accuracy metric appears in `fit`'s logs.
+_ACCURACY_KEYS = ("accuracy", "sparse_categorical_accuracy", "acc",
+                  "categorical_accuracy")
 
 
 class TaskFreeConsolidation(keras.callbacks.Callback):
-  """Task-free MAS on a stream of batches: rehearse, watch, consolidate.
+  """Task-free MAS inside `model.fit`: rehearse, watch, consolidate.
 
-  For each incoming batch (see `fit_stream`, which drives it):
+  Pass it to `model.fit` over a stream (a batched `tf.data.Dataset` in
+  stream order); at `on_train_begin` it sets its `HardBuffer` as the
+  model's `rehearsal`, so that each train step:
 
-  1. *test*: one inference pass over the batch and the buffer gives each
-     sample's loss and the batch's prequential (test-then-train) accuracy;
-  2. *train*: the model trains on the batch joined with the buffer
-     (rehearsal), through its own compiled train step, MAS penalty included;
-  3. *watch*: the batch's loss (measured before training on it) enters the
-     `LossWindow`; the batch and the buffer compete for the `HardBuffer` on
-     the losses of step 1;
+  1. joins the buffer to the incoming batch and trains on both;
+  2. keeps in the buffer the hardest samples by their losses before the
+     step; the metrics count the incoming samples alone, from predictions
+     made before the step: `fit`'s accuracy is the prequential
+     (test-then-train) accuracy.
+
+  After each incoming batch (`on_train_batch_end`):
+
+  3. *watch*: the incoming batch's loss (before the step, the buffer's
+     left out: it holds the hardest samples by construction and would lift
+     the window) goes into the `LossWindow`;
   4. *consolidate*: at a plateau, `model.consolidate(buffer inputs)`: MAS
-     importance on the buffer, accumulated into Ω, and θ* ← θ.
+     importance on the buffer, accumulated into Ω, and θ* ← θ (Ω and θ*
+     are variables: the train step is not traced again).
 
-  The window sees the incoming batch's loss alone: the buffer holds the
-  hardest samples by construction, and its loss would lift the window and
-  delay every plateau.
+  The model must be a compiled `keras_mas.MASModel` with
+  `steps_per_execution=1` (one callback call per batch) and
+  `jit_compile=False` (the joined batch's size changes while the buffer
+  fills); compile it with an accuracy metric for the online accuracy.
 
   Example:
 
   ```python
-  task_free = keras_mas.task_free.TaskFreeConsolidation(buffer_size=50)
-  keras_mas.task_free.fit_stream(model, stream_dataset, task_free,
-                                 callbacks=[tensorboard])
-  print(task_free.consolidations)  # steps at which it consolidated
+  model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), metrics=["accuracy"])
+  learner = keras_mas.task_free.TaskFreeConsolidation(buffer_size=50)
+  model.fit(stream_dataset, callbacks=[learner])
+  print(learner.consolidations)  # steps at which it consolidated
   ```
 
   Args:
@@ -410,32 +648,42 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     rehearse: train each batch together with the buffer.
     consolidate_at: `"plateaus"` (task-free, the detector decides), None
       (never: fine-tuning or replay), or a list of step numbers (oracle
-      boundaries: consolidate after those steps).
+      boundaries: consolidate after those incoming batches).
     strength: λ set at each consolidation (None keeps the model's).
     accumulate: `"sum"` (the MAS paper's) or `"decay"`, see
       `MASModel.consolidate`.
-    per_sample_loss: `fn(labels, outputs) -> losses` on NumPy arrays; the
-      default is sparse categorical cross-entropy of logits.
+    loss_fn: per-sample loss `fn(labels, outputs)` on tensors (the
+      buffer's ranking and the window); default: sparse categorical
+      cross-entropy of logits.
+    updates_per_batch: train steps on each incoming batch; above 1, `fit`
+      must be given `repeat_updates(stream, updates_per_batch)`
+      (`fit_stream` does it).
     log_dir: if given, TensorBoard scalars under `stream/` are written
-      there at every step: the incoming loss, the window's mean and
-      variance, peaks, plateaus (1 where detected, else 0), consolidations
-      and the online accuracy; and histograms of Ω at each consolidation.
+      there at every incoming batch: the incoming loss, the window's mean
+      and variance, peaks, plateaus (1 where detected, else 0),
+      consolidations and the online accuracy; and histograms of Ω at each
+      consolidation.
 
   Raises:
-    ValueError: naming the argument, for a value out of range.
+    ValueError: naming the argument, for a value out of range; at the
+      start of `fit`, for a model that cannot run it.
   """
 
   def __init__(self, buffer_size=DEFAULT_BUFFER_SIZE, window=None,
                rehearse=True, consolidate_at="plateaus", strength=None,
-               accumulate="sum", per_sample_loss=None, log_dir=None):
+               accumulate="sum", loss_fn=None, updates_per_batch=1,
+               log_dir=None):
     super().__init__()
-    self.buffer = HardBuffer(_check_positive_int("buffer_size", buffer_size))
+    self.buffer = HardBuffer(_check_positive_int("buffer_size", buffer_size),
+                             loss_fn=loss_fn, rehearse=rehearse,
+                             updates_per_batch=updates_per_batch)
     self.window = window if window is not None else LossWindow()
     if not isinstance(self.window, LossWindow):
       raise ValueError(
           "Invalid value for argument `window`. Expected a LossWindow. "
           f"Received: window of type {type(window).__name__}")
-    if consolidate_at is None or consolidate_at in _CONSOLIDATE_AT:
+    if consolidate_at is None or (isinstance(consolidate_at, str)
+                                  and consolidate_at in _CONSOLIDATE_AT):
       self.oracle_steps = None
     else:
       try:
@@ -454,79 +702,102 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     if strength is not None:
       strength = regularizers.validate_strength(strength)
     self.consolidate_at = consolidate_at
-    self.rehearse = bool(rehearse)
     self.strength = strength
     self.accumulate = accumulate
-    self.per_sample_loss = per_sample_loss or sparse_crossentropy_per_sample
     self.log_dir = log_dir
     self._writer = None
-    self._pending = None
     self.reset()
+
+  @property
+  def rehearse(self):
+    return self.buffer.rehearse
+
+  @property
+  def updates_per_batch(self):
+    return self.buffer.updates_per_batch
 
   def reset(self):
     """A fresh stream: empty buffer and window, no steps, no records."""
-    self.buffer = HardBuffer(self.buffer.capacity)
+    self.buffer.reset()
     self.window.reset()
     self.step = 0
     self.consolidations = []
     self.online_correct = []
     self.incoming_losses = []
+    self._seen = self._correct = 0
 
   @property
   def online_accuracy(self):
-    """Prequential accuracy so far: each batch tested before training."""
+    """Prequential accuracy so far: each batch tested before training
+    (NaN without an accuracy metric)."""
     seen = sum(n for _, n in self.online_correct)
-    return (sum(c for c, _ in self.online_correct) / seen if seen
-            else float("nan"))
+    if not seen or any(c is None for c, _ in self.online_correct):
+      return float("nan")
+    return sum(c for c, _ in self.online_correct) / seen
 
-  def training_batch(self, x, y):
-    """Tests the model on an incoming batch; returns what to train on.
+  def on_train_begin(self, logs=None):
+    model = self.model
+    if not isinstance(model, models.MASModel):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected a keras_mas.MASModel "
+          "(keras_mas.MASModel.from_model(model) makes one). Received: "
+          f"{type(model).__name__}")
+    every = getattr(model, "steps_per_execution", 1)
+    if every != 1:
+      raise ValueError(
+          "Invalid value for argument `steps_per_execution`. Expected 1 "
+          "for task-free learning (the detector reads every incoming "
+          "batch). Received: steps_per_execution="
+          f"{every}; compile the model with steps_per_execution=1")
+    if model.jit_compile:
+      raise ValueError(
+          "Invalid value for argument `jit_compile`. Expected False for "
+          "task-free learning (the joined batch's size changes while the "
+          "buffer fills, which XLA cannot compile). Received: "
+          "jit_compile=True; compile the model with jit_compile=False")
+    if model.rehearsal is not self.buffer:
+      model.rehearsal = self.buffer
+      # `fit` made its train function before calling back: make it again,
+      # with the buffer.
+      model.make_train_function()
+    self._seen = self._correct = 0
 
-    Args:
-      x: the incoming inputs (NumPy).
-      y: their labels.
+  def on_epoch_begin(self, epoch, logs=None):
+    self._seen = self._correct = 0  # `fit` resets its metrics.
 
-    Returns:
-      `(x, y)`: the batch followed by the buffer (with `rehearse`), or the
-      batch alone.
-    """
-    x, y = np.asarray(x), np.asarray(y)
-    x_all, y_all = self.buffer.with_batch(x, y) if self.rehearse else (x, y)
-    # Padded to the full buffer's size: one traced predict function while
-    # the buffer fills, not one per size (inference: rows do not mix).
-    pad = self.buffer.capacity + len(x) - len(x_all) if self.rehearse else 0
-    padded = (np.concatenate([x_all, np.zeros((pad,) + x_all.shape[1:],
-                                              x_all.dtype)])
-              if pad > 0 else x_all)
-    outputs = np.asarray(self.model.predict_on_batch(padded))[:len(x_all)]
-    losses = self.per_sample_loss(y_all, outputs)
-    n = len(x)
-    correct = int(np.sum(np.argmax(outputs[:n], axis=-1) == y.reshape(-1)))
-    self._pending = (x_all, y_all, losses, n, correct)
-    return x_all, y_all
+  def _online_correct(self, logs, count):
+    """Correct incoming predictions of the last batch, from the running
+    accuracy in `logs` (None without an accuracy metric)."""
+    key = next((k for k in _ACCURACY_KEYS if k in (logs or {})), None)
+    if key is None:
+      return None
+    self._seen += count
+    correct = int(round(float(logs[key]) * self._seen))
+    batch, self._correct = correct - self._correct, correct
+    return batch
 
   def on_train_batch_end(self, batch, logs=None):
-    if self._pending is None:
-      return  # Not driven by `fit_stream`: nothing was tested.
-    x_all, y_all, losses, n, correct = self._pending
-    self._pending = None
+    if self.updates_per_batch > 1 and self.buffer.phase:
+      return  # More steps on this incoming batch to come.
     self.step += 1
-    incoming = float(np.mean(losses[:n]))
-    self.online_correct.append((correct, n))
+    incoming = self.buffer.incoming_loss
+    count = self.buffer.incoming_count
+    if not np.isfinite(incoming):
+      raise ValueError(
+          f"Training diverged at stream step {self.step}: the incoming loss "
+          f"is {incoming}. Lower the learning rate or the strength λ.")
+    self.online_correct.append((self._online_correct(logs, count), count))
     self.incoming_losses.append(incoming)
-    if self.rehearse:
-      self.buffer.update(x_all, y_all, losses)
-    else:
-      self.buffer.update(x_all[:n], y_all[:n], losses[:n])
     event = self.window.update(incoming)
     if self.oracle_steps is not None:
       due = self.step in self.oracle_steps
     else:
       due = self.consolidate_at is not None and event == "plateau"
     if due:
-      self.model.consolidate(self.buffer.inputs, strength=self.strength,
+      inputs = self.buffer.inputs
+      self.model.consolidate(inputs, strength=self.strength,
                              accumulate=self.accumulate,
-                             batch_size=len(self.buffer))
+                             batch_size=len(inputs))
       self.consolidations.append(self.step)
     if self.log_dir is not None:
       self._log(incoming, event, due)
@@ -542,7 +813,8 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
       tf.summary.scalar("stream/peak", float(event == "peak"))
       tf.summary.scalar("stream/plateau", float(event == "plateau"))
       tf.summary.scalar("stream/consolidation", float(consolidated))
-      tf.summary.scalar("stream/online_accuracy", self.online_accuracy)
+      if np.isfinite(self.online_accuracy):
+        tf.summary.scalar("stream/online_accuracy", self.online_accuracy)
     if consolidated:
       callbacks_lib.log_importance(self._writer, self.model, step=self.step)
 
@@ -564,66 +836,66 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
   def set_state(self, state):
     """Restores what `get_state` returned (the model is restored apart)."""
     stream = state["stream"]
-    self.window.set_state(stream["window"])
     self.buffer.set_state(state["buffer"])
+    self.window.set_state(stream["window"])
     self.step = int(stream["step"])
     self.consolidations = [int(s) for s in stream["consolidations"]]
-    self.online_correct = [(int(c), int(n))
+    self.online_correct = [(None if c is None else int(c), int(n))
                            for c, n in stream["online_correct"]]
     self.incoming_losses = [float(v) for v in stream["incoming_losses"]]
 
 
-def _batches(stream):
-  """NumPy `(x, y)` batches of a `tf.data.Dataset` or an iterable."""
+def _as_dataset(stream):
+  """A batched `tf.data.Dataset` of `(x, y)` from a dataset or NumPy batches."""
   if isinstance(stream, tf.data.Dataset):
-    stream = stream.as_numpy_iterator()
-  for element in stream:
-    x, y = element[0], element[1]
-    yield np.asarray(x), np.asarray(y)
+    return stream
+  batches = [(np.asarray(b[0]), np.asarray(b[1])) for b in stream]
+  if not batches:
+    raise ValueError(
+        "Invalid value for argument `stream`. Expected at least one batch. "
+        "Received: an empty stream")
+  x0, y0 = batches[0]
+  signature = (tf.TensorSpec((None,) + x0.shape[1:], x0.dtype),
+               tf.TensorSpec((None,) + y0.shape[1:], y0.dtype))
+  return tf.data.Dataset.from_generator(lambda: iter(batches),
+                                        output_signature=signature)
 
 
-def fit_stream(model, stream, task_free, callbacks=None,
-               updates_per_batch=1, steps=None, initial_step=0):
-  """Learns a stream online, one pass, with task-free consolidation.
+def fit_stream(model, stream, task_free, callbacks=None, steps=None,
+               verbose=0):
+  """`model.fit` over a stream, once, with task-free consolidation.
 
-  Why a loop and not `model.fit`: rehearsal trains each batch together with
-  the buffer chosen by the losses of the *current* weights, so the buffer
-  must be joined to the batch between two train steps. Keras 3's `fit`
-  reads its input ahead (tf.data prefetching), and its callbacks see
-  neither the batch nor per-sample losses; joining inside the train step
-  would replace `MASModel.train_step`. This loop calls the model's own
-  compiled train step (`train_on_batch`: optimizer, MAS penalty and metrics
-  as in `fit`) and drives Keras callbacks (`on_train_begin`,
-  `on_train_batch_begin`/`end`, `on_train_end`) so that TensorBoard and
-  the user's callbacks work as in `fit`.
+  A thin wrapper: `model.fit(repeat_updates(stream, k), epochs=1,
+  callbacks=[task_free, *callbacks])`, k being `task_free`'s
+  `updates_per_batch`. Callbacks after `task_free` can read
+  `task_free.step` (incoming batches done) and its records; Keras's own
+  batch index counts train steps (k per incoming batch).
 
   Example:
 
   ```python
   model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True))
-  task_free = keras_mas.task_free.TaskFreeConsolidation()
+      from_logits=True), metrics=["accuracy"])
+  task_free = keras_mas.task_free.TaskFreeConsolidation(updates_per_batch=3)
   keras_mas.task_free.fit_stream(model, dataset.batch(10), task_free)
   ```
 
   Args:
-    model: a compiled `keras_mas.MASModel` (a plain `keras.Model` works
-      when `task_free` never consolidates).
+    model: a compiled `keras_mas.MASModel` (`steps_per_execution=1`,
+      `jit_compile=False`).
     stream: a batched `tf.data.Dataset` of `(x, y)` or an iterable of NumPy
       `(x, y)` batches, in stream order.
     task_free: a `TaskFreeConsolidation` (its state continues: call its
       `reset()` for a new stream).
-    callbacks: more Keras callbacks, called after `task_free` each step.
-    updates_per_batch: train steps on each incoming batch (and buffer).
+    callbacks: more Keras callbacks, called after `task_free`.
     steps: stop after this many incoming batches (None: the whole stream).
-    initial_step: batches of the stream already learned (when resuming,
-      `stream` starts after them): callbacks see batch indices from here.
+    verbose: `fit`'s verbosity.
 
   Returns:
     `task_free`, holding the consolidation steps and online accuracy.
 
   Raises:
-    ValueError: for an invalid argument, or a non-finite training loss
+    ValueError: for an invalid argument, or a non-finite incoming loss
       (the model diverged; nothing is consolidated after it).
   """
   if not isinstance(task_free, TaskFreeConsolidation):
@@ -631,34 +903,14 @@ def fit_stream(model, stream, task_free, callbacks=None,
         "Invalid value for argument `task_free`. Expected a "
         "TaskFreeConsolidation. Received: task_free of type "
         f"{type(task_free).__name__}")
-  updates_per_batch = _check_positive_int("updates_per_batch",
-                                          updates_per_batch)
   if steps is not None:
     steps = _check_positive_int("steps", steps)
-  if (isinstance(initial_step, bool)
-      or not isinstance(initial_step, (int, np.integer)) or initial_step < 0):
-    raise ValueError(
-        "Invalid value for argument `initial_step`. Expected an integer >= "
-        f"0. Received: initial_step={initial_step!r}")
-  listed = [task_free] + list(callbacks or [])
-  callback_list = keras.callbacks.CallbackList(listed, model=model)
-  callback_list.on_train_begin()
-  logs = {}
-  for index, (x, y) in enumerate(_batches(stream)):
-    if steps is not None and index >= steps:
-      break
-    index += initial_step
-    callback_list.on_train_batch_begin(index)
-    x_all, y_all = task_free.training_batch(x, y)
-    for _ in range(updates_per_batch):
-      logs = model.train_on_batch(x_all, y_all, return_dict=True)
-    loss = float(logs.get("loss", 0.0))
-    if not np.isfinite(loss):
-      raise ValueError(
-          f"Training diverged at stream step {index + 1}: the loss is "
-          f"{loss}. Lower the learning rate or the strength λ.")
-    callback_list.on_train_batch_end(index, logs)
-  callback_list.on_train_end(logs)
+  dataset = _as_dataset(stream)
+  if steps is not None:
+    dataset = dataset.take(steps)
+  model.fit(repeat_updates(dataset, task_free.updates_per_batch), epochs=1,
+            shuffle=False, verbose=verbose,
+            callbacks=[task_free] + list(callbacks or []))
   return task_free
 
 
@@ -683,20 +935,40 @@ def accuracies(model, sequence, trained=None, batch_size=256):
   return result
 
 
-class _BoundaryAccuracy(keras.callbacks.Callback):
+class _EachIncomingBatch(keras.callbacks.Callback):
+  """Calls `on_step(step)` once per incoming batch, after `task_free`."""
+
+  def __init__(self, task_free):
+    super().__init__()
+    self.task_free = task_free
+    self._last = None
+
+  def on_train_begin(self, logs=None):
+    self._last = self.task_free.step  # Resumed: that step is done.
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = self.task_free.step
+    if step != self._last:
+      self._last = step
+      self.on_step(step)
+
+  def on_step(self, step):
+    raise NotImplementedError
+
+
+class _BoundaryAccuracy(_EachIncomingBatch):
   """Row `i` of the accuracy matrix after step `boundaries[i]`; logged as a
   task-aware run logs it when `log_dir` is given."""
 
-  def __init__(self, sequence, boundaries, log_dir=None):
-    super().__init__()
+  def __init__(self, task_free, sequence, boundaries, log_dir=None):
+    super().__init__(task_free)
     self.sequence, self.boundaries = sequence, list(boundaries)
     self.matrix = np.full((len(boundaries),) * 2, np.nan)
     self.baseline = None
     self.log_dir = log_dir
     self._writer = None
 
-  def on_train_batch_end(self, batch, logs=None):
-    step = batch + 1
+  def on_step(self, step):
     for i, boundary in enumerate(self.boundaries):
       if boundary == step:
         self.matrix[i] = accuracies(self.model, self.sequence, trained=i)
@@ -719,10 +991,14 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   """Learns `sequence` as one stream with hidden boundaries; scores it.
 
   The tasks' training data become one stream of small batches
-  (`keras_mas.streams.from_sequence`); the learner never hears where a
-  task ends. The accuracy matrix is still measured at the hidden
-  boundaries, so the result compares with a task-aware run:
-  `R[i][j]` = test accuracy on task `j` at the end of task `i`'s stretch.
+  (`keras_mas.streams.from_sequence`), learned by one `model.fit` with a
+  `TaskFreeConsolidation` callback; the learner never hears where a task
+  ends. The accuracy matrix is still measured at the hidden boundaries,
+  so the result compares with a task-aware run: `R[i][j]` = test accuracy
+  on task `j` at the end of task `i`'s stretch. Every method runs the same
+  `fit`: `mas` (the detector consolidates on the buffer), `mas_oracle`
+  (consolidates on the buffer at the true boundaries), `replay` (the
+  buffer rehearsed, never consolidated), `finetune` (no rehearsal).
 
   Example:
 
@@ -735,11 +1011,13 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   Args:
     sequence: a domain- or class-incremental `keras_mas.tasks.TaskSequence`.
     method: one of `METHODS`.
-    workdir: if given, `results.json` and TensorBoard logs (`tensorboard/`,
-      the stream's scalars under `stream/`) are written there.
+    workdir: if given, `results.json`, TensorBoard logs (`tensorboard/`,
+      the stream's scalars under `stream/`) and the final model as a
+      SavedModel (`export/`) are written there.
     batch_size: samples per incoming batch.
     transition_steps: blur each change over this many batches.
-    buffer_size: samples in the hard buffer (all methods but `finetune`).
+    buffer_size: samples in the hard buffer (all methods but `finetune`
+      train on it).
     strength: λ of the MAS penalty.
     learning_rate: optimizer learning rate.
     optimizer: a Keras optimizer name.
@@ -748,7 +1026,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     updates_per_batch: train steps on each incoming batch.
     window: a `LossWindow` (default: the documented defaults).
     seed: seeds the model, the stream's blur and training.
-    callbacks: more Keras callbacks, called at every incoming batch.
+    callbacks: more Keras callbacks for the `fit` (their batch index
+      counts train steps, `updates_per_batch` per incoming batch).
     checkpoint_every: with `workdir`, write a checkpoint every this many
       incoming batches into `workdir/checkpoint/` (the model with its
       optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
@@ -784,8 +1063,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   log_dir = None if workdir is None else os.path.join(workdir, "tensorboard")
   task_free = TaskFreeConsolidation(
       buffer_size=buffer_size, window=window,
-      rehearse=method != "finetune",
-      consolidate_at=consolidate_at or None, log_dir=log_dir)
+      rehearse=method != "finetune", consolidate_at=consolidate_at or None,
+      updates_per_batch=updates_per_batch, log_dir=log_dir)
   if (checkpoint_every is not None or resume) and workdir is None:
     raise ValueError(
         "Invalid value for argument `workdir`. Expected a directory for "
@@ -811,8 +1090,10 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
         "Invalid value for argument `optimizer`. Expected a Keras optimizer "
         f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
     ) from e
+  # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
+  # no XLA: the joined batch grows while the buffer fills.
   net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True))
+      from_logits=True), metrics=["accuracy"], jit_compile=False)
   net.strength = strength
   config = {"method": method, "batch_size": int(batch_size),
             "transition_steps": int(transition_steps),
@@ -821,7 +1102,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
             "model": model, "hidden_units": int(hidden_units),
             "updates_per_batch": int(updates_per_batch),
             "window": window.get_config(), "seed": int(seed)}
-  evaluation = _BoundaryAccuracy(sequence, stream.boundaries, log_dir)
+  evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
+                                 log_dir)
   first_step, seconds_before = 0, 0.0
   if resume:
     net, state = _read_checkpoint(checkpoint_dir, config)
@@ -841,9 +1123,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
                                     stream.num_steps, seconds_before))
   keras.utils.set_random_seed(seed)
   started = time.perf_counter()
-  fit_stream(net, itertools.islice(stream.batches(), first_step, None),
-             task_free, callbacks=listed,
-             updates_per_batch=updates_per_batch, initial_step=first_step)
+  fit_stream(net, stream.as_dataset().skip(first_step), task_free,
+             callbacks=listed)
   seconds = seconds_before + time.perf_counter() - started
   matrix = evaluation.matrix
   starts = [0] + stream.boundaries[:-1]
@@ -867,6 +1148,10 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   }
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
+    heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
+             if sequence.scenario == "class" else None)
+    export_lib.export_serving(net, os.path.join(workdir, "export"),
+                              sequence.input_shape, heads=heads)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
   if verbose:
@@ -877,19 +1162,18 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
 _CHECKPOINT = "checkpoint"
 
 
-class _StreamCheckpoint(keras.callbacks.Callback):
-  """Every `every` batches: the model and the stream's state, whole."""
+class _StreamCheckpoint(_EachIncomingBatch):
+  """Every `every` incoming batches: the model and the stream's state."""
 
   def __init__(self, directory, every, config, task_free, evaluation,
                baseline, num_steps, seconds_before):
-    super().__init__()
+    super().__init__(task_free)
     self.directory, self.every, self.config = directory, every, config
-    self.task_free, self.evaluation = task_free, evaluation
+    self.evaluation = evaluation
     self.baseline, self.num_steps = baseline, num_steps
     self.started = time.perf_counter() - seconds_before
 
-  def on_train_batch_end(self, batch, logs=None):
-    step = batch + 1
+  def on_step(self, step):
     if step % self.every or step >= self.num_steps:
       return
     state = self.task_free.get_state()

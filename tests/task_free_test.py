@@ -104,51 +104,156 @@ class TestLossWindow:
     assert window.get_state() == before
 
 
+def _crossentropy(labels, logits):
+  """NumPy reference: per-sample sparse cross-entropy of logits (float64)."""
+  logits = np.asarray(logits, dtype="float64")
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  log_norm = np.log(np.exp(shifted).sum(axis=-1))
+  return log_norm - shifted[np.arange(len(labels)), labels]
+
+
+def _own_loss(labels, outputs):
+  """A loss chosen by the test: the output's first column."""
+  del labels
+  return outputs[:, 0]
+
+
+def _step(buffer, x, y, outputs_of, traced=None):
+  """One train step's use of the buffer: join, outputs, update."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def step(x, y):
+    x_all, y_all, _ = buffer.join(x, y, None)
+    buffer.update(x_all, y_all, outputs_of(x_all), tf.shape(x)[0])
+    return x_all, y_all
+
+  run = traced or step
+  x_all, y_all = run(tf.constant(x), tf.constant(y))
+  return x_all.numpy(), y_all.numpy()
+
+
 class TestHardBuffer:
 
-  def test_keeps_the_highest_losses_newest_first_on_ties(self):
-    buffer = task_free.HardBuffer(3)
-    x, y = buffer.with_batch(np.arange(4.0)[:, None], np.arange(4))
-    assert x.shape == (4, 1)  # Empty buffer: the batch alone.
-    buffer.update(x, y, [0.1, 0.9, 0.5, 0.7])
+  def test_keeps_the_hardest_like_a_numpy_reference(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    buffer = task_free.HardBuffer(7)
+    weights = rng.standard_normal((3, 4)).astype("float32")
+
+    @tf.function
+    def traced(x, y):  # As in the train step: traced once, sizes vary.
+      x_all, y_all, _ = buffer.join(x, y, None)
+      buffer.update(x_all, y_all, tf.matmul(x_all, weights), tf.shape(x)[0])
+      return x_all, y_all
+
+    kept_x = np.zeros((0, 3), "float32")
+    kept_y = np.zeros((0,), "int64")
+    for size in (4, 5, 3, 5, 2, 5):
+      x = rng.standard_normal((size, 3)).astype("float32")
+      y = rng.integers(0, 4, size)
+      x_all, y_all = _step(buffer, x, y, None, traced=traced)
+      # Reference: the batch first, then the buffer; every sample's loss
+      # on the same weights; the highest kept, the earlier on ties.
+      ref_x, ref_y = np.concatenate([x, kept_x]), np.concatenate([y, kept_y])
+      np.testing.assert_array_equal(x_all, ref_x)
+      np.testing.assert_array_equal(y_all, ref_y)
+      losses = _crossentropy(ref_y, ref_x @ weights)
+      keep = np.argsort(-losses, kind="stable")[:7]
+      kept_x, kept_y = ref_x[keep], ref_y[keep]
+      np.testing.assert_array_equal(buffer.inputs, kept_x)
+      np.testing.assert_array_equal(buffer.labels, kept_y)
+      np.testing.assert_allclose(buffer.losses, losses[keep], rtol=1e-5)
+      np.testing.assert_allclose(buffer.incoming_loss,
+                                 np.mean(losses[:size]), rtol=1e-5)
+      assert buffer.incoming_count == size
+    assert len(buffer) == 7
+
+  def test_newer_wins_ties_and_losses_are_measured_again(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    buffer = task_free.HardBuffer(3, loss_fn=_own_loss)
+    x = np.array([[0.1], [0.9], [0.5], [0.7]], "float32")
+    _step(buffer, x, np.arange(4), lambda t: t)
     np.testing.assert_array_equal(buffer.labels, [1, 3, 2])
-    x, y = buffer.with_batch(np.array([[10.0], [11.0]]), np.array([10, 11]))
-    np.testing.assert_array_equal(y, [10, 11, 1, 3, 2])
-    # The buffer's losses are measured again with the batch's.
-    buffer.update(x, y, [0.3, 0.6, 0.2, 0.6, 0.8])
-    np.testing.assert_array_equal(buffer.labels, [2, 11, 3])
-    np.testing.assert_array_equal(buffer.inputs[:, 0], [2.0, 11.0, 3.0])
-    assert len(buffer) == 3
+    # New losses for the buffer's samples too (its 0.9 is now 0.2); the
+    # tie at 0.7 goes to the incoming sample.
+    x_all, y_all = _step(buffer, np.array([[0.3], [0.7]], "float32"),
+                         np.array([10, 11]),
+                         lambda t: tf.constant([[0.3], [0.7], [0.2], [0.7],
+                                                [0.5]]))
+    np.testing.assert_array_equal(y_all, [10, 11, 1, 3, 2])
+    np.testing.assert_array_equal(buffer.labels, [11, 3, 2])
+    np.testing.assert_allclose(buffer.losses, [0.7, 0.7, 0.5])
+
+  def test_without_rehearsal_kept_but_not_joined(self):
+    buffer = task_free.HardBuffer(2, loss_fn=_own_loss, rehearse=False)
+    _step(buffer, np.array([[0.5], [0.1]], "float32"), np.array([0, 1]),
+          lambda t: t)
+    x_all, _ = _step(buffer, np.array([[0.3], [0.2]], "float32"),
+                     np.array([2, 3]), lambda t: t)
+    assert x_all.shape == (2, 1)  # The batch alone is trained on.
+    # The kept sample's stored loss competes with the new ones.
+    np.testing.assert_array_equal(buffer.labels, [0, 2])
+
+  def test_updates_per_batch_repeat_the_batch_then_update_once(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    buffer = task_free.HardBuffer(2, loss_fn=_own_loss, updates_per_batch=3)
+    _step(buffer, np.array([[0.5], [0.1]], "float32"), np.array([0, 1]),
+          lambda t: t)
+    assert buffer.phase == 1 and len(buffer) == 0
+    empty = (np.zeros((0, 1), "float32"), np.zeros((0,), "int64"))
+    # Empty batches: the kept batch again; losses of the first step rank.
+    x_all, y_all = _step(buffer, *empty, lambda t: t * 0.0)
+    np.testing.assert_array_equal(y_all, [0, 1])
+    _step(buffer, *empty, lambda t: t * 0.0)
+    assert buffer.phase == 0
+    np.testing.assert_array_equal(buffer.labels, [0, 1])
+    np.testing.assert_allclose(buffer.losses, [0.5, 0.1])
+    np.testing.assert_allclose(buffer.incoming_loss, 0.3)
+    # A non-empty batch where an empty one is due is refused.
+    _step(buffer, np.array([[0.4]], "float32"), np.array([2]), lambda t: t)
+    x_all, _ = _step(buffer, *empty, lambda t: t)
+    assert x_all.shape == (3, 1)  # The kept batch of one and the buffer.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="repeat_updates"):
+      _step(buffer, np.array([[0.4]], "float32"), np.array([2]), lambda t: t)
 
   def test_state_round_trip(self, tmp_path):
-    buffer = task_free.HardBuffer(2)
-    buffer.update(np.ones((3, 2, 2, 1)), np.array([0, 1, 2]), [1.0, 3.0, 2.0])
+    buffer = task_free.HardBuffer(2, loss_fn=_own_loss)
+    _step(buffer, np.array([[1.0], [3.0], [2.0]], "float32"),
+          np.array([0, 1, 2]), lambda t: t)
     np.savez(tmp_path / "buffer.npz", **buffer.get_state())
     restored = task_free.HardBuffer(2)
     restored.set_state(dict(np.load(tmp_path / "buffer.npz")))
     for key, value in buffer.get_state().items():
       np.testing.assert_array_equal(restored.get_state()[key], value)
+    np.testing.assert_array_equal(restored.labels, [1, 2])
     empty = task_free.HardBuffer(2)
     empty.set_state(task_free.HardBuffer(2).get_state())
-    assert len(empty) == 0
+    assert len(empty) == 0 and empty.get_state()["inputs"] is None
 
   def test_bad_input_changes_nothing(self):
-    buffer = task_free.HardBuffer(2)
-    buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0, 2.0])
-    with pytest.raises(ValueError, match="`losses`"):
-      buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0])
-    with pytest.raises(ValueError, match="`losses`"):
-      buffer.update(np.zeros((2, 1)), np.array([0, 1]), [1.0, np.nan])
+    buffer = task_free.HardBuffer(2, loss_fn=_own_loss)
+    _step(buffer, np.array([[1.0], [0.0]], "float32"), np.array([1, 0]),
+          lambda t: t)
     with pytest.raises(ValueError, match="`state`"):
       buffer.set_state({"inputs": np.zeros((3, 1)), "labels": np.zeros(3),
                         "losses": np.zeros(3)})
+    with pytest.raises(ValueError, match="`state`"):
+      buffer.set_state({"inputs": np.zeros((1, 2)), "labels": np.zeros(1),
+                        "losses": np.zeros(1)})
+    with pytest.raises(ValueError, match="`x`"):
+      _step(buffer, np.zeros((1, 2), "float32"), np.array([0]), lambda t: t)
+    np.testing.assert_array_equal(buffer.labels, [1, 0])
     with pytest.raises(ValueError, match="`capacity`"):
       task_free.HardBuffer(0)
-    np.testing.assert_array_equal(buffer.labels, [1, 0])
+    with pytest.raises(ValueError, match="`loss_fn`"):
+      task_free.HardBuffer(2, loss_fn="mse")
+    with pytest.raises(ValueError, match="`updates_per_batch`"):
+      task_free.HardBuffer(2, updates_per_batch=0)
 
 
 # --------------------------------------------------------------------------
-# Learning a stream with a real model.
+# Learning a stream with a real model, in `model.fit`.
 
 
 def _gaussian_task(task, n):
@@ -174,35 +279,37 @@ def _tags(log_dir):
   return tags
 
 
-def _model(seed=0):
+def _model(seed=0, **compile_args):
   import keras  # pylint: disable=g-import-not-at-top
   from keras_mas import architectures  # pylint: disable=g-import-not-at-top
   net = architectures.build("mlp", (4, 4, 1), 2, hidden_units=16, seed=seed)
   net.compile(keras.optimizers.Adam(1e-2),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              metrics=["accuracy"], **compile_args)
   return net
 
 
 def _stream(stretches, batch=10):
-  """Batches of tasks one after another: `stretches` lists (task, batches)."""
-  batches = []
-  for task, count in stretches:
-    x, y = _gaussian_task(task, count * batch)
-    batches += [(x[i:i + batch], y[i:i + batch])
-                for i in range(0, len(x), batch)]
-  return batches
+  """A batched dataset of tasks one after another: `stretches` lists
+  (task, batches)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  parts = [_gaussian_task(task, count * batch) for task, count in stretches]
+  x = np.concatenate([p[0] for p in parts])
+  y = np.concatenate([p[1] for p in parts])
+  return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
-class TestFitStream:
+class TestFit:
 
   def test_consolidates_once_after_each_change(self, tmp_path):
     stretches = [(0, 30), (1, 30), (2, 60)]
     changes = np.cumsum([0] + [c for _, c in stretches])
     net = _model()
     learner = task_free.TaskFreeConsolidation(
-        buffer_size=20, log_dir=str(tmp_path))
-    task_free.fit_stream(net, _stream(stretches), learner,
-                         updates_per_batch=2)
+        buffer_size=20, updates_per_batch=2, log_dir=str(tmp_path))
+    history = net.fit(task_free.repeat_updates(_stream(stretches), 2),
+                      callbacks=[learner], verbose=0,
+                      shuffle=False)
     assert learner.step == changes[-1]
     # One consolidation in each stretch, after its start: none in the last
     # 60-batch stretch beyond the first.
@@ -211,6 +318,10 @@ class TestFitStream:
                                  learner.consolidations):
       assert start < step < stop
     assert net.consolidated_tasks == 3
+    # fit's accuracy is the prequential one: each sample counted once.
+    assert sum(n for _, n in learner.online_correct) == 10 * changes[-1]
+    assert history.history["accuracy"][-1] == pytest.approx(
+        learner.online_accuracy, abs=1e-6)
     assert 0.5 < learner.online_accuracy <= 1.0
     tags = _tags(tmp_path)
     assert any(t.startswith("importance/") for t in tags)
@@ -218,13 +329,22 @@ class TestFitStream:
             "stream/plateau", "stream/consolidation",
             "stream/online_accuracy"} <= tags
 
+  def test_prequential_accuracy_is_tested_before_training(self):
+    net = _model()
+    x, y = _gaussian_task(0, 20)
+    before = np.argmax(net.predict(x[:10], verbose=0), axis=-1)
+    learner = task_free.TaskFreeConsolidation(buffer_size=5,
+                                              updates_per_batch=3)
+    task_free.fit_stream(net, _stream([(0, 2)]), learner, steps=1)
+    assert learner.online_correct == [(int(np.sum(before == y[:10])), 10)]
+
   def test_importance_on_the_buffer_is_mas_on_its_samples(self):
     from keras_mas import importance  # pylint: disable=g-import-not-at-top
     net = _model()
-    batches = _stream([(0, 12)])
     learner = task_free.TaskFreeConsolidation(buffer_size=15,
                                               consolidate_at=[12])
-    task_free.fit_stream(net, batches, learner)
+    net.fit(_stream([(0, 12)]), callbacks=[learner], verbose=0,
+            shuffle=False)
     assert learner.consolidations == [12]
     assert len(learner.buffer) == 15
     expected = importance.mas(net, learner.buffer.inputs)
@@ -246,15 +366,17 @@ class TestFitStream:
 
   def test_resume_mid_stream_gives_the_same_run(self, tmp_path):
     import keras  # pylint: disable=g-import-not-at-top
-    batches = _stream([(0, 15), (1, 15)])
+    stream = _stream([(0, 15), (1, 15)])
 
     def learner():
-      return task_free.TaskFreeConsolidation(buffer_size=10)
+      return task_free.TaskFreeConsolidation(buffer_size=10,
+                                             updates_per_batch=2)
 
     whole_net, whole = _model(), learner()
-    task_free.fit_stream(whole_net, batches, whole)
+    task_free.fit_stream(whole_net, stream, whole)
+    assert whole.consolidations  # Something to resume across.
     net, first = _model(), learner()
-    task_free.fit_stream(net, batches, first, steps=17)
+    task_free.fit_stream(net, stream, first, steps=17)
     net.save(tmp_path / "model.keras")
     state = first.get_state()
     with open(tmp_path / "stream.json", "w") as f:
@@ -266,20 +388,46 @@ class TestFitStream:
     with open(tmp_path / "stream.json") as f:
       resumed.set_state({"stream": json.load(f),
                          "buffer": dict(np.load(tmp_path / "buffer.npz"))})
-    task_free.fit_stream(resumed_net, batches[17:], resumed)
+    task_free.fit_stream(resumed_net, stream.skip(17), resumed)
     assert resumed.consolidations == whole.consolidations
     assert resumed.online_correct == whole.online_correct
+    np.testing.assert_allclose(resumed.incoming_losses, whole.incoming_losses,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(resumed.buffer.labels, whole.buffer.labels)
     for a, b in zip(resumed_net.weights, whole_net.weights):
       np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+  def test_models_it_cannot_run_are_refused_at_the_start(self):
+    import keras  # pylint: disable=g-import-not-at-top
+    stream = _stream([(0, 2)])
+    for net, name in ((_model(steps_per_execution=2), "steps_per_execution"),
+                      (_model(jit_compile=True), "jit_compile")):
+      weights = [w.numpy() for w in net.weights]
+      with pytest.raises(ValueError, match=f"`{name}`"):
+        net.fit(stream, callbacks=[task_free.TaskFreeConsolidation()],
+                verbose=0, shuffle=False)
+      for before, after in zip(weights, net.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    plain = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    plain.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="MASModel"):
+      plain.fit(stream, callbacks=[task_free.TaskFreeConsolidation()],
+                verbose=0, shuffle=False)
 
   def test_bad_arguments_name_themselves(self):
     with pytest.raises(ValueError, match="`task_free`"):
       task_free.fit_stream(None, [], object())
     with pytest.raises(ValueError, match="`updates_per_batch`"):
-      task_free.fit_stream(None, [], task_free.TaskFreeConsolidation(),
-                           updates_per_batch=0)
+      task_free.TaskFreeConsolidation(updates_per_batch=0)
+    with pytest.raises(ValueError, match="`updates_per_batch`"):
+      task_free.repeat_updates(_stream([(0, 1)]), 0)
+    with pytest.raises(ValueError, match="`buffer_size`"):
+      task_free.TaskFreeConsolidation(buffer_size=-3)
     with pytest.raises(ValueError, match="`consolidate_at`"):
       task_free.TaskFreeConsolidation(consolidate_at=[0, 3])
+    with pytest.raises(ValueError, match="`consolidate_at`"):
+      task_free.TaskFreeConsolidation(consolidate_at="peaks")
     with pytest.raises(ValueError, match="`window`"):
       task_free.TaskFreeConsolidation(window=5)
     with pytest.raises(ValueError, match="`accumulate`"):
@@ -291,6 +439,7 @@ class TestFitStream:
 class TestRunStream:
 
   def test_task_free_mas_forgets_less_than_online_finetuning(self, tmp_path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from keras_mas import tasks  # pylint: disable=g-import-not-at-top
     sequence = tasks.make_sequence("digits", "split", "domain", 5)
     mas = task_free.run_stream(sequence, "mas", workdir=str(tmp_path))
@@ -317,6 +466,15 @@ class TestRunStream:
                 tmp_path / "tensorboard")
     table = task_free.format_results([mas, finetune])
     assert "mas" in table and "finetune" in table
+    # The exported SavedModel serves the final model: its test accuracy is
+    # the matrix's last row.
+    served = tf.saved_model.load(str(tmp_path / "export"))
+    for task, expected in zip(sequence.tasks, mas["accuracy_matrix"][-1]):
+      logits = served.signatures["serve"](
+          image=tf.constant(task.x_test, "float32"))["output_0"].numpy()
+      predicted = task.start + np.argmax(logits[:, task.start:task.stop], -1)
+      assert np.mean(predicted == task.y_test + task.label_offset
+                     + task.start) == pytest.approx(expected, abs=1e-9)
 
   def test_bad_method_names_itself(self):
     from keras_mas import tasks  # pylint: disable=g-import-not-at-top
@@ -333,7 +491,7 @@ class TestRunStream:
     class Crash(keras.callbacks.Callback):
 
       def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 == 35:
+        if batch + 1 == 3 * 35:  # Three train steps per incoming batch.
           raise RuntimeError("killed")
 
     sequence = tasks.make_sequence("digits", "split", "domain", 2)
