@@ -363,6 +363,9 @@ class HardBuffer:
                                         trainable=False, name="incoming_loss")
       self._incoming_count = tf.Variable(0, dtype="int32", trainable=False,
                                          name="incoming_count")
+      self._incoming_correct = tf.Variable(-1, dtype="int32",
+                                           trainable=False,
+                                           name="incoming_correct")
 
   def __len__(self):
     return int(tf.shape(self._inputs)[0]) if self.built else 0
@@ -390,6 +393,14 @@ class HardBuffer:
   def incoming_count(self):
     """The last incoming batch's number of samples."""
     return int(self._incoming_count.numpy()) if self.built else 0
+
+  @property
+  def incoming_correct(self):
+    """Of the last incoming batch, the samples whose top output was their
+    label before any step on them; None unless the labels are class ids
+    and the outputs have a class axis."""
+    correct = int(self._incoming_correct.numpy()) if self.built else -1
+    return None if correct < 0 else correct
 
   @property
   def phase(self):
@@ -481,6 +492,18 @@ class HardBuffer:
     incoming = tf.cast(incoming, "int32")
     self._incoming_loss.assign(tf.reduce_mean(losses[:incoming]))
     self._incoming_count.assign(incoming)
+    if (y.dtype.is_integer and y_pred.shape.rank is not None
+        and y_pred.shape.rank == y.shape.rank + 1):
+      # Class ids and class scores: count the prequential hits. At a
+      # repeated step the kept batch's first-step predictions are gone, so
+      # the count is kept.
+      hits = tf.reduce_sum(tf.cast(tf.equal(
+          tf.argmax(y_pred[:incoming], axis=-1),
+          tf.cast(y[:incoming], "int64")), "int32"))
+      if k > 1:
+        hits = tf.cond(tf.equal(phase, 0), lambda: hits,
+                       self._incoming_correct.read_value)
+      self._incoming_correct.assign(hits)
     if self.rehearse:
       candidates = (x, y, losses)
     else:
@@ -519,6 +542,7 @@ class HardBuffer:
     self._phase.assign(0)
     self._incoming_loss.assign(float("nan"))
     self._incoming_count.assign(0)
+    self._incoming_correct.assign(-1)
 
   def get_state(self):
     """`{"inputs", "labels", "losses"}` as NumPy arrays (None when empty);
@@ -766,15 +790,18 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
     self._seen = self._correct = 0  # `fit` resets its metrics.
 
   def _online_correct(self, logs, count):
-    """Correct incoming predictions of the last batch, from the running
-    accuracy in `logs` (None without an accuracy metric)."""
+    """Correct incoming predictions of the last batch: counted by the
+    buffer (class ids), else from the running accuracy in `logs` (None
+    without either)."""
+    correct = self.buffer.incoming_correct
     key = next((k for k in _ACCURACY_KEYS if k in (logs or {})), None)
-    if key is None:
-      return None
     self._seen += count
-    correct = int(round(float(logs[key]) * self._seen))
-    batch, self._correct = correct - self._correct, correct
-    return batch
+    if key is not None:
+      so_far = int(round(float(logs[key]) * self._seen))
+      if correct is None:
+        correct = so_far - self._correct
+      self._correct = so_far
+    return correct
 
   def on_train_batch_end(self, batch, logs=None):
     if self.updates_per_batch > 1 and self.buffer.phase:
@@ -862,7 +889,7 @@ def _as_dataset(stream):
 
 
 def fit_stream(model, stream, task_free, callbacks=None, steps=None,
-               verbose=0):
+               updates_per_batch=None, verbose=0):
   """`model.fit` over a stream, once, with task-free consolidation.
 
   A thin wrapper: `model.fit(repeat_updates(stream, k), epochs=1,
@@ -889,6 +916,8 @@ def fit_stream(model, stream, task_free, callbacks=None, steps=None,
       `reset()` for a new stream).
     callbacks: more Keras callbacks, called after `task_free`.
     steps: stop after this many incoming batches (None: the whole stream).
+    updates_per_batch: train steps on each incoming batch; None keeps
+      `task_free`'s.
     verbose: `fit`'s verbosity.
 
   Returns:
@@ -905,6 +934,14 @@ def fit_stream(model, stream, task_free, callbacks=None, steps=None,
         f"{type(task_free).__name__}")
   if steps is not None:
     steps = _check_positive_int("steps", steps)
+  if updates_per_batch is not None:
+    updates_per_batch = _check_positive_int("updates_per_batch",
+                                            updates_per_batch)
+    buffer = task_free.buffer
+    if updates_per_batch != buffer.updates_per_batch:
+      buffer.updates_per_batch = updates_per_batch
+      if getattr(model, "rehearsal", None) is buffer:
+        model.rehearsal = None  # Attached again, traced with the new count.
   dataset = _as_dataset(stream)
   if steps is not None:
     dataset = dataset.take(steps)

@@ -279,13 +279,13 @@ def _tags(log_dir):
   return tags
 
 
-def _model(seed=0, **compile_args):
+def _model(seed=0, metrics=("accuracy",), **compile_args):
   import keras  # pylint: disable=g-import-not-at-top
   from keras_mas import architectures  # pylint: disable=g-import-not-at-top
   net = architectures.build("mlp", (4, 4, 1), 2, hidden_units=16, seed=seed)
   net.compile(keras.optimizers.Adam(1e-2),
               keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-              metrics=["accuracy"], **compile_args)
+              metrics=list(metrics), **compile_args)
   return net
 
 
@@ -329,8 +329,10 @@ class TestFit:
             "stream/plateau", "stream/consolidation",
             "stream/online_accuracy"} <= tags
 
-  def test_prequential_accuracy_is_tested_before_training(self):
-    net = _model()
+  @pytest.mark.parametrize("metrics", [("accuracy",), ()])
+  def test_prequential_accuracy_is_tested_before_training(self, metrics):
+    # Counted by the buffer, and by fit's accuracy metric when compiled.
+    net = _model(metrics=metrics)
     x, y = _gaussian_task(0, 20)
     before = np.argmax(net.predict(x[:10], verbose=0), axis=-1)
     learner = task_free.TaskFreeConsolidation(buffer_size=5,
