@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -652,9 +653,9 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
      are variables: the train step is not traced again).
 
   The model must be a compiled `keras_mas.MASModel` with
-  `steps_per_execution=1` (one callback call per batch) and
-  `jit_compile=False` (the joined batch's size changes while the buffer
-  fills); compile it with an accuracy metric for the online accuracy.
+  `steps_per_execution=1` (one callback call per batch); its train step
+  runs without XLA (`jit_compile` is turned off with a warning: the joined
+  batch's size changes while the buffer fills).
 
   Example:
 
@@ -773,17 +774,22 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
           "for task-free learning (the detector reads every incoming "
           "batch). Received: steps_per_execution="
           f"{every}; compile the model with steps_per_execution=1")
+    again = False
     if model.jit_compile:
-      raise ValueError(
-          "Invalid value for argument `jit_compile`. Expected False for "
-          "task-free learning (the joined batch's size changes while the "
-          "buffer fills, which XLA cannot compile). Received: "
-          "jit_compile=True; compile the model with jit_compile=False")
+      # As Keras does for `run_eagerly`: XLA cannot compile a batch whose
+      # size changes while the buffer fills.
+      warnings.warn(
+          "Task-free learning cannot run its train step with XLA: the joined "
+          "batch grows while the buffer fills. Disabling `jit_compile`.",
+          stacklevel=2)
+      model.jit_compile = False
+      again = True
     if model.rehearsal is not self.buffer:
       model.rehearsal = self.buffer
-      # `fit` made its train function before calling back: make it again,
-      # with the buffer.
-      model.make_train_function()
+      again = True
+    if again:
+      # `fit` made its train function before calling back: make it again.
+      model.make_train_function(force=True)
     self._seen = self._correct = 0
 
   def on_epoch_begin(self, epoch, logs=None):
@@ -908,8 +914,7 @@ def fit_stream(model, stream, task_free, callbacks=None, steps=None,
   ```
 
   Args:
-    model: a compiled `keras_mas.MASModel` (`steps_per_execution=1`,
-      `jit_compile=False`).
+    model: a compiled `keras_mas.MASModel` (`steps_per_execution=1`).
     stream: a batched `tf.data.Dataset` of `(x, y)` or an iterable of NumPy
       `(x, y)` batches, in stream order.
     task_free: a `TaskFreeConsolidation` (its state continues: call its

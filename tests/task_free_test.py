@@ -402,20 +402,28 @@ class TestFit:
   def test_models_it_cannot_run_are_refused_at_the_start(self):
     import keras  # pylint: disable=g-import-not-at-top
     stream = _stream([(0, 2)])
-    for net, name in ((_model(steps_per_execution=2), "steps_per_execution"),
-                      (_model(jit_compile=True), "jit_compile")):
-      weights = [w.numpy() for w in net.weights]
-      with pytest.raises(ValueError, match=f"`{name}`"):
-        net.fit(stream, callbacks=[task_free.TaskFreeConsolidation()],
-                verbose=0, shuffle=False)
-      for before, after in zip(weights, net.weights):
-        np.testing.assert_array_equal(before, after.numpy())
+    net = _model(steps_per_execution=2)
+    weights = [w.numpy() for w in net.weights]
+    with pytest.raises(ValueError, match="`steps_per_execution`"):
+      net.fit(stream, callbacks=[task_free.TaskFreeConsolidation()],
+              verbose=0, shuffle=False)
+    for before, after in zip(weights, net.weights):
+      np.testing.assert_array_equal(before, after.numpy())
     plain = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(2)])
     plain.compile("adam", "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="MASModel"):
       plain.fit(stream, callbacks=[task_free.TaskFreeConsolidation()],
                 verbose=0, shuffle=False)
+
+  def test_xla_is_turned_off_with_a_warning(self):
+    net = _model(jit_compile=True)
+    learner = task_free.TaskFreeConsolidation(buffer_size=5)
+    with pytest.warns(UserWarning, match="jit_compile"):
+      net.fit(_stream([(0, 3)]), callbacks=[learner], verbose=0,
+              shuffle=False)
+    assert not net.jit_compile and learner.step == 3
+    assert len(learner.buffer) == 5
 
   def test_bad_arguments_name_themselves(self):
     with pytest.raises(ValueError, match="`task_free`"):
