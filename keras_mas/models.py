@@ -384,13 +384,15 @@ class MASModel(keras.Model):
     if not optimizer.built:
       return  # Built fresh at the next `fit`.
     variables = self.trainable_variables
+    built_for = getattr(optimizer, "_trainable_variables", variables)
     with self.distribute_strategy.scope():
       fresh = keras.optimizers.deserialize(
           keras.optimizers.serialize(optimizer))
       fresh.build(variables)
     old, new = optimizer.variables, fresh.variables
-    if len(old) != len(new) or any(
-        tuple(a.shape) != tuple(b.shape) for a, b in zip(old, new)):
+    if ([id(v) for v in built_for] != [id(v) for v in variables]
+        or len(old) != len(new) or any(
+            tuple(a.shape) != tuple(b.shape) for a, b in zip(old, new))):
       raise ValueError(
           "Invalid call to `reset_optimizer`. Expected the trainable "
           "variables the optimizer was built for. Received: model "

@@ -438,3 +438,104 @@ def test_mas_keeps_task_a_much_better_than_fine_tuning():
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _two_tasks_with_fresh_optimizers(reset, optimizer):
+  """Task A, consolidate, task B: a fresh optimizer by `reset` or compile."""
+  model = _compile(_functional(), keras.optimizers.get(optimizer))
+  model.fit(_X, _Y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+  model.consolidate(_X, strength=0.5)
+  traced = model.train_function
+  if reset:
+    model.reset_optimizer()
+  else:
+    _compile(model, keras.optimizers.get(optimizer))
+  model.fit(_X, 2 - _Y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+  return model, traced
+
+
+@pytest.mark.parametrize("optimizer", [
+    "adam", {"class_name": "sgd", "config": {"momentum": 0.9}},
+    {"class_name": "adagrad", "config": {"initial_accumulator_value": 0.3}}])
+def test_reset_optimizer_trains_as_a_fresh_compile_without_a_retrace(
+    optimizer):
+  reset, traced = _two_tasks_with_fresh_optimizers(True, optimizer)
+  compiled, _ = _two_tasks_with_fresh_optimizers(False, optimizer)
+  assert reset.train_function is traced  # Not traced again.
+  for a, b in zip(reset.get_weights(), compiled.get_weights()):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert int(reset.optimizer.iterations) == int(
+      compiled.optimizer.iterations) == 8
+
+
+def test_reset_optimizer_restores_what_a_new_optimizer_starts_from():
+  model = _compile(_functional(), keras.optimizers.Adagrad(
+      0.05, initial_accumulator_value=0.3))
+  model.fit(_X, _Y, epochs=1, verbose=0)
+  model.reset_optimizer()
+  assert int(model.optimizer.iterations) == 0
+  assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
+  accumulators = [v for v in model.optimizer.variables
+                  if "accumulator" in v.path]
+  assert accumulators
+  for v in accumulators:
+    np.testing.assert_allclose(v.numpy(), 0.3)
+
+
+def test_reset_optimizer_refuses_an_uncompiled_or_changed_model():
+  model = _functional()
+  with pytest.raises(ValueError, match="Expected a compiled model"):
+    model.reset_optimizer()
+  _compile(model).fit(_X, _Y, epochs=1, verbose=0)
+  model.layers[1].trainable = False
+  with pytest.raises(ValueError, match="compile it again"):
+    model.reset_optimizer()
+
+
+class _FixedBuffer:
+  """Appends two fixed samples to every batch; records what `update` saw."""
+
+  def __init__(self):
+    self.x = tf.constant(_X[:2])
+    self.y = tf.constant(_Y[:2])
+    self.seen = tf.Variable([0, 0])
+
+  def join(self, x, y, sample_weight):
+    assert sample_weight is None
+    return (tf.concat([x, self.x], 0), tf.concat([y, self.y], 0), None)
+
+  def update(self, x, y, y_pred, incoming):
+    self.seen.assign([tf.shape(x)[0], incoming])
+
+
+def test_rehearsal_trains_on_the_joined_batch_and_scores_the_incoming():
+  keras.utils.set_random_seed(0)
+  model = _compile(_functional())
+  buffer = _FixedBuffer()
+  model.rehearsal = buffer
+  before = model(_X[8:16])
+  history = model.fit(_X[8:16], _Y[8:16], batch_size=8, epochs=1, verbose=0)
+  assert buffer.seen.numpy().tolist() == [10, 8]
+  # Accuracy before the step, on the 8 incoming samples alone.
+  expected = np.mean(np.argmax(before, -1) == _Y[8:16])
+  assert history.history["accuracy"][0] == pytest.approx(expected)
+  # The step saw the buffer: the same step on the incoming batch alone
+  # lands elsewhere.
+  alone = _compile(_functional())
+  alone.fit(_X[8:16], _Y[8:16], batch_size=8, epochs=1, verbose=0)
+  assert not np.allclose(model.trainable_variables[0].numpy(),
+                         alone.trainable_variables[0].numpy())
+  model.rehearsal = None
+  joined = _compile(_functional())
+  joined.fit(np.concatenate([_X[8:16], _X[:2]]),
+             np.concatenate([_Y[8:16], _Y[:2]]), batch_size=10, epochs=1,
+             verbose=0)
+  for a, b in zip(model.trainable_variables, joined.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_rehearsal_is_named():
+  model = _functional()
+  with pytest.raises(ValueError, match="argument `rehearsal`"):
+    model.rehearsal = object()
+  assert model.rehearsal is None
