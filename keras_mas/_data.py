@@ -39,7 +39,10 @@ def _parts(element, labels):
 
 
 def as_dataset(data, batch_size=32, num_samples=None, labels=False):
-  """`data` as a `tf.data.Dataset` of `(x,)` or `(x, y)` batches.
+  """`data` as batches of `(x,)` or `(x, y)`, with an `element_spec`.
+
+  A `tf.data.Dataset` for a dataset; for arrays, an iterable of tensor
+  batches with the `element_spec` a dataset would have.
 
   The same contract as `input_batches`, for a loop compiled whole: arrays
   are batched, datasets keep their batches (cut to `num_samples`).
@@ -59,12 +62,33 @@ def as_dataset(data, batch_size=32, num_samples=None, labels=False):
         (data,), labels)
     if num_samples is not None:
       data = tf.nest.map_structure(lambda t: t[:num_samples], data)
-    return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+    return _ArrayBatches(data, batch_size)
   raise ValueError(
       "Invalid value for argument `data`. Expected a batched "
       "`tf.data.Dataset` or an array of inputs. Received: "
       f"data of type {type(data).__name__}"
   )
+
+
+class _ArrayBatches:
+  """Consecutive batches of arrays as tensors, with a dataset's
+  `element_spec`: a `tf.data` pipeline over arrays in memory first copies
+  them whole and then costs about as much per batch as an MLP's importance
+  step; slicing costs a copy of each batch only."""
+
+  def __init__(self, data, batch_size):
+    self._data = tf.nest.map_structure(np.asarray, data)
+    self._batch_size = int(batch_size)
+    self.element_spec = tf.nest.map_structure(
+        lambda a: tf.TensorSpec((None,) + a.shape[1:], tf.as_dtype(a.dtype)),
+        self._data)
+
+  def __iter__(self):
+    size = len(tf.nest.flatten(self._data)[0])
+    for start in range(0, size, self._batch_size):
+      yield tf.nest.map_structure(
+          lambda a, s=start: tf.constant(a[s:s + self._batch_size]),
+          self._data)
 
 
 def check_count(seen, num_samples):
