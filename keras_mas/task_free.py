@@ -32,6 +32,8 @@ import warnings
 
 import keras
 import numpy as np
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 import tensorflow as tf
 
 from keras_mas import architectures
@@ -630,6 +632,24 @@ _ACCURACY_KEYS = ("accuracy", "sparse_categorical_accuracy", "acc",
                   "categorical_accuracy")
 
 
+def _stream_layout():
+  """TensorBoard's Custom Scalars page: the window against the level of
+  the next peak in one chart, the events in another."""
+  charts = [("loss window: incoming loss, window mean, level of the next "
+             "peak", ("incoming_loss", "window_mean", "peak_level")),
+            ("peaks, plateaus and consolidations so far",
+             ("peaks", "plateaus", "consolidations"))]
+  return custom_scalar_summary.pb(layout_pb2.Layout(category=[
+      layout_pb2.Category(title="task-free stream", chart=[
+          layout_pb2.Chart(title=title, multiline=(
+              layout_pb2.MultilineChartContent(
+                  tag=[f"^stream/{t}$" for t in tags])))
+          for title, tags in charts])]))
+
+
+_STREAM_LAYOUT = _stream_layout()
+
+
 class TaskFreeConsolidation(keras.callbacks.Callback):
   """Task-free MAS inside `model.fit`: rehearse, watch, consolidate.
 
@@ -685,9 +705,11 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
       (`fit_stream` does it).
     log_dir: if given, TensorBoard scalars under `stream/` are written
       there at every incoming batch: the incoming loss, the window's mean
-      and variance, peaks, plateaus (1 where detected, else 0),
-      consolidations and the online accuracy; and histograms of Ω at each
-      consolidation.
+      and variance, the level the window mean must cross for the next
+      peak, the numbers of peaks, plateaus and consolidations so far
+      (staircases rising at each event) and the online accuracy; histograms
+      of Ω at each consolidation; and a Custom Scalars layout showing the
+      window against the peak level in one chart.
 
   Raises:
     ValueError: naming the argument, for a value out of range; at the
@@ -838,14 +860,22 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
   def _log(self, incoming, event, consolidated):
     if self._writer is None:
       self._writer = tf.summary.create_file_writer(self.log_dir)
+      with self._writer.as_default():
+        tf.summary.experimental.write_raw_pb(
+            _STREAM_LAYOUT.SerializeToString(), step=0)
     with self._writer.as_default(step=self.step):
       tf.summary.scalar("stream/incoming_loss", incoming)
       if self.window.full:
         tf.summary.scalar("stream/window_mean", self.window.mean)
         tf.summary.scalar("stream/window_variance", self.window.variance)
-      tf.summary.scalar("stream/peak", float(event == "peak"))
-      tf.summary.scalar("stream/plateau", float(event == "plateau"))
-      tf.summary.scalar("stream/consolidation", float(consolidated))
+      if self.window.peak_level is not None and not self.window.after_peak:
+        # The level the window mean must cross for the next peak.
+        tf.summary.scalar("stream/peak_level", self.window.peak_level)
+      # Counts so far: a staircase whose steps mark the events. (Spikes of
+      # 0/1 vanish under TensorBoard's smoothing and outlier clipping.)
+      tf.summary.scalar("stream/peaks", len(self.window.peaks) - 1)
+      tf.summary.scalar("stream/plateaus", len(self.window.plateaus))
+      tf.summary.scalar("stream/consolidations", len(self.consolidations))
       if np.isfinite(self.online_accuracy):
         tf.summary.scalar("stream/online_accuracy", self.online_accuracy)
     if consolidated:

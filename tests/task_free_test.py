@@ -325,8 +325,8 @@ class TestFit:
     assert 0.5 < learner.online_accuracy <= 1.0
     tags = _tags(tmp_path)
     assert any(t.startswith("importance/") for t in tags)
-    assert {"stream/incoming_loss", "stream/window_mean", "stream/peak",
-            "stream/plateau", "stream/consolidation",
+    assert {"stream/incoming_loss", "stream/window_mean", "stream/peaks",
+            "stream/plateaus", "stream/consolidations",
             "stream/online_accuracy"} <= tags
 
   @pytest.mark.parametrize("metrics", [("accuracy",), ()])
@@ -471,7 +471,7 @@ class TestRunStream:
     assert 0.5 < mas["online_accuracy"] <= 1.0
     with open(tmp_path / "results.json") as f:
       assert json.load(f)["consolidations"] == mas["consolidations"]
-    assert {"stream/window_mean", "stream/consolidation", "accuracy/task_0",
+    assert {"stream/window_mean", "stream/consolidations", "accuracy/task_0",
             "sequence/forgetting", "accuracy_matrix"} <= _tags(
                 tmp_path / "tensorboard")
     table = task_free.format_results([mas, finetune])
