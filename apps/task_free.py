@@ -6,8 +6,10 @@ r"""Learns a task sequence as one stream with no task boundaries (task-free).
 The tasks become one stream of small batches; the learner is never told
 where a task ends. Runs task-free MAS and its baselines on the same stream
 and buffer size (online fine-tuning, experience replay, MAS at the true
-boundaries), each into --workdir/<method>/ (results.json, TensorBoard, a
-checkpoint every --checkpoint_every batches), and prints the table.
+boundaries), each as one `model.fit` over the stream, into
+--workdir/<method>/ (results.json, TensorBoard, a checkpoint every
+--checkpoint_every batches, the final model as a SavedModel in export/),
+and prints the table.
 --resume continues an interrupted run. A bad flag stops the app before
 training with one line naming it (exit status 1).
 """

@@ -325,6 +325,7 @@ class TestFit:
     assert 0.5 < learner.online_accuracy <= 1.0
     tags = _tags(tmp_path)
     assert any(t.startswith("importance/") for t in tags)
+    assert "custom_scalars__config__" in tags  # The window's chart.
     assert {"stream/incoming_loss", "stream/window_mean", "stream/peaks",
             "stream/plateaus", "stream/consolidations",
             "stream/online_accuracy"} <= tags
