@@ -663,6 +663,7 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
      made before the step: `fit`'s accuracy is the prequential
      (test-then-train) accuracy.
 
+  At `on_train_end` the buffer is detached again (its contents stay).
   After each incoming batch (`on_train_batch_end`):
 
   3. *watch*: the incoming batch's loss (before the step, the buffer's
@@ -882,6 +883,10 @@ class TaskFreeConsolidation(keras.callbacks.Callback):
       callbacks_lib.log_importance(self._writer, self.model, step=self.step)
 
   def on_train_end(self, logs=None):
+    # The buffer belongs to this `fit`: a later `fit` without the callback
+    # trains on its own batches alone (a later one with it attaches again).
+    if self.model.rehearsal is self.buffer:
+      self.model.rehearsal = None
     if self._writer is not None:
       self._writer.flush()
 

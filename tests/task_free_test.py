@@ -217,6 +217,15 @@ class TestHardBuffer:
                        match="repeat_updates"):
       _step(buffer, np.array([[0.4]], "float32"), np.array([2]), lambda t: t)
 
+  def test_sample_weights_weigh_the_buffer_one(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    buffer = task_free.HardBuffer(2, loss_fn=_own_loss)
+    _step(buffer, np.array([[1.0], [3.0]], "float32"), np.array([0, 1]),
+          lambda t: t)
+    _, _, weights = buffer.join(tf.constant([[2.0]]), tf.constant([5]),
+                                tf.constant([0.25]))
+    np.testing.assert_array_equal(weights.numpy(), [0.25, 1.0, 1.0])
+
   def test_state_round_trip(self, tmp_path):
     buffer = task_free.HardBuffer(2, loss_fn=_own_loss)
     _step(buffer, np.array([[1.0], [3.0], [2.0]], "float32"),
@@ -318,6 +327,7 @@ class TestFit:
                                  learner.consolidations):
       assert start < step < stop
     assert net.consolidated_tasks == 3
+    assert net.rehearsal is None  # Detached when fit ends.
     # fit's accuracy is the prequential one: each sample counted once.
     assert sum(n for _, n in learner.online_correct) == 10 * changes[-1]
     assert history.history["accuracy"][-1] == pytest.approx(
