@@ -41,6 +41,11 @@ _TASK_DIRS = flags.DEFINE_list(
     "task_dirs", None,
     "The user's tasks: image folders, one per task, each with one subfolder "
     "per class (optionally train/ and test/); replaces --dataset/--recipe.")
+_TASK_SPEC = flags.DEFINE_string(
+    "task_spec", None,
+    "The user's tasks as tf.data pipelines or TFRecord files, streamed: a "
+    "Python file defining task_spec() (see keras_mas.sources.read_task_spec "
+    "and examples/task_spec.py); replaces --dataset/--recipe.")
 _IMAGE_SIZE = flags.DEFINE_list(
     "image_size", None, "HEIGHT,WIDTH images of --task_dirs are resized to; "
     "default: --init_model's input size.")
@@ -153,8 +158,14 @@ def _main():
   init_model = None
   if _INIT_MODEL.value:
     init_model = sources.load_model(_INIT_MODEL.value)
+  if _TASK_SPEC.value and _TASK_DIRS.value:
+    raise ValueError(
+        "Invalid value for argument `task_spec`. Expected either --task_spec "
+        "or --task_dirs. Received: both")
   image_size, channels = _image_size(init_model)
-  if _TASK_DIRS.value:
+  if _TASK_SPEC.value:
+    sequence = tasks.from_spec(_TASK_SPEC.value, scenario=_SCENARIO.value)
+  elif _TASK_DIRS.value:
     sequence = tasks.from_folders(_TASK_DIRS.value, image_size,
                                   scenario=_SCENARIO.value, channels=channels,
                                   seed=_SEED.value)
@@ -200,6 +211,8 @@ def _stream(sequence):
       _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES)
                  if f.value] + (["--distribution"] if _DISTRIBUTION.value !=
                                 "none" else [])
+  if sequence.streaming:
+    unsupported.append("--task_spec")
   if unsupported:
     raise ValueError(
         "Invalid value for argument `task_boundaries`. Expected given task "

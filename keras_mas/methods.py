@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 
 from keras_mas import heads
+from keras_mas import pipelines
 
 __all__ = ["METHODS", "Method", "get"]
 
@@ -71,7 +72,16 @@ class Method:
                 accumulate=self.accumulate, alpha=alpha,
                 num_samples=num_samples, **options)
 
-  def consolidation_data(self, task):
+  def consolidation_data(self, task, input_shape=None):
+    """The inputs (and labels, if the estimator reads them) of `task`.
+
+    Arrays for an array task; batches of a streaming task's training
+    pipeline (inputs of `input_shape`) otherwise.
+    """
+    if task.streaming:
+      return pipelines.importance_batches(
+          task.train_data, input_shape,
+          label_shift=task.label_offset if self.labels else None)
     if self.labels:
       return (task.x_train, task.y_train + task.label_offset)
     return task.x_train
@@ -106,7 +116,8 @@ def get(name):
   return METHODS[name]
 
 
-def training_data(method, net, sequence, k, batch_size, temperature=2.0):
+def training_data(method, net, sequence, k, batch_size, temperature=2.0,
+                  seed=0, frozen=None):
   """`(x, y, loss, metrics)` to fit task `k` with `method`.
 
   Plain methods train on the task's data and loss. `lwf` appends to each
@@ -114,9 +125,18 @@ def training_data(method, net, sequence, k, batch_size, temperature=2.0):
   outputs of earlier tasks (what a frozen copy would give: it is never
   updated); `joint` concatenates tasks 0..k, each sample carrying its own
   output slice.
+
+  For a streaming sequence (`tasks.from_datasets`), `x` is the batched
+  `tf.data` pipeline `fit` reads and `y` is None: shuffled in a bounded
+  buffer seeded by `seed`, `lwf`'s targets computed batch by batch by
+  `frozen` (a copy of `net` made before the task, required then), `joint`
+  sampling every task so far.
   """
   task = sequence.tasks[k]
   accuracy = heads.TaskAccuracy(task.start, task.stop, task.label_offset)
+  if task.streaming:
+    return _streaming_data(method, sequence, k, batch_size, temperature,
+                           seed, frozen, accuracy)
   if method.rehearse and k > 0:
     seen = sequence.tasks[:k + 1]
     x = np.concatenate([t.x_train for t in seen])
@@ -131,16 +151,48 @@ def training_data(method, net, sequence, k, batch_size, temperature=2.0):
         for t in seen]).astype("int64")
     return x, y, heads.MixedTaskLoss(), []
   if method.distill and k > 0:
-    old_start = 0
-    old_stop = max(t.stop for t in sequence.tasks[:k])
+    old_start, old_stop = _old_outputs(sequence, k)
     old = net.predict(task.x_train, batch_size=max(batch_size, 256),
                       verbose=0)[:, old_start:old_stop]
     y = np.concatenate([task.y_train[:, None].astype("float32"), old], axis=1)
-    loss = heads.DistillationLoss(task.start, task.stop, task.label_offset,
-                                  old_start, old_stop,
-                                  temperature=temperature)
-    return task.x_train, y, loss, [accuracy]
+    return task.x_train, y, _distillation_loss(task, old_start, old_stop,
+                                               temperature), [accuracy]
   return (task.x_train, task.y_train,
           heads.TaskLoss(task.start, task.stop, task.label_offset),
           [accuracy])
 
+
+def _streaming_data(method, sequence, k, batch_size, temperature, seed,
+                    frozen, accuracy):
+  task = sequence.tasks[k]
+  if method.rehearse and k > 0:
+    widest = sequence.scenario == "class"
+    parts = [(t.train_data, t.label_offset + t.start, t.start,
+              task.stop if widest else t.stop, t.train_size)
+             for t in sequence.tasks[:k + 1]]
+    return (pipelines.rehearsal_batches(parts, batch_size, seed), None,
+            heads.MixedTaskLoss(), [])
+  if method.distill and k > 0:
+    if frozen is None:
+      raise ValueError(
+          "Invalid value for argument `frozen`. Expected a frozen copy of "
+          "the model for `lwf` on a streaming sequence. Received: None")
+    old_start, old_stop = _old_outputs(sequence, k)
+    return (pipelines.distillation_batches(task.train_data, frozen,
+                                           (old_start, old_stop), batch_size,
+                                           seed), None,
+            _distillation_loss(task, old_start, old_stop, temperature),
+            [accuracy])
+  return (pipelines.training_batches(task.train_data, batch_size, seed), None,
+          heads.TaskLoss(task.start, task.stop, task.label_offset),
+          [accuracy])
+
+
+def _old_outputs(sequence, k):
+  """The outputs LwF distils while learning task `k`: every earlier one's."""
+  return 0, max(t.stop for t in sequence.tasks[:k])
+
+
+def _distillation_loss(task, old_start, old_stop, temperature):
+  return heads.DistillationLoss(task.start, task.stop, task.label_offset,
+                                old_start, old_stop, temperature=temperature)

@@ -13,16 +13,20 @@
 Every source gives `(x_train, y_train, x_test, y_test)`: float32 images in
 [0, 1] of shape `(N, H, W, C)` and int64 labels. `load_image_folder` reads
 the user's own images, one subfolder per class
-(`keras.utils.image_dataset_from_directory`).
+(`keras.utils.image_dataset_from_directory`). `read_task_spec` runs a small
+Python file of the user's that names `tf.data` pipelines or TFRecord files,
+streamed, never loaded whole (see `keras_mas.tasks.from_spec`).
 """
 
 import gzip
+import importlib.util
 import os
 
 import numpy as np
 
 __all__ = ["FASHION_MNIST_DIR", "load", "load_idx", "load_image_folder",
-           "load_importance_data", "load_model", "read_idx"]
+           "load_importance_data", "load_model", "read_idx",
+           "read_task_spec"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _TEST_FRACTION = 0.25
@@ -398,3 +402,114 @@ def _images(x):
     x = x[..., None]
   return (x.astype("float32") / 255.0 if x.dtype == np.uint8
           else x.astype("float32"))
+
+
+def read_task_spec(path):
+  """Runs the user's task spec, a Python file, and reads what it names.
+
+  The file defines `task_spec()`, returning a dict:
+
+  * `"tasks"`: `{name: (train, test)}` in task order (or a list of
+    `(train, test)`), where `train` and `test` are each a `tf.data.Dataset`
+    of unbatched `(x, y)` elements, or TFRecord file patterns (a string or
+    a list of them) that `"parse"` turns into such elements;
+  * `"num_classes"`: one count for every task, or a list with one per task;
+  * `"parse"` (for TFRecord patterns): a function of one serialized record
+    returning `(x, y)`.
+
+  Example spec:
+
+  ```python
+  import tensorflow as tf
+
+  def parse(record):
+    features = tf.io.parse_single_example(record, {
+        "image": tf.io.FixedLenFeature([28, 28, 1], tf.float32),
+        "label": tf.io.FixedLenFeature([], tf.int64)})
+    return features["image"], features["label"]
+
+  def task_spec():
+    return {"num_classes": 10, "parse": parse, "tasks": {
+        "shop A": ("/data/a/train-*.tfrecord", "/data/a/test-*.tfrecord"),
+        "shop B": ("/data/b/train-*.tfrecord", "/data/b/test-*.tfrecord")}}
+  ```
+
+  Args:
+    path: the spec file.
+
+  Returns:
+    `(task_data, num_classes, names)`: a `(train, test)` pair of datasets
+    per task, the class counts and the task names, as
+    `keras_mas.tasks.from_datasets` takes them.
+
+  Raises:
+    ValueError: naming `task_spec`, for a missing file, one that fails to
+      run or defines no `task_spec()`, a malformed return value, or a
+      pattern no file matches.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def fail(expected, received):
+    return ValueError(
+        f"Invalid value for argument `task_spec`. Expected {expected}. "
+        f"Received: {received}")
+
+  if not os.path.isfile(path):
+    raise fail("a Python file defining task_spec()", f"{path!r} (no such file)")
+  module_spec = importlib.util.spec_from_file_location("keras_mas_task_spec",
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    # The user's own file, run as the user asked.
+    module_spec.loader.exec_module(module)
+    make = getattr(module, "task_spec", None)
+    if not callable(make):
+      raise fail("a Python file defining task_spec()",
+                 f"{path!r}, which defines no task_spec function")
+    spec = make()
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise fail(f"{path!r} to run", f"{type(e).__name__}: {e}") from e
+  if not isinstance(spec, dict) or not {"tasks", "num_classes"} <= set(spec):
+    raise fail("task_spec() to return a dict with 'tasks' and 'num_classes'",
+               f"{spec!r:.200}")
+  entries = spec["tasks"]
+  if isinstance(entries, dict):
+    names, pairs = list(entries), list(entries.values())
+  else:
+    pairs = list(entries)
+    names = [f"task {t}" for t in range(len(pairs))]
+  parse = spec.get("parse")
+  task_data = []
+  for name, pair in zip(names, pairs):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      raise fail(f"(train, test) for task {name!r}", f"{pair!r:.200}")
+    task_data.append(tuple(_spec_dataset(part, parse, name, fail, tf)
+                           for part in pair))
+  return task_data, spec["num_classes"], [str(n) for n in names]
+
+
+def _spec_dataset(part, parse, name, fail, tf):
+  """A spec's dataset, or the TFRecords its patterns match, parsed."""
+  if isinstance(part, tf.data.Dataset):
+    return part
+  patterns = [part] if isinstance(part, str) else part
+  if not isinstance(patterns, (list, tuple)) or not all(
+      isinstance(p, str) for p in patterns):
+    raise fail(f"a tf.data.Dataset or TFRecord file patterns for task "
+               f"{name!r}", f"{part!r:.200}")
+  if not callable(parse):
+    raise fail(f"a 'parse' function for the TFRecord files of task {name!r}",
+               f"parse={parse!r}")
+  files = []
+  for pattern in patterns:
+    matched = sorted(tf.io.gfile.glob(os.path.expanduser(pattern)))
+    if not matched:
+      raise fail(f"TFRecord files for task {name!r}",
+                 f"{pattern!r}, which matches no file")
+    files += matched
+  # Files in a fixed order, read one after another: sharding by element
+  # and the seeded shuffles see one order on every worker.
+  return tf.data.TFRecordDataset(files).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)

@@ -22,11 +22,12 @@ import os
 
 import numpy as np
 
+from keras_mas import pipelines
 from keras_mas import sources
 
 __all__ = [
     "RECIPES", "SCENARIOS", "Task", "TaskSequence", "from_arrays",
-    "from_folders", "load_source", "make_sequence",
+    "from_datasets", "from_folders", "from_spec", "load_source", "make_sequence",
 ]
 
 RECIPES = ("split", "permuted", "rotated", "datasets")
@@ -40,6 +41,10 @@ class Task:
   Labels `y_*` are in `0..num_classes−1` for every scenario; `label_offset`
   is added for the scenario's loss, and outputs `[start, stop)` of the model
   are the ones the task trains and is scored on.
+
+  A streaming task (`from_datasets`) has no arrays (`x_train` … are None):
+  `train_data` and `test_data` are `tf.data` datasets of unbatched
+  `(x, y)` elements, read batch by batch, never held whole.
   """
   name: str
   x_train: np.ndarray
@@ -50,10 +55,33 @@ class Task:
   start: int
   stop: int
   label_offset: int
+  train_data: object = None
+  test_data: object = None
 
   @property
   def output_slice(self):
     return (self.start, self.stop)
+
+  @property
+  def streaming(self):
+    """Whether the task's data are `tf.data` pipelines rather than arrays."""
+    return self.train_data is not None
+
+  @property
+  def train_size(self):
+    """Training elements, or None when a pipeline does not know its size."""
+    if self.streaming:
+      return pipelines.size(self.train_data)
+    return len(self.x_train)
+
+  def dataset(self, split):
+    """The `"train"` or `"test"` split as a dataset of unbatched `(x, y)`."""
+    if self.streaming:
+      return self.train_data if split == "train" else self.test_data
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    x, y = ((self.x_train, self.y_train) if split == "train" else
+            (self.x_test, self.y_test))
+    return tf.data.Dataset.from_tensor_slices((x, y))
 
 
 @dataclasses.dataclass
@@ -67,6 +95,11 @@ class TaskSequence:
 
   def __len__(self):
     return len(self.tasks)
+
+  @property
+  def streaming(self):
+    """Whether the tasks are `tf.data` pipelines (`from_datasets`)."""
+    return any(t.streaming for t in self.tasks)
 
 
 def load_source(name, seed=0, data_dir=None, splits=None):
@@ -163,18 +196,113 @@ def _assemble(parts, dataset, recipe, scenario, rng):
   for name, x_tr, y_tr, x_te, y_te, num_classes in parts:
     order = rng.permutation(len(x_tr))
     x_tr, y_tr = x_tr[order], y_tr[order]
-    if scenario == "task":
-      start, stop, label_offset = offset, offset + num_classes, 0
-    elif scenario == "class":
-      start, stop, label_offset = 0, offset + num_classes, offset
-    else:
-      start, stop, label_offset = 0, widest, 0
-    tasks.append(Task(name, x_tr, y_tr, x_te, y_te, num_classes, start, stop,
-                      label_offset))
+    tasks.append(Task(name, x_tr, y_tr, x_te, y_te, num_classes,
+                      *_outputs(scenario, offset, num_classes, widest)))
     offset += num_classes
   num_outputs = widest if scenario == "domain" else offset
   return TaskSequence(tasks, dataset, recipe, scenario, num_outputs,
                       tuple(parts[0][1].shape[1:]))
+
+
+def _outputs(scenario, offset, num_classes, widest):
+  """`(start, stop, label_offset)` of a task whose classes follow `offset`."""
+  if scenario == "task":
+    return offset, offset + num_classes, 0
+  if scenario == "class":
+    return 0, offset + num_classes, offset
+  return 0, widest, 0
+
+
+def from_datasets(task_data, num_classes, scenario="task", names=None,
+                  dataset="datasets"):
+  """A `TaskSequence` of `tf.data` pipelines, streamed, never materialized.
+
+  Each task is a training and a test dataset of unbatched `(x, y)` elements
+  (inputs of one fixed shape across tasks, integer labels local to the
+  task). `training.run_sequence` shuffles (in a bounded buffer), batches
+  and prefetches them; evaluation, importance, LwF's targets and joint
+  rehearsal read them batch by batch, so data larger than memory trains.
+
+  Example:
+
+  ```python
+  def records(pattern):
+    return tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).map(parse)
+
+  sequence = keras_mas.tasks.from_datasets(
+      [(records("a/train-*"), records("a/test-*")),
+       (records("b/train-*"), records("b/test-*"))],
+      num_classes=10, scenario="domain")
+  ```
+
+  Args:
+    task_data: a list of `(train_dataset, test_dataset)`, one per task.
+    num_classes: the number of classes, one for every task or a list with
+      one per task.
+    scenario: one of `SCENARIOS`.
+    names: a name per task (default `"task 0"`, `"task 1"`, ...).
+    dataset: recorded as the sequence's dataset.
+
+  Returns:
+    A `TaskSequence` with recipe `"datasets"` whose tasks are streaming
+    (`Task.streaming`): their `x_train` … are None. Inputs are cast to
+    float32; labels are checked as they stream.
+
+  Raises:
+    ValueError: naming the task, for fewer than two tasks, something other
+      than datasets of unbatched `(x, y)` elements, inputs of different
+      shapes, an empty dataset, or labels out of range among the first
+      elements.
+  """
+  if scenario not in SCENARIOS:
+    raise ValueError(
+        f"Invalid value for argument `scenario`. Expected one of "
+        f"{SCENARIOS}. Received: scenario={scenario!r}")
+  task_data = list(task_data)
+  if len(task_data) < 2:
+    raise ValueError(
+        "Invalid value for argument `task_data`. Expected two or more "
+        f"tasks. Received: {len(task_data)}")
+  names = list(names) if names is not None else [
+      f"task {t}" for t in range(len(task_data))]
+  classes = (list(num_classes) if isinstance(num_classes, (list, tuple))
+             else [num_classes] * len(task_data))
+  if len(names) != len(task_data) or len(classes) != len(task_data):
+    raise ValueError(
+        "Invalid value for argument `names`/`num_classes`. Expected one per "
+        f"task ({len(task_data)}). Received: {len(names)} names, "
+        f"{len(classes)} class counts")
+  for count in classes:
+    if not isinstance(count, (int, np.integer)) or count < 1:
+      raise ValueError(
+          "Invalid value for argument `num_classes`. Expected a positive "
+          f"integer per task. Received: num_classes={num_classes!r}")
+  shape = None
+  for name, data, count in zip(names, task_data, classes):
+    if not isinstance(data, (list, tuple)) or len(data) != 2:
+      raise ValueError(
+          "Invalid value for argument `task_data`. Expected (train_dataset, "
+          f"test_dataset) for task {name!r}. Received: {data!r}")
+    for part in data:
+      part_shape, _ = pipelines.check_elements(part, "task_data", name, count)
+      if shape is None:
+        shape = part_shape
+      elif part_shape != shape:
+        raise ValueError(
+            "Invalid value for argument `task_data`. Expected inputs of one "
+            f"shape {shape} in every task. Received: {part_shape} in task "
+            f"{name!r}")
+  widest = max(classes)
+  tasks, offset = [], 0
+  for name, (train, test), count in zip(names, task_data, classes):
+    tasks.append(Task(name, None, None, None, None, int(count),
+                      *_outputs(scenario, offset, count, widest),
+                      train_data=pipelines.checked(train, count, name),
+                      test_data=pipelines.checked(test, count, name)))
+    offset += count
+  num_outputs = widest if scenario == "domain" else offset
+  return TaskSequence(tasks, dataset, "datasets", scenario, num_outputs,
+                      shape)
 
 
 def from_arrays(task_data, scenario="task", names=None, dataset="custom",
@@ -306,6 +434,35 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
                          names=names, dataset=",".join(task_dirs), seed=seed)
   sequence.recipe = "folders"
   return sequence
+
+
+def from_spec(path, scenario="task"):
+  """A streaming `TaskSequence` from the user's task spec file.
+
+  See `keras_mas.sources.read_task_spec` for the file: a `task_spec()`
+  function naming each task's `tf.data` pipelines or TFRecord files.
+
+  Example:
+
+  ```python
+  sequence = keras_mas.tasks.from_spec("my_tasks.py", scenario="domain")
+  ```
+
+  Args:
+    path: the spec file.
+    scenario: one of `SCENARIOS`.
+
+  Returns:
+    A `TaskSequence` of streaming tasks (see `from_datasets`), its dataset
+    recorded as the spec's path.
+
+  Raises:
+    ValueError: naming `task_spec` or `task_data`, for a bad spec or bad
+      data (see `from_datasets`).
+  """
+  task_data, num_classes, names = sources.read_task_spec(path)
+  return from_datasets(task_data, num_classes, scenario=scenario, names=names,
+                       dataset=f"spec:{path}")
 
 
 def _split_by_classes(source, num_tasks, dataset):

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -26,6 +27,7 @@ from keras_mas import export as export_lib
 from keras_mas import methods as methods_lib
 from keras_mas import metrics as metrics_lib
 from keras_mas import models
+from keras_mas import pipelines
 from keras_mas import regularizers
 from keras_mas import tasks as tasks_lib
 
@@ -176,11 +178,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
     _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
-         batch_size, temperature, write_dir, writer, verbose)
+         batch_size, temperature, seed, write_dir, writer, verbose)
     trained = time.perf_counter()
     progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
     if recipe.estimator is not None:
-      net.consolidate(recipe.consolidation_data(task),
+      net.consolidate(recipe.consolidation_data(task, sequence.input_shape),
                       **recipe.consolidation(task, strength, alpha,
                                              importance_samples, fisher))
       callbacks_lib.log_importance(writer, net, step=k)
@@ -294,10 +296,17 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
 
 
 def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
-         batch_size, temperature, write_dir, writer, verbose):
-  """One `fit` call for task `k`, with a fresh optimizer state."""
+         batch_size, temperature, seed, write_dir, writer, verbose):
+  """One `fit` call for task `k`, with a fresh optimizer state.
+
+  Arrays are batched by `fit`; a streaming task's pipeline comes batched
+  (`y` None).
+  """
+  frozen = (_copy_model(net, wrap=False)
+            if recipe.distill and k > 0 and sequence.streaming else None)
   x, y, loss, task_metrics = methods_lib.training_data(
-      recipe, net, sequence, k, batch_size, temperature=temperature)
+      recipe, net, sequence, k, batch_size, temperature=temperature,
+      seed=seed * 1009 + k, frozen=frozen)
   compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
       [loss] + task_metrics))
   if net.compiled and getattr(net, "_keras_mas_compiled_for",
@@ -317,17 +326,25 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
           # Callbacks here act per epoch, so they see no difference.
           steps_per_execution=_STEPS_PER_EXECUTION)
     object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
-  net.fit(x, y, batch_size=batch_size,
-          initial_epoch=k * epochs, epochs=(k + 1) * epochs,
-          # Progress bars only on a terminal: in a log file they are a flood
-          # (the line per task says how the task went).
-          verbose=verbose if sys.stdout.isatty() else 0,
-          callbacks=[
-              keras.callbacks.TensorBoard(
-                  os.path.join(write_dir, "tensorboard"), write_graph=False),
-              callbacks_lib.DriftLogger(writer),
-              # MASModel.fit adds DivergenceGuard itself (first).
-          ])
+  streamed = y is None
+  with warnings.catch_warnings():
+    # A pipeline of unknown size ends its epoch where its data end, as it
+    # should: Keras warns about that.
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
+    net.fit(x, y, batch_size=None if streamed else batch_size,
+            # A pipeline comes shuffled (in a bounded buffer).
+            shuffle=not streamed,
+            initial_epoch=k * epochs, epochs=(k + 1) * epochs,
+            # Progress bars only on a terminal: in a log file they are a
+            # flood (the line per task says how the task went).
+            verbose=verbose if sys.stdout.isatty() else 0,
+            callbacks=[
+                keras.callbacks.TensorBoard(
+                    os.path.join(write_dir, "tensorboard"),
+                    write_graph=False),
+                callbacks_lib.DriftLogger(writer),
+                # MASModel.fit adds DivergenceGuard itself (first).
+            ])
 
 
 def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
@@ -395,7 +412,9 @@ def _check_model(model, weights, freeze_backbone, sequence):
 def _check_importance_samples(importance_samples, sequence):
   if importance_samples is None:
     return
-  smallest = min(len(t.x_train) for t in sequence.tasks)
+  # A pipeline of unknown size is checked when importance reads it.
+  smallest = min([t.train_size for t in sequence.tasks
+                  if t.train_size is not None] or [importance_samples])
   if (not isinstance(importance_samples, (int, np.integer))
       or not 1 <= importance_samples <= smallest):
     raise ValueError(
@@ -421,7 +440,7 @@ def format_matrix(results):
 
 
 def _accuracies(net, sequence, batch_size, trained=None):
-  """Test accuracy on every task, from one `predict` over all test sets.
+  """Test accuracy on every task, streamed batch by batch for pipelines.
 
   Task- and domain-incremental: each task is scored on its own outputs.
   Class-incremental: after training task `trained`, every task is scored
@@ -431,18 +450,40 @@ def _accuracies(net, sequence, batch_size, trained=None):
   tasks = sequence.tasks
   seen = (max(t.stop for t in tasks[:trained + 1])
           if trained is not None else 0)
-  logits = predict_logits(net, np.concatenate([t.x_test for t in tasks]),
-                          batch_size)
   accuracies = []
-  for task, task_logits in zip(tasks, np.split(
-      logits, np.cumsum([len(t.x_test) for t in tasks])[:-1])):
+  for task, batches in zip(tasks, _test_batches(net, sequence, batch_size)):
     start, stop = task.start, task.stop
     if sequence.scenario == "class":
       stop = max(stop, seen)
-    predicted = start + np.argmax(task_logits[:, start:stop], axis=-1)
-    accuracies.append(float(np.mean(
-        predicted == task.y_test + task.label_offset + task.start)))
+    correct = count = 0
+    for logits, y in batches:
+      predicted = start + np.argmax(logits[:, start:stop], axis=-1)
+      correct += int(np.sum(predicted == y + task.label_offset + task.start))
+      count += len(y)
+    accuracies.append(correct / count if count else float("nan"))
   return accuracies
+
+
+def _test_batches(net, sequence, batch_size):
+  """Per task, its `(logits, labels)` test batches.
+
+  Array tasks: one `predict` over every test set (one call, not one per
+  task). Streaming tasks: batch by batch, never held whole.
+  """
+  tasks = sequence.tasks
+  if not sequence.streaming:
+    logits = predict_logits(net, np.concatenate([t.x_test for t in tasks]),
+                            batch_size)
+    return [[(task_logits, task.y_test)] for task, task_logits in zip(
+        tasks, np.split(logits,
+                        np.cumsum([len(t.x_test) for t in tasks])[:-1]))]
+  # tf.data's batching costs grow with the batch size asked for (65,536
+  # small images: 1.5 s a pass, 256: 0.05 s); the model's calls are cheap.
+  step = min(_prediction_batch(sequence.input_shape, batch_size),
+             max(batch_size, 256))
+  return [((predict_logits(net, x, batch_size), y)
+           for x, y in pipelines.evaluation_batches(t.test_data, step))
+          for t in tasks]
 
 
 def predict_logits(net, x, batch_size=32):
@@ -460,13 +501,17 @@ def predict_logits(net, x, batch_size=32):
     infer = tf.function(lambda inputs: net(inputs, training=False),
                         reduce_retracing=True)
     object.__setattr__(net, "_keras_mas_infer", infer)
-  # About 4M input values a call (16 MiB of float32), at least the
-  # training batch.
-  step = max(batch_size, (1 << 22) // max(1, int(np.prod(x.shape[1:]))))
+  step = _prediction_batch(x.shape[1:], batch_size)
   if len(x) <= step:
     return infer(tf.constant(x)).numpy()
   return np.concatenate([infer(tf.constant(x[i:i + step])).numpy()
                          for i in range(0, len(x), step)])
+
+
+def _prediction_batch(input_shape, batch_size):
+  # About 4M input values a call (16 MiB of float32), at least the
+  # training batch.
+  return max(batch_size, (1 << 22) // max(1, int(np.prod(input_shape))))
 
 
 def _check_model_fits(model, sequence):
@@ -499,6 +544,8 @@ def _check_model_fits(model, sequence):
 def _check_labels(sequence):
   """Raises, naming them, for labels outside a task's classes."""
   for k, task in enumerate(sequence.tasks):
+    if task.streaming:
+      continue  # Checked by `tasks.from_datasets`, and as they stream.
     for split, y in (("train", task.y_train), ("test", task.y_test)):
       y = np.asarray(y)
       bad = y[(y < 0) | (y >= task.num_classes)] if y.size else y
@@ -567,14 +614,19 @@ def _consolidate_deployed(net, recipe, x, y, strength, alpha, num_samples,
                       fisher))
 
 
-def _copy_model(model):
-  """A `MASModel` copy of `model` (weights and MAS state, not the object)."""
+def _copy_model(model, wrap=True):
+  """A copy of `model` (weights and MAS state, not the object).
+
+  Args:
+    model: the model to copy.
+    wrap: return a `MASModel` (`MASModel.from_model` of the copy).
+  """
   with tempfile.TemporaryDirectory() as folder:
-    path = os.path.join(folder, "initial.keras")
+    path = os.path.join(folder, "copy.keras")
     model.save(path)
     # The user handed this model over in memory: its code is trusted.
     copy = keras.models.load_model(path, compile=False, safe_mode=False)
-  return models.MASModel.from_model(copy)
+  return models.MASModel.from_model(copy) if wrap else copy
 
 
 def _export(net, workdir, sequence, k):

@@ -185,6 +185,89 @@ def test_joint_training_sees_every_task_so_far():
   np.testing.assert_allclose(value, np.log(3.0), rtol=1e-5)
 
 
+def _streaming(sequence):
+  return tasks.from_datasets(
+      [(t.dataset("train"), t.dataset("test")) for t in sequence.tasks],
+      num_classes=[t.num_classes for t in sequence.tasks],
+      scenario=sequence.scenario)
+
+
+def _batches(dataset):
+  parts = list(dataset.as_numpy_iterator())
+  return (np.concatenate([x for x, _ in parts]),
+          np.concatenate([y for _, y in parts]))
+
+
+def test_streaming_lwf_targets_come_from_the_frozen_copy_batch_by_batch():
+  sequence = tasks.make_sequence("digits", "split", "task", 2)
+  model = keras_mas.MASModel.from_model(keras.Sequential([
+      keras.Input(sequence.input_shape), keras.layers.Flatten(),
+      keras.layers.Dense(sequence.num_outputs)]))
+  lwf = methods.get("lwf")
+  with pytest.raises(ValueError, match="argument `frozen`"):
+    methods.training_data(lwf, model, _streaming(sequence), 1, 32)
+  dataset, y, loss, _ = methods.training_data(
+      lwf, model, _streaming(sequence), 1, 32, frozen=model)
+  assert y is None
+  x, targets = _batches(dataset)
+  task = sequence.tasks[1]
+  assert targets.shape == (len(task.x_train), 1 + sequence.tasks[0].stop)
+  np.testing.assert_array_equal(np.sort(targets[:, 0]), np.sort(task.y_train))
+  np.testing.assert_allclose(
+      targets[:, 1:], model.predict(x, verbose=0)[:, :sequence.tasks[0].stop],
+      rtol=1e-5, atol=1e-6)
+  _, _, array_loss, _ = methods.training_data(lwf, model, sequence, 1, 32)
+  assert loss.get_config() == array_loss.get_config()
+
+
+def test_streaming_joint_samples_every_task_once_per_epoch():
+  sequence = tasks.make_sequence("digits", "split", "task", 3)
+  dataset, y, loss, _ = methods.training_data(
+      methods.get("joint"), None, _streaming(sequence), 2, 32)
+  assert y is None and isinstance(loss, heads.MixedTaskLoss)
+  first, second = _batches(dataset)[1], _batches(dataset)[1]
+  for t in sequence.tasks:
+    rows = (first[:, 1] == t.start) & (first[:, 2] == t.stop)
+    assert rows.sum() == len(t.x_train)
+    np.testing.assert_array_equal(np.sort(first[rows, 0] - t.start),
+                                  np.sort(t.y_train))
+  # Tasks are mixed, and reshuffled every epoch.
+  assert len(set(first[:32, 1])) > 1
+  assert not np.array_equal(first, second)
+  np.testing.assert_array_equal(np.sort(first, axis=0),
+                                np.sort(second, axis=0))
+
+
+@pytest.mark.parametrize("method", ["mas", "ewc"])
+def test_streaming_importance_equals_importance_on_arrays(method):
+  sequence = tasks.make_sequence("digits", "split", "task", 2)
+  keras.utils.set_random_seed(0)
+  model = keras_mas.MASModel.from_model(keras.Sequential([
+      keras.Input(sequence.input_shape), keras.layers.Flatten(),
+      keras.layers.Dense(8, activation="relu"),
+      keras.layers.Dense(sequence.num_outputs)]))
+  recipe = methods.get(method)
+  streaming = _streaming(sequence)
+  estimator = {"mas": importance.mas, "ewc": importance.fisher}[method]
+  for task, streamed in zip(sequence.tasks, streaming.tasks):
+    options = recipe.consolidation(task, 1.0, 0.5, None)
+    options = {"output_fn": options["output_fn"],
+               **({"empirical": True} if method == "ewc" else {})}
+    from_arrays = estimator(model, recipe.consolidation_data(task), **options)
+    from_pipeline = estimator(
+        model, recipe.consolidation_data(streamed, streaming.input_shape),
+        **options)
+    for a, b in zip(from_arrays, from_pipeline):
+      np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-9)
+    first = estimator(model, recipe.consolidation_data(
+        streamed, streaming.input_shape), num_samples=50, **options)
+    expected = estimator(model, tuple(
+        a[:50] for a in recipe.consolidation_data(task)) if method == "ewc"
+                         else task.x_train[:50], **options)
+    np.testing.assert_allclose(first[0].numpy(), expected[0].numpy(),
+                               rtol=1e-5, atol=1e-9)
+
+
 def _final_weights(workdir):
   model = keras.models.load_model(os.path.join(
       workdir, "checkpoints", "task_1", "model.keras"))

@@ -13,8 +13,8 @@ _FAST = ["--num_tasks=2", "--epochs=1", "--hidden_units=16", "--verbose=0",
          "--recipe=split"]
 
 
-def _run(*flags):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+def _run(*flags, **env_vars):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env_vars)
   return subprocess.run([sys.executable, _APP, *flags], capture_output=True,
                         text=True, env=env, timeout=300)
 
@@ -48,6 +48,31 @@ def test_app_learns_task_free_on_a_stream(tmp_path):
   wrong = _run(f"--workdir={tmp_path / 'ewc'}", "--task_boundaries=none",
                "--method=ewc", *_FAST)
   assert wrong.returncode == 1 and "argument `method`" in wrong.stderr
+
+
+def test_app_streams_the_tfrecords_of_a_task_spec(tmp_path):
+  records = str(tmp_path / "records")
+  written = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "examples", "write_records.py"),
+       records], capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert written.returncode == 0, written.stderr
+  spec = os.path.join(_ROOT, "examples", "task_spec.py")
+  workdir = str(tmp_path / "run")
+  done = _run(f"--workdir={workdir}", f"--task_spec={spec}", "--method=lwf",
+              "--scenario=task", "--epochs=2", "--hidden_units=16",
+              "--verbose=0", KERAS_MAS_RECORDS=records)
+  assert done.returncode == 0, done.stderr
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["tasks"] == ["a", "b"]
+  assert results["dataset"] == f"spec:{spec}"
+  assert results["accuracy_matrix"][0][0] > 0.5  # 5 classes: chance 0.2
+  assert os.path.isdir(os.path.join(workdir, "export", "task_1"))
+  wrong = _run(f"--workdir={tmp_path / 'wrong'}", f"--task_spec={spec}",
+               "--task_boundaries=none", KERAS_MAS_RECORDS=records)
+  assert wrong.returncode == 1 and "--task_spec" in wrong.stderr, wrong.stderr
+  assert "Traceback" not in wrong.stderr
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -238,5 +238,70 @@ def test_fashion_mnist_loads_offline_from_debians_idx_files():
   np.testing.assert_array_equal(np.bincount(y_train), [6000] * 10)
 
 
+_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples")
+
+
+def _write_records(folder):
+  sys.path.insert(0, _EXAMPLES)
+  try:
+    import write_records  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(_EXAMPLES)
+  write_records.main(str(folder))
+
+
+def test_task_spec_streams_tfrecord_files(tmp_path, monkeypatch):
+  _write_records(tmp_path / "records")
+  monkeypatch.setenv("KERAS_MAS_RECORDS", str(tmp_path / "records"))
+  sequence = tasks.from_spec(os.path.join(_EXAMPLES, "task_spec.py"),
+                             scenario="task")
+  assert sequence.streaming and [t.name for t in sequence.tasks] == ["a", "b"]
+  assert sequence.input_shape == (8, 8, 1) and sequence.num_outputs == 10
+  assert [t.output_slice for t in sequence.tasks] == [(0, 5), (5, 10)]
+  x_train, y_train, _, y_test = sources.load("digits")
+  task = sequence.tasks[1]
+  read = list(task.dataset("train").batch(4096).as_numpy_iterator())
+  x, y = np.concatenate([b[0] for b in read]), np.concatenate(
+      [b[1] for b in read])
+  # Both shards, in order: exactly the digits 5-9, relabelled 0-4.
+  np.testing.assert_array_equal(x, x_train[y_train >= 5])
+  np.testing.assert_array_equal(y, y_train[y_train >= 5] - 5)
+  assert sum(1 for _ in task.dataset("test")) == np.sum(y_test >= 5)
+  assert task.train_size is None  # TFRecords: unknown until read.
+
+
+def _spec(tmp_path, body):
+  path = tmp_path / "spec.py"
+  path.write_text("import tensorflow as tf\n" + body)
+  return str(path)
+
+
+_DATASET = ("tf.data.Dataset.from_tensor_slices((tf.zeros((4, 3)), "
+            "tf.constant([0, 1, 0, 1])))")
+
+
+@pytest.mark.parametrize("body, message", [
+    (None, "no such file"),
+    ("x = 1\n", "defines no task_spec function"),
+    ("def task_spec():\n  return 1 / 0\n", "ZeroDivisionError"),
+    ("def task_spec():\n  return {'tasks': []}\n", "'num_classes'"),
+    ("def task_spec():\n  return {'num_classes': 2, 'tasks': [(1,)]}\n",
+     r"\(train, test\) for task 'task 0'"),
+    ("def task_spec():\n  return {'num_classes': 2, 'parse': abs, 'tasks': "
+     "{'a': ('/no/such/*.tfrecord', '/no/such/*.tfrecord')}}\n",
+     "matches no file"),
+    ("def task_spec():\n  return {'num_classes': 2, 'tasks': "
+     "{'a': ('/tmp/*', '/tmp/*')}}\n", "a 'parse' function"),
+    (f"def task_spec():\n  return {{'num_classes': 1, 'tasks': "
+     f"[({_DATASET}, {_DATASET})] * 2}}\n", "labels 0..0 in task 'task 0'"),
+])
+def test_bad_task_specs_are_named(tmp_path, body, message):
+  path = str(tmp_path / "missing.py") if body is None else _spec(tmp_path,
+                                                                  body)
+  with pytest.raises(ValueError, match=message):
+    tasks.from_spec(path)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

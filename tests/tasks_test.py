@@ -162,5 +162,73 @@ def test_bad_arguments_are_named(kwargs, argument):
     tasks.make_sequence(**arguments)
 
 
+def _datasets(rng, classes=(3, 2), shape=(5, 5, 1), n=12):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return [tuple(tf.data.Dataset.from_tensor_slices(
+      (rng.random((size,) + shape).astype("float32"),
+       np.arange(size) % c)) for size in (n, 4)) for c in classes]
+
+
+def test_from_datasets_places_streaming_tasks_like_arrays():
+  rng = np.random.default_rng(0)
+  data = _datasets(rng)
+  sequence = tasks.from_datasets(data, num_classes=[3, 2], scenario="class",
+                                 names=["a", "b"])
+  assert sequence.streaming and sequence.recipe == "datasets"
+  assert [t.output_slice for t in sequence.tasks] == [(0, 3), (0, 5)]
+  assert [t.label_offset for t in sequence.tasks] == [0, 3]
+  assert sequence.num_outputs == 5 and sequence.input_shape == (5, 5, 1)
+  task = sequence.tasks[1]
+  assert task.x_train is None and task.train_size == 12
+  x, y = next(iter(task.dataset("train").batch(12)))
+  expected_x, expected_y = next(iter(data[1][0].batch(12)))
+  np.testing.assert_array_equal(x, expected_x)
+  np.testing.assert_array_equal(y, expected_y)
+  assert y.dtype == np.int64
+  domain = tasks.from_datasets(data, num_classes=[3, 2], scenario="domain")
+  assert [t.output_slice for t in domain.tasks] == [(0, 3), (0, 3)]
+  assert not tasks.make_sequence("digits", "split", "task", 2).streaming
+
+
+def test_streaming_labels_are_checked_as_they_stream():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # The first 1,024 labels are checked before training; a bad one later
+  # stops the pipeline, naming the task.
+  x = np.zeros((1100, 2), "float32")
+  y = np.zeros(1100, "int64")
+  y[1050] = 7
+  good = tf.data.Dataset.from_tensor_slices((x[:4], y[:4]))
+  late = tf.data.Dataset.from_tensor_slices((x, y))
+  sequence = tasks.from_datasets([(good, good), (late, good)], num_classes=2,
+                                 names=["a", "late"])
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="Expected labels 0..1 in task late. Received a label out"):
+    for _ in sequence.tasks[1].dataset("train").batch(512):
+      pass
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d[:1], "two or more tasks"),
+    (lambda d: [d[0], (d[1][0].batch(4), d[1][1])],
+     r"unbatched inputs of a fixed shape.*\.unbatch\(\)"),
+    (lambda d: [d[0], (d[1][0].map(lambda x, y: (x[:4], y)), d[1][1])],
+     r"\(4, 5, 1\) in task 'task 1'"),
+    (lambda d: [d[0], (d[1][0].map(lambda x, y: (x, y + 5)), d[1][1])],
+     r"labels 0..1 in task 'task 1'. Received: labels \[5, 6\]"),
+    (lambda d: [d[0], (d[1][0].map(lambda x, y: (x, 1.0)), d[1][1])],
+     "one integer label"),
+    (lambda d: [d[0], (d[1][0].map(lambda x, y: x), d[1][1])],
+     r"\(x, y\) elements"),
+    (lambda d: [d[0], (d[1][0].take(0), d[1][1])], "empty dataset"),
+    (lambda d: [d[0], (np.zeros(3), d[1][1])], "Received: ndarray"),
+])
+def test_from_datasets_names_bad_tasks(change, message):
+  data = _datasets(np.random.default_rng(0))
+  with pytest.raises(ValueError, match=message):
+    tasks.from_datasets(change(data), num_classes=[3, 2])
+  with pytest.raises(ValueError, match="argument `num_classes`"):
+    tasks.from_datasets(data, num_classes=0)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

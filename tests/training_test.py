@@ -12,6 +12,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import keras_mas
 from keras_mas import checkpoints
 from keras_mas import sources
 from keras_mas import tasks
@@ -207,6 +208,48 @@ def test_partial_checkpoint_writes_are_ignored_with_a_warning(tmp_path):
   with pytest.warns(UserWarning, match="partial checkpoint"):
     latest = checkpoints.latest(workdir)
   assert latest[0] == 1
+
+
+def _streamed(sequence, known_size=True):
+  """`sequence` as streaming tasks; without a known size if asked."""
+  def part(task, split):
+    dataset = task.dataset(split)
+    return dataset if known_size else dataset.filter(lambda x, y: True)
+  return tasks.from_datasets(
+      [(part(t, "train"), part(t, "test")) for t in sequence.tasks],
+      num_classes=[t.num_classes for t in sequence.tasks],
+      scenario=sequence.scenario)
+
+
+@pytest.mark.parametrize("method, scenario, known_size", [
+    ("mas", "domain", False), ("lwf", "task", True), ("joint", "task", True)])
+def test_streaming_tasks_train_evaluate_and_consolidate(
+    tmp_path, monkeypatch, method, scenario, known_size):
+  arrays = _tiny(scenario, num_tasks=2)
+  streamed = _streamed(arrays, known_size)
+  compiles = []
+  compile_model = keras_mas.MASModel.compile
+
+  def counting(self, *args, **kwargs):
+    compiles.append(1)
+    return compile_model(self, *args, **kwargs)
+
+  monkeypatch.setattr(keras_mas.MASModel, "compile", counting)
+  results = training.run_sequence(streamed, str(tmp_path), method=method,
+                                  **dict(_FAST, epochs=4))
+  monkeypatch.undo()
+  matrix = np.array(results["accuracy_matrix"])
+  assert matrix[0, 0] > 1.5 / arrays.tasks[0].num_classes  # chance: 1/C
+  # Streamed evaluation scores exactly as evaluation on the arrays.
+  model = checkpoints.load_model(
+      os.path.join(str(tmp_path), "checkpoints", "task_1"))
+  np.testing.assert_array_equal(
+      training._accuracies(model, arrays, 16, trained=1), matrix[1])  # pylint: disable=protected-access
+  if method == "mas":
+    assert model.consolidated_tasks == 2
+    assert all(np.any(o.numpy() > 0) for o in model.importances)
+    # The same loss for both tasks: compiled once, not retraced per task.
+    assert len(compiles) == 1
 
 
 if __name__ == "__main__":
