@@ -412,9 +412,12 @@ class MASModel(keras.Model):
     buffer from the joined batch and its predictions (before the step),
     `incoming` the number of incoming samples. Metrics are computed on the
     incoming samples alone, from predictions made before the step: on a
-    stream they are test-then-train (prequential). Task-free learning
-    (`keras_mas.task_free`) sets it. Setting it retraces the train step;
-    saving does not keep it. Not supported under a distribution strategy.
+    stream they are test-then-train (prequential); those predictions are
+    the training forward pass's (`training=True`: with dropout, the
+    prequential accuracy is that of the model with dropout on). Task-free
+    learning (`keras_mas.task_free`) sets it. Setting it retraces the train
+    step; saving does not keep it. Not supported under a distribution
+    strategy.
     """
     return self._rehearsal
 
