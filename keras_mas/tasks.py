@@ -15,6 +15,10 @@ task trains and is scored on (see `Task.output_slice`):
 * `"class"`: class-incremental, one head whose classes grow with the tasks.
 
 Every split, permutation and shuffle is drawn from `seed`.
+
+The user's data: `from_arrays`, `from_folders` (image folders), and
+streaming tasks that are never held whole, `from_datasets` (`tf.data`
+pipelines) and `from_spec` (a Python file naming pipelines or TFRecords).
 """
 
 import dataclasses

@@ -2,7 +2,8 @@
 
 For each task: `fit` (one call, epochs counted from the start of the
 sequence), evaluate every task, consolidate on the task's training inputs
-(labels dropped), checkpoint, export, log. Checkpoints and resume live in
+(labels dropped), checkpoint, export, log. Tasks of arrays and streaming
+tasks (`tf.data` pipelines, `keras_mas.pipelines`) take the same path. Checkpoints and resume live in
 `keras_mas.checkpoints`, data sources in `keras_mas.sources`. The library
 reads no flags: the apps pass plain arguments.
 """
@@ -65,7 +66,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   ```
 
   Args:
-    sequence: a `keras_mas.tasks.TaskSequence`.
+    sequence: a `keras_mas.tasks.TaskSequence`: arrays, or `tf.data`
+      pipelines (`tasks.from_datasets`, `tasks.from_spec`) that are read
+      batch by batch and never held whole (see `keras_mas.pipelines`).
     workdir: output directory; created if needed.
     method: one of `METHODS` (see `keras_mas.methods`); `"finetune"` trains
       with no protection.
@@ -323,8 +326,13 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
           loss=loss, metrics=task_metrics,
           # Several steps per call of the traced train step: on small tasks
           # the Python driving each step costs more than the step itself.
-          # Callbacks here act per epoch, so they see no difference.
-          steps_per_execution=_STEPS_PER_EXECUTION)
+          # Callbacks here act per epoch, so they see no difference. Not
+          # under a strategy: Keras 3.15's loop of steps fails across
+          # replicas ("You must feed a value for placeholder tensor",
+          # keras-team/keras#19246).
+          steps_per_execution=(
+              1 if getattr(net, "_distribute_strategy", None) is not None
+              else _STEPS_PER_EXECUTION))
     object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
   streamed = y is None
   with warnings.catch_warnings():
