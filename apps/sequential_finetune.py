@@ -2,6 +2,8 @@ r"""Learns a sequence of tasks one after another, with MAS or without.
 
   python apps/sequential_finetune.py --workdir=/tmp/mas
   python apps/sequential_finetune.py --method=finetune --workdir=/tmp/ft
+  python apps/sequential_finetune.py --task_spec=examples/task_spec.py \
+      --scenario=task --workdir=/tmp/spec    # TFRecords, streamed
   tensorboard --logdir=/tmp
 
 Writes results.json, TensorBoard logs, a checkpoint and a SavedModel per

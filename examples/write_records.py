@@ -1,4 +1,4 @@
-r"""Writes the bundled digits as TFRecords, two tasks, for examples/task_spec.py.
+r"""Writes the bundled digits as TFRecords of two tasks, for task_spec.py.
 
   python examples/write_records.py /tmp/keras_mas_records
   KERAS_MAS_RECORDS=/tmp/keras_mas_records python apps/sequential_finetune.py \
@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from keras_mas import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import sources
 
 
 def write(path, x, y):

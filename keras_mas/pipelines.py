@@ -1,4 +1,4 @@
-"""`tf.data` pipelines of streaming tasks: what `fit`, evaluation and importance read.
+"""The `tf.data` pipelines that fit, evaluation and importance read.
 
 A streaming task (`keras_mas.tasks.from_datasets`) holds unbatched `(x, y)`
 datasets, never arrays: nothing here materializes them. Training pipelines
@@ -82,7 +82,7 @@ def check_elements(dataset, argument, task_name, num_classes=None):
 
 
 def checked(dataset, num_classes, task_name):
-  """`dataset` as float32 inputs and int64 labels, each label checked as it streams."""
+  """`dataset` with float32 inputs, int64 labels checked as they stream."""
   # No quotes: TensorFlow escapes them in its error.
   message = (f"Expected labels 0..{num_classes - 1} in task {task_name}. "
              "Received a label out of that range")

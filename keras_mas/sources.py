@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from keras_mas import digits
+
 __all__ = ["FASHION_MNIST_DIR", "load", "load_idx", "load_image_folder",
            "load_importance_data", "load_model", "read_idx",
            "read_task_spec"]
@@ -344,10 +346,9 @@ def load(name, seed=0, data_dir=None, splits=None):
           f"TFDS dataset. Received: splits={splits!r} for dataset={name!r}")
     return _load_tfds(name, data_dir, splits)
   if name == "digits":
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-    digits = datasets.load_digits()
-    x = (digits.images / 16.0).astype("float32")[..., None]
-    y = digits.target.astype("int64")
+    images, labels = digits.load_digits()
+    x = (images / 16.0).astype("float32")[..., None]
+    y = labels.astype("int64")
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(len(x) * _TEST_FRACTION)
     test, train = order[:n_test], order[n_test:]

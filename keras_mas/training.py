@@ -3,9 +3,10 @@
 For each task: `fit` (one call, epochs counted from the start of the
 sequence), evaluate every task, consolidate on the task's training inputs
 (labels dropped), checkpoint, export, log. Tasks of arrays and streaming
-tasks (`tf.data` pipelines, `keras_mas.pipelines`) take the same path. Checkpoints and resume live in
-`keras_mas.checkpoints`, data sources in `keras_mas.sources`. The library
-reads no flags: the apps pass plain arguments.
+tasks (`tf.data` pipelines, `keras_mas.pipelines`) take the same path.
+Checkpoints and resume live in `keras_mas.checkpoints`, data sources in
+`keras_mas.sources`. The library reads no flags: the apps pass plain
+arguments.
 """
 
 import contextlib

@@ -244,7 +244,8 @@ def test_streaming_tasks_train_evaluate_and_consolidate(
   model = checkpoints.load_model(
       os.path.join(str(tmp_path), "checkpoints", "task_1"))
   np.testing.assert_array_equal(
-      training._accuracies(model, arrays, 16, trained=1), matrix[1])  # pylint: disable=protected-access
+      training._accuracies(model, arrays, 16, trained=1),  # pylint: disable=protected-access
+      matrix[1])
   if method == "mas":
     assert model.consolidated_tasks == 2
     assert all(np.any(o.numpy() > 0) for o in model.importances)
