@@ -81,7 +81,8 @@ class Method:
     if task.streaming:
       return pipelines.importance_batches(
           task.train_data, input_shape,
-          label_shift=task.label_offset if self.labels else None)
+          label_shift=task.label_offset if self.labels else None,
+          check=task.label_check)
     if self.labels:
       return (task.x_train, task.y_train + task.label_offset)
     return task.x_train
@@ -168,8 +169,8 @@ def _streaming_data(method, sequence, k, batch_size, temperature, seed,
   if method.rehearse and k > 0:
     widest = sequence.scenario == "class"
     parts = [(t.train_data, t.label_offset + t.start, t.start,
-              task.stop if widest else t.stop, t.train_size)
-             for t in sequence.tasks[:k + 1]]
+              task.stop if widest else t.stop, t.train_size, t.num_classes,
+              t.name) for t in sequence.tasks[:k + 1]]
     return (pipelines.rehearsal_batches(parts, batch_size, seed), None,
             heads.MixedTaskLoss(), [])
   if method.distill and k > 0:
@@ -178,12 +179,13 @@ def _streaming_data(method, sequence, k, batch_size, temperature, seed,
           "Invalid value for argument `frozen`. Expected a frozen copy of "
           "the model for `lwf` on a streaming sequence. Received: None")
     old_start, old_stop = _old_outputs(sequence, k)
-    return (pipelines.distillation_batches(task.train_data, frozen,
-                                           (old_start, old_stop), batch_size,
-                                           seed), None,
+    return (pipelines.distillation_batches(
+        task.train_data, frozen, (old_start, old_stop), batch_size, seed,
+        check=task.label_check), None,
             _distillation_loss(task, old_start, old_stop, temperature),
             [accuracy])
-  return (pipelines.training_batches(task.train_data, batch_size, seed), None,
+  return (pipelines.training_batches(task.train_data, batch_size, seed,
+                                     check=task.label_check), None,
           heads.TaskLoss(task.start, task.stop, task.label_offset),
           [accuracy])
 

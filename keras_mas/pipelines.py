@@ -13,8 +13,8 @@ files).
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SHUFFLE_BUFFER", "check_elements", "checked",
-           "distillation_batches", "evaluation_batches", "importance_batches",
+__all__ = ["SHUFFLE_BUFFER", "check_elements", "distillation_batches",
+           "evaluation_batches", "importance_batches", "label_check",
            "rehearsal_batches", "size", "training_batches"]
 
 # Elements held by the shuffle buffer: enough to mix a task's order, small
@@ -81,25 +81,31 @@ def check_elements(dataset, argument, task_name, num_classes=None):
   return tuple(shape.as_list()), x_spec.dtype
 
 
-def checked(dataset, num_classes, task_name):
-  """`dataset` with float32 inputs, int64 labels checked as they stream."""
+def label_check(num_classes, task_name):
+  """A function of an `(x, y)` batch: float32 inputs, int64 labels checked.
+
+  A label outside `0..num_classes−1` stops the pipeline with an
+  `InvalidArgumentError` naming the task. Applied to batches, not elements:
+  a check per element cost as much as parsing a TFRecord.
+  """
+  def check(x, y):
+    y = _checked_labels(y, num_classes, task_name)
+    return tf.cast(x, tf.float32), y
+  return check
+
+
+def _checked_labels(y, num_classes, task_name):
+  y = tf.cast(y, tf.int64)
+  inside = tf.reduce_all(tf.logical_and(y >= 0, y < num_classes))
   # No quotes: TensorFlow escapes them in its error.
   message = (f"Expected labels 0..{num_classes - 1} in task {task_name}. "
              "Received a label out of that range")
-
-  def check(x, y):
-    y = tf.cast(y, tf.int64)
-    with tf.control_dependencies([
-        tf.debugging.assert_non_negative(y, message=message),
-        tf.debugging.assert_less(y, tf.constant(num_classes, tf.int64),
-                                 message=message)]):
-      return tf.cast(x, tf.float32), tf.identity(y)
-
-  return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+  with tf.control_dependencies([tf.debugging.Assert(inside, [message])]):
+    return tf.identity(y)
 
 
 def training_batches(dataset, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER,
-                     map_batch=None):
+                     check=None, map_batch=None):
   """Shuffled (bounded buffer, reshuffled each epoch), batched, prefetched.
 
   Args:
@@ -108,20 +114,23 @@ def training_batches(dataset, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER,
     seed: seeds the shuffle, the same on every worker, so that sharding by
       element splits one order.
     shuffle_buffer: elements held by the shuffle buffer.
-    map_batch: optional function applied to each `(x, y)` batch.
+    check: optional `label_check` applied to each batch.
+    map_batch: optional function applied to each `(x, y)` batch after it.
 
   Returns:
     The pipeline `fit` reads.
   """
   dataset = dataset.shuffle(shuffle_buffer, seed=seed,
                             reshuffle_each_iteration=True).batch(batch_size)
+  if check is not None:
+    dataset = dataset.map(check)
   if map_batch is not None:
     dataset = dataset.map(map_batch)
   return _sharded(dataset).prefetch(tf.data.AUTOTUNE)
 
 
 def distillation_batches(dataset, frozen, old_slice, batch_size, seed,
-                         shuffle_buffer=SHUFFLE_BUFFER):
+                         shuffle_buffer=SHUFFLE_BUFFER, check=None):
   """Batches `(x, [y, old logits...])` for LwF's `DistillationLoss`.
 
   The old logits come from `frozen` (a copy of the model made before the
@@ -135,6 +144,7 @@ def distillation_batches(dataset, frozen, old_slice, batch_size, seed,
     batch_size: the global batch size.
     seed: seeds the shuffle.
     shuffle_buffer: elements held by the shuffle buffer.
+    check: optional `label_check` applied to each batch.
   """
   start, stop = old_slice
 
@@ -143,17 +153,18 @@ def distillation_batches(dataset, frozen, old_slice, batch_size, seed,
     return x, tf.concat([tf.cast(y, tf.float32)[:, None], old], axis=1)
 
   return training_batches(dataset, batch_size, seed, shuffle_buffer,
-                          map_batch=targets)
+                          check=check, map_batch=targets)
 
 
 def rehearsal_batches(parts, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER):
   """Joint training on several tasks: `(x, [target, start, stop])` batches.
 
   Args:
-    parts: `(dataset, label_shift, start, stop, size)` per task: its
-      unbatched `(x, y)` elements, what to add to a label to get its output
-      index, the outputs `[start, stop)` its samples compete over (see
-      `heads.MixedTaskLoss`) and its number of elements, or None if unknown.
+    parts: `(dataset, label_shift, start, stop, size, num_classes, name)`
+      per task: its unbatched `(x, y)` elements, what to add to a label to
+      get its output index, the outputs `[start, stop)` its samples compete
+      over (see `heads.MixedTaskLoss`), its number of elements or None if
+      unknown, and its class count and name (to check its labels).
     batch_size: the global batch size.
     seed: seeds the sampling and the shuffle.
     shuffle_buffer: elements held by the shuffle buffer.
@@ -163,12 +174,14 @@ def rehearsal_batches(parts, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER):
     size is unknown) until all are exhausted.
   """
   datasets = []
-  for dataset, shift, start, stop, _ in parts:
-    def target(x, y, shift=shift, start=start, stop=stop):
+  for dataset, shift, start, stop, _, num_classes, name in parts:
+    def target(x, y, shift=shift, start=start, stop=stop,
+               num_classes=num_classes, name=name):
       # Unbatched: `y` is a scalar.
-      return x, tf.stack([tf.cast(y, tf.int64) + shift,
-                          tf.constant(start, tf.int64),
-                          tf.constant(stop, tf.int64)])
+      y = _checked_labels(y, num_classes, name)
+      return tf.cast(x, tf.float32), tf.stack([
+          y + shift, tf.constant(start, tf.int64),
+          tf.constant(stop, tf.int64)])
     datasets.append(dataset.map(target))
   sizes = [p[4] for p in parts]
   weights = (None if None in sizes else
@@ -178,25 +191,30 @@ def rehearsal_batches(parts, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER):
   return training_batches(mixed, batch_size, seed, shuffle_buffer)
 
 
-def importance_batches(dataset, input_shape, label_shift=None):
+def importance_batches(dataset, input_shape, label_shift=None, check=None):
   """Batches of inputs (or `(x, y + label_shift)`) for `consolidate`.
 
-  Batched by input size as `importance.default_batch_size` batches arrays.
+  Batched by input size as `importance.default_batch_size` batches arrays;
+  `check` (a `label_check`) is applied to each batch.
   """
   from keras_mas import importance  # pylint: disable=g-import-not-at-top
-  batch = importance.default_batch_size(
-      tf.TensorSpec((None,) + tuple(input_shape)))
+  dataset = dataset.batch(importance.default_batch_size(
+      tf.TensorSpec((None,) + tuple(input_shape))))
+  if check is not None:
+    dataset = dataset.map(check)
   if label_shift is None:
     dataset = dataset.map(lambda x, y: x)
   else:
     dataset = dataset.map(lambda x, y: (x, tf.cast(y, tf.int64) + label_shift))
-  return dataset.batch(batch).prefetch(tf.data.AUTOTUNE)
+  return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def evaluation_batches(dataset, batch_size):
+def evaluation_batches(dataset, batch_size, check=None):
   """`(x, y)` NumPy batches of a test dataset, for scoring batch by batch."""
-  return dataset.batch(batch_size).prefetch(
-      tf.data.AUTOTUNE).as_numpy_iterator()
+  dataset = dataset.batch(batch_size)
+  if check is not None:
+    dataset = dataset.map(check)
+  return dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def size(dataset):

@@ -48,7 +48,8 @@ class Task:
 
   A streaming task (`from_datasets`) has no arrays (`x_train` … are None):
   `train_data` and `test_data` are `tf.data` datasets of unbatched
-  `(x, y)` elements, read batch by batch, never held whole.
+  `(x, y)` elements, read batch by batch, never held whole; `label_check`
+  casts and checks their batches.
   """
   name: str
   x_train: np.ndarray
@@ -77,6 +78,11 @@ class Task:
     if self.streaming:
       return pipelines.size(self.train_data)
     return len(self.x_train)
+
+  @property
+  def label_check(self):
+    """`pipelines.label_check` of the task's classes, for its batches."""
+    return pipelines.label_check(self.num_classes, self.name)
 
   def dataset(self, split):
     """The `"train"` or `"test"` split as a dataset of unbatched `(x, y)`."""
@@ -249,8 +255,8 @@ def from_datasets(task_data, num_classes, scenario="task", names=None,
 
   Returns:
     A `TaskSequence` with recipe `"datasets"` whose tasks are streaming
-    (`Task.streaming`): their `x_train` … are None. Inputs are cast to
-    float32; labels are checked as they stream.
+    (`Task.streaming`): their `x_train` … are None. The pipelines made
+    from them cast inputs to float32 and check every batch's labels.
 
   Raises:
     ValueError: naming the task, for fewer than two tasks, something other
@@ -301,8 +307,7 @@ def from_datasets(task_data, num_classes, scenario="task", names=None,
   for name, (train, test), count in zip(names, task_data, classes):
     tasks.append(Task(name, None, None, None, None, int(count),
                       *_outputs(scenario, offset, count, widest),
-                      train_data=pipelines.checked(train, count, name),
-                      test_data=pipelines.checked(test, count, name)))
+                      train_data=train, test_data=test))
     offset += count
   num_outputs = widest if scenario == "domain" else offset
   return TaskSequence(tasks, dataset, "datasets", scenario, num_outputs,

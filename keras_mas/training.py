@@ -491,7 +491,8 @@ def _test_batches(net, sequence, batch_size):
   step = min(_prediction_batch(sequence.input_shape, batch_size),
              max(batch_size, 256))
   return [((predict_logits(net, x, batch_size), y)
-           for x, y in pipelines.evaluation_batches(t.test_data, step))
+           for x, y in pipelines.evaluation_batches(t.test_data, step,
+                                                    t.label_check))
           for t in tasks]
 
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from keras_mas import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from keras_mas import pipelines
+from keras_mas import tasks
 
 
 def test_digits_split_domain():
@@ -201,10 +203,17 @@ def test_streaming_labels_are_checked_as_they_stream():
   late = tf.data.Dataset.from_tensor_slices((x, y))
   sequence = tasks.from_datasets([(good, good), (late, good)], num_classes=2,
                                  names=["a", "late"])
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match="Expected labels 0..1 in task late"):
-    for _ in sequence.tasks[1].dataset("train").batch(512):
-      pass
+  task = sequence.tasks[1]
+  for batches in (
+      pipelines.training_batches(task.train_data, 512, 0,
+                                 check=task.label_check),
+      pipelines.importance_batches(task.train_data, (2,),
+                                   check=task.label_check),
+      pipelines.evaluation_batches(task.train_data, 512, task.label_check)):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="Expected labels 0..1 in task late"):
+      for _ in batches:
+        pass
 
 
 @pytest.mark.parametrize("change, message", [
