@@ -19,12 +19,8 @@ from absl import flags
 from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# TensorFlow 2.21 logs harmless C++ errors on every run (no CUDA device;
-# an attribute tf.data's graphs mention that its kernels do not know): show
-# fatal ones only, unless the user asks for more.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+from apps import app_startup  # First: log level, a faster Keras import.
 from keras_mas import cli
 from keras_mas import sources
 from keras_mas import task_free
