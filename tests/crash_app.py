@@ -2,7 +2,9 @@
 
 Test helper for reliability_test.py. KERAS_MAS_TEST_CRASH_AT="<point>:<task>"
 picks the point, counted from the start of a fresh run:
-  fit          mid-epoch: the third batch of the task's first epoch;
+  fit          mid-epoch: the first batch end at or after the third batch of
+               the task's first epoch (`steps_per_execution` > 1 reports
+               only every k-th batch);
   consolidate  mid-consolidation: importance measured, not yet stored;
   checkpoint   mid-checkpoint-write: model.keras staged, state.json not;
   export       mid-export: the SavedModel staged, not renamed into place.
@@ -44,7 +46,7 @@ if _POINT == "fit":
 
   def on_train_batch_end(self, batch, logs=None):
     del self, logs
-    if _COUNTS["fit"] == _TASK and batch == 2:
+    if _COUNTS["fit"] == _TASK and batch >= 2:
       _die()
 
   callbacks.DivergenceGuard.on_train_begin = on_train_begin
