@@ -54,9 +54,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
-  `R[i][j]`, ACC, BWT, FWT, forgetting, configuration, timings), TensorBoard
-  logs under `tensorboard/`, a checkpoint per task under `checkpoints/` and a
-  SavedModel per task under `export/task_<k>/`.
+  `R[i][j]`, ACC, BWT, FWT, forgetting, configuration, and the seconds
+  spent: `setup_s` before the first task, and per task `timings` of `fit_s`,
+  `evaluate_s`, `consolidate_s` and `save_s` (checkpoint and export)),
+  TensorBoard logs under `tensorboard/`, a checkpoint per task under
+  `checkpoints/` and a SavedModel per task under `export/task_<k>/`.
 
   Example:
 
@@ -121,6 +123,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     keras_mas.callbacks.TrainingDivergedError: if a task's training stops
       being finite; the checkpoints of the completed tasks are intact.
   """
+  entered = time.perf_counter()
   recipe = methods_lib.get(method)
   strength = regularizers.validate_strength(strength)
   if isinstance(weights, str) and weights.lower() == "none":
@@ -177,6 +180,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
+  setup_s = time.perf_counter() - entered
   for k in range(progress.first_task, len(sequence)):
     task = sequence.tasks[k]
     started = time.perf_counter()
@@ -185,6 +189,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
          batch_size, temperature, seed, write_dir, writer, verbose)
     trained = time.perf_counter()
     progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
+    evaluated = time.perf_counter()
     if recipe.estimator is not None:
       net.consolidate(recipe.consolidation_data(task, sequence.input_shape),
                       **recipe.consolidation(task, strength, alpha,
@@ -193,7 +198,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     consolidated = time.perf_counter()
     progress.record(k, net, old_x, old_y, batch_size,
                     fit_s=trained - started,
-                    consolidate_s=consolidated - trained)
+                    evaluate_s=evaluated - trained,
+                    consolidate_s=consolidated - evaluated)
     so_far = progress.summary(k)
     callbacks_lib.log_accuracy_matrix(writer, progress.matrix, so_far, step=k,
                                       image=k == len(sequence) - 1)
@@ -201,12 +207,14 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     checkpoints.write(write_dir, k, net, {"config": config,
                                           **progress.state()})
     _export(net, write_dir, sequence, k)
+    # Known only once the checkpoint holding this task's timings is written.
+    progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
     if verbose:
       seen = " ".join(f"{a:.3f}" for a in progress.matrix[k, :k + 1])
       print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
             f"ACC {so_far['acc']:.3f}  forgetting {so_far['forgetting']:.3f}  "
             f"fit {trained - started:.1f}s  consolidate "
-            f"{consolidated - trained:.1f}s")
+            f"{consolidated - evaluated:.1f}s")
   writer.close()
 
   results = {
@@ -217,6 +225,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "baseline": progress.baseline,
       **metrics_lib.summarize(progress.matrix, progress.baseline),
       "config": config, "extra": extra or {}, "timings": progress.timings,
+      "setup_s": setup_s,
   }
   if progress.old_accuracy is not None:
     results["importance_data_accuracy"] = progress.old_accuracy
@@ -303,8 +312,8 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose):
   """One `fit` call for task `k`, with a fresh optimizer state.
 
-  Arrays are batched by `fit`; a streaming task's pipeline comes batched
-  (`y` None).
+  Arrays are batched by `pipelines.array_batches` (by `fit` under a
+  strategy); a streaming task's pipeline comes batched (`y` None).
   """
   frozen = (_copy_model(net, wrap=False)
             if recipe.distill and k > 0 and sequence.streaming else None)
@@ -336,13 +345,16 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
               else _STEPS_PER_EXECUTION))
     object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
   streamed = y is None
+  if not streamed and getattr(net, "_distribute_strategy", None) is None:
+    # Under a strategy Keras distributes (and shards) arrays itself.
+    x, y = pipelines.array_batches(x, y, batch_size, seed * 1009 + k), None
   with warnings.catch_warnings():
     # A pipeline of unknown size ends its epoch where its data end, as it
     # should: Keras warns about that.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    net.fit(x, y, batch_size=None if streamed else batch_size,
-            # A pipeline comes shuffled (in a bounded buffer).
-            shuffle=not streamed,
+    net.fit(x, y, batch_size=None if y is None else batch_size,
+            # A pipeline comes shuffled.
+            shuffle=y is not None,
             initial_epoch=k * epochs, epochs=(k + 1) * epochs,
             # Progress bars only on a terminal: in a log file they are a
             # flood (the line per task says how the task went).

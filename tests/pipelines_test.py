@@ -1,0 +1,47 @@
+"""Tests of keras_mas.pipelines.array_batches (the streaming pipelines are
+tested with the tasks that read them, in tasks_test and distribute_test)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from keras_mas import pipelines  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _epochs(dataset, count):
+  return [[(x.numpy(), y.numpy()) for x, y in dataset] for _ in range(count)]
+
+
+def test_every_sample_once_per_epoch_in_pairs():
+  x = np.arange(70, dtype="float32").reshape(35, 2)
+  y = np.arange(35, dtype="int64")
+  for batches in _epochs(pipelines.array_batches(x, y, 8, seed=3), 2):
+    assert [len(b[1]) for b in batches] == [8, 8, 8, 8, 3]
+    xs = np.concatenate([b[0] for b in batches])
+    ys = np.concatenate([b[1] for b in batches])
+    np.testing.assert_array_equal(np.sort(ys), y)
+    np.testing.assert_array_equal(xs, x[ys])  # rows stay with their labels
+
+
+def test_reshuffled_each_epoch_and_seeded():
+  x = np.arange(64, dtype="float32")[:, None]
+  y = np.arange(64)
+
+  def orders(seed):
+    return [np.concatenate([b[1] for b in epoch]) for epoch in
+            _epochs(pipelines.array_batches(x, y, 16, seed=seed), 2)]
+
+  first, second = orders(0)
+  assert not np.array_equal(first, second)
+  assert not np.array_equal(first, y)
+  again = orders(0)
+  np.testing.assert_array_equal(again[0], first)
+  np.testing.assert_array_equal(again[1], second)
+  assert not np.array_equal(orders(1)[0], first)
+
+
+if __name__ == "__main__":
+  raise SystemExit(pytest.main([__file__, "-q"]))
