@@ -180,6 +180,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
+  exporter = export_lib.ServingExport(net, sequence.input_shape)
   setup_s = time.perf_counter() - entered
   for k in range(progress.first_task, len(sequence)):
     task = sequence.tasks[k]
@@ -206,7 +207,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     writer.flush()
     checkpoints.write(write_dir, k, net, {"config": config,
                                           **progress.state()})
-    _export(net, write_dir, sequence, k)
+    _export(exporter, write_dir, sequence, k)
     # Known only once the checkpoint holding this task's timings is written.
     progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
     if verbose:
@@ -292,7 +293,9 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
     net = checkpoints.load_model(path)
   checkpoints.remove_partial_writes(write_dir)
   if not os.path.isdir(os.path.join(write_dir, "export", f"task_{k}")):
-    _export(net, write_dir, sequence, k)  # Stopped mid-export.
+    # Stopped mid-export.
+    _export(export_lib.ServingExport(net, sequence.input_shape), write_dir,
+            sequence, k)
   if verbose:
     print(f"Resuming after task {k} from {path}")
   return net, _Progress.from_state(k, state)
@@ -651,13 +654,13 @@ def _copy_model(model, wrap=True):
   return models.MASModel.from_model(copy) if wrap else copy
 
 
-def _export(net, workdir, sequence, k):
+def _export(exporter, workdir, sequence, k):
+  """Task `k`'s SavedModel, through `exporter` (an `export.ServingExport`)."""
   tasks = sequence.tasks[:k + 1]
   stop = max(t.stop for t in tasks)
   heads_so_far = ({f"task_{i}": t.output_slice for i, t in enumerate(tasks)}
                   if sequence.scenario == "task" else {})
   if sequence.scenario != "domain":
     heads_so_far["seen"] = (0, stop)
-  export_lib.export_serving(
-      net, os.path.join(workdir, "export", f"task_{k}"),
-      sequence.input_shape, heads=heads_so_far)
+  exporter.write(os.path.join(workdir, "export", f"task_{k}"),
+                 heads=heads_so_far)

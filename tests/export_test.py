@@ -77,5 +77,25 @@ def test_export_replaces_an_old_export_whole(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
+def test_a_kept_exporter_writes_the_current_weights_and_heads(tmp_path):
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+  exporter = export.ServingExport(model, (3,))
+  exporter.write(str(tmp_path / "first"))
+  traced = exporter._archive  # pylint: disable=protected-access
+  model.layers[0].kernel.assign(model.layers[0].kernel + 1.0)
+  exporter.write(str(tmp_path / "second"))
+  assert exporter._archive is traced  # pylint: disable=protected-access
+  exporter.write(str(tmp_path / "heads"), heads={"task_0": (0, 2)})
+  x = np.ones((2, 3), "float32")
+  expected = model.predict(x, verbose=0)
+  second = _serve_in_fresh_process(str(tmp_path / "second"), x, tmp_path)
+  np.testing.assert_allclose(second["serve"], expected, rtol=1e-6)
+  heads = _serve_in_fresh_process(str(tmp_path / "heads"), x, tmp_path)
+  assert set(heads) == {"serve", "serving_default", "task_0"}
+  np.testing.assert_allclose(heads["task_0"], expected[:, :2], rtol=1e-6)
+  first = _serve_in_fresh_process(str(tmp_path / "first"), x, tmp_path)
+  assert not np.allclose(first["serve"], expected)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
