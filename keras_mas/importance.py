@@ -15,6 +15,7 @@ compiled call that adds into sums kept on the device.
 """
 
 import contextlib
+import functools
 import math
 import weakref
 
@@ -375,8 +376,10 @@ def _accumulating(step, variables):
       # No autograph: the steps hold no Python control flow on tensors
       # (nor may Keras 3 layers, whose `__call__` autograph never converts),
       # and converting the per-sample forms cost more than tracing them.
+      # A partial, not a lambda: TensorFlow counts traces by code object and
+      # would warn of "retracing" after five models' single traces each.
       functions[key] = tf.function(
-          lambda totals, batch: [t + s for t, s in zip(totals, step(batch))],
+          functools.partial(_add_step, step),
           input_signature=[totals_spec, spec], autograph=False)
     add = functions[key]
     totals = [tf.zeros(v.shape, tf.float32) for v in variables]
@@ -391,6 +394,10 @@ def _accumulating(step, variables):
     return totals, count
 
   return run
+
+
+def _add_step(step, totals, batch):
+  return [t + s for t, s in zip(totals, step(batch))]
 
 
 def _distributed_sums(model, key, step, variables, data, batch_size,
