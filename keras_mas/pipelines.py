@@ -137,10 +137,11 @@ def array_batches(x, y, batch_size, seed):
   """In-memory arrays as `fit` batches them, reshuffled every epoch.
 
   A full shuffle of the sample indices (seeded), each batch gathered from the
-  arrays: what `fit(x, y, shuffle=True)` does, in another random order, at a
-  fraction of its cost per epoch. Keras's array pipeline builds
-  an iterator of about 12 ms every epoch against about 2 ms here, a second in
-  all on the default main job's 50 epochs of 45 steps.
+  arrays: what `fit(x, y, shuffle=True)` does, in another random order, for
+  about half its cost per epoch. On the default main job's task (1,437
+  samples, batch 32) Keras's array pipeline takes ~12 ms to start an epoch
+  and ~31 ms to deliver it, this one ~7 ms and ~17 ms: most of a second over
+  the job's 50 epochs.
 
   Args:
     x: the inputs, an array of samples.
