@@ -705,12 +705,20 @@ class MASModel(keras.Model):
     return super().make_train_function(force=force)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # See `keras_mas.multi_worker` (keras-team/keras#20585).
     strategy = self._distribute_strategy
-    if iterator is None or not multi_worker.is_multi_worker(strategy):
-      return super()._maybe_symbolic_build(iterator=iterator,
-                                           data_batch=data_batch)
-    multi_worker.symbolic_build(self, strategy, iterator)
+    spec = (multi_worker.element_spec(iterator)
+            if strategy is not None and data_batch is None else None)
+    if spec is not None:
+      # Keras builds under a strategy from a batch it draws, which starts an
+      # iteration: a reshuffling dataset would then train on other orders
+      # than on one device. Shapes and dtypes are all the build reads.
+      with strategy.scope():
+        self._symbolic_build(data_batch=spec)
+    elif iterator is not None and multi_worker.is_multi_worker(strategy):
+      # See `keras_mas.multi_worker` (keras-team/keras#20585).
+      multi_worker.symbolic_build(self, strategy, iterator)
+    else:
+      super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
   def make_test_function(self, force=False):
     self._ensure_mas_state()

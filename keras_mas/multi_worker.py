@@ -7,7 +7,7 @@ strategy. Remove when Keras fixes the issue.
 
 import tensorflow as tf
 
-__all__ = ["is_multi_worker", "replica_logs", "symbolic_build"]
+__all__ = ["element_spec", "is_multi_worker", "replica_logs", "symbolic_build"]
 
 
 def is_multi_worker(strategy):
@@ -31,6 +31,20 @@ def replica_logs(strategy, logs):
   if not is_multi_worker(strategy):
     return logs
   return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+
+def element_spec(iterator):
+  """The `tf.TensorSpec`s of the batches Keras's epoch `iterator` yields.
+
+  None when they are not all dense tensors (a build then needs a batch).
+  """
+  adapter = getattr(iterator, "data_adapter", None)
+  if adapter is None:
+    return None
+  spec = adapter.get_tf_dataset().element_spec
+  if not all(isinstance(s, tf.TensorSpec) for s in tf.nest.flatten(spec)):
+    return None
+  return spec
 
 
 def symbolic_build(model, strategy, iterator):

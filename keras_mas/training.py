@@ -315,8 +315,8 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose):
   """One `fit` call for task `k`, with a fresh optimizer state.
 
-  Arrays are batched by `pipelines.array_batches` (by `fit` under a
-  strategy); a streaming task's pipeline comes batched (`y` None).
+  Arrays are batched by `pipelines.array_batches`; a streaming task's
+  pipeline comes batched.
   """
   frozen = (_copy_model(net, wrap=False)
             if recipe.distill and k > 0 and sequence.streaming else None)
@@ -347,17 +347,13 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
               1 if getattr(net, "_distribute_strategy", None) is not None
               else _STEPS_PER_EXECUTION))
     object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
-  streamed = y is None
-  if not streamed and getattr(net, "_distribute_strategy", None) is None:
-    # Under a strategy Keras distributes (and shards) arrays itself.
-    x, y = pipelines.array_batches(x, y, batch_size, seed * 1009 + k), None
+  if y is not None:
+    x = pipelines.array_batches(x, y, batch_size, seed * 1009 + k)
   with warnings.catch_warnings():
     # A pipeline of unknown size ends its epoch where its data end, as it
     # should: Keras warns about that.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    net.fit(x, y, batch_size=None if y is None else batch_size,
-            # A pipeline comes shuffled.
-            shuffle=y is not None,
+    net.fit(x,  # batched and shuffled
             initial_epoch=k * epochs, epochs=(k + 1) * epochs,
             # Progress bars only on a terminal: in a log file they are a
             # flood (the line per task says how the task went).

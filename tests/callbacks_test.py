@@ -27,7 +27,7 @@ def _tensors(logdir, tag):
 
 def test_importance_histograms_follow_omega_at_each_step(tmp_path):
   model = keras_mas.MASModel.from_model(keras.Sequential(
-      [keras.Input((3,)), keras.layers.Dense(4, name="dense")]))
+      [keras.Input((3,)), keras.layers.Dense(4, name="dense")], name="net"))
   x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
   writer = tf.summary.create_file_writer(str(tmp_path))
   largest = []
@@ -36,7 +36,7 @@ def test_importance_histograms_follow_omega_at_each_step(tmp_path):
     callbacks.log_importance(writer, model, step=step)
     largest.append(float(tf.reduce_max(model._mas.importances[0])))
   writer.close()
-  logged = _tensors(str(tmp_path), "importance/sequential/dense/kernel")
+  logged = _tensors(str(tmp_path), "importance/net/dense/kernel")
   assert [step for step, _ in logged] == [0, 1]
   for (_, buckets), top in zip(logged, largest):
     # Histogram buckets: (left edge, right edge, count).

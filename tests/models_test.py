@@ -436,6 +436,26 @@ def test_mas_keeps_task_a_much_better_than_fine_tuning():
   assert mas_b > 0.8  # still learns task B
 
 
+def test_under_a_strategy_fit_starts_no_extra_iteration_of_the_data():
+  # Keras draws a batch to build under a strategy; a reshuffling dataset
+  # would then train on other orders than on one device.
+  started = []
+
+  def samples():
+    started.append(1)
+    for i in range(8):
+      yield np.full((3,), i, "float32"), np.int64(i % 2)
+
+  dataset = tf.data.Dataset.from_generator(samples, output_signature=(
+      tf.TensorSpec((3,), tf.float32), tf.TensorSpec((), tf.int64))).batch(4)
+  with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+    model = keras_mas.MASModel.from_model(keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2)]))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+  model.fit(dataset, epochs=2, verbose=0)
+  assert len(started) == 2  # one iteration per epoch, none to build
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
 

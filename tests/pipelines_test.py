@@ -15,15 +15,18 @@ def _epochs(dataset, count):
   return [[(x.numpy(), y.numpy()) for x, y in dataset] for _ in range(count)]
 
 
+def _order(epoch):
+  return np.concatenate([batch[1] for batch in epoch])
+
+
 def test_every_sample_once_per_epoch_in_pairs():
   x = np.arange(70, dtype="float32").reshape(35, 2)
   y = np.arange(35, dtype="int64")
   for batches in _epochs(pipelines.array_batches(x, y, 8, seed=3), 2):
     assert [len(b[1]) for b in batches] == [8, 8, 8, 8, 3]
     xs = np.concatenate([b[0] for b in batches])
-    ys = np.concatenate([b[1] for b in batches])
-    np.testing.assert_array_equal(np.sort(ys), y)
-    np.testing.assert_array_equal(xs, x[ys])  # rows stay with their labels
+    np.testing.assert_array_equal(np.sort(_order(batches)), y)
+    np.testing.assert_array_equal(xs, x[_order(batches)])  # rows stay paired
 
 
 def test_reshuffled_each_epoch_and_seeded():
@@ -31,7 +34,7 @@ def test_reshuffled_each_epoch_and_seeded():
   y = np.arange(64)
 
   def orders(seed):
-    return [np.concatenate([b[1] for b in epoch]) for epoch in
+    return [_order(epoch) for epoch in
             _epochs(pipelines.array_batches(x, y, 16, seed=seed), 2)]
 
   first, second = orders(0)
