@@ -223,6 +223,22 @@ def _outputs(scenario, offset, num_classes, widest):
   return 0, widest, 0
 
 
+def _checked_tasks(scenario, task_data, names):
+  """`task_data` and `names` as lists, after the checks every source shares."""
+  if scenario not in SCENARIOS:
+    raise ValueError(
+        f"Invalid value for argument `scenario`. Expected one of "
+        f"{SCENARIOS}. Received: scenario={scenario!r}")
+  task_data = list(task_data)
+  if len(task_data) < 2:
+    raise ValueError(
+        "Invalid value for argument `task_data`. Expected two or more "
+        f"tasks. Received: {len(task_data)}")
+  names = list(names) if names is not None else [
+      f"task {t}" for t in range(len(task_data))]
+  return task_data, names
+
+
 def from_datasets(task_data, num_classes, scenario="task", names=None,
                   dataset="datasets"):
   """A `TaskSequence` of `tf.data` pipelines, streamed, never materialized.
@@ -264,17 +280,7 @@ def from_datasets(task_data, num_classes, scenario="task", names=None,
       shapes, an empty dataset, or labels out of range among the first
       elements.
   """
-  if scenario not in SCENARIOS:
-    raise ValueError(
-        f"Invalid value for argument `scenario`. Expected one of "
-        f"{SCENARIOS}. Received: scenario={scenario!r}")
-  task_data = list(task_data)
-  if len(task_data) < 2:
-    raise ValueError(
-        "Invalid value for argument `task_data`. Expected two or more "
-        f"tasks. Received: {len(task_data)}")
-  names = list(names) if names is not None else [
-      f"task {t}" for t in range(len(task_data))]
+  task_data, names = _checked_tasks(scenario, task_data, names)
   classes = (list(num_classes) if isinstance(num_classes, (list, tuple))
              else [num_classes] * len(task_data))
   if len(names) != len(task_data) or len(classes) != len(task_data):
@@ -344,17 +350,7 @@ def from_arrays(task_data, scenario="task", names=None, dataset="custom",
       different shapes, mismatched lengths, or labels that are not integers
       `0..C−1`.
   """
-  if scenario not in SCENARIOS:
-    raise ValueError(
-        f"Invalid value for argument `scenario`. Expected one of "
-        f"{SCENARIOS}. Received: scenario={scenario!r}")
-  task_data = list(task_data)
-  if len(task_data) < 2:
-    raise ValueError(
-        "Invalid value for argument `task_data`. Expected two or more "
-        f"tasks. Received: {len(task_data)}")
-  names = list(names) if names is not None else [
-      f"task {t}" for t in range(len(task_data))]
+  task_data, names = _checked_tasks(scenario, task_data, names)
   if len(names) != len(task_data):
     raise ValueError(
         "Invalid value for argument `names`. Expected one per task "
