@@ -230,10 +230,10 @@ def _checked_tasks(scenario, task_data, names):
         f"Invalid value for argument `scenario`. Expected one of "
         f"{SCENARIOS}. Received: scenario={scenario!r}")
   task_data = list(task_data)
-  if len(task_data) < 2:
+  if not task_data:
     raise ValueError(
-        "Invalid value for argument `task_data`. Expected two or more "
-        f"tasks. Received: {len(task_data)}")
+        "Invalid value for argument `task_data`. Expected one or more "
+        "tasks. Received: none")
   names = list(names) if names is not None else [
       f"task {t}" for t in range(len(task_data))]
   return task_data, names
@@ -275,7 +275,7 @@ def from_datasets(task_data, num_classes, scenario="task", names=None,
     from them cast inputs to float32 and check every batch's labels.
 
   Raises:
-    ValueError: naming the task, for fewer than two tasks, something other
+    ValueError: naming the task, for no tasks, something other
       than datasets of unbatched `(x, y)` elements, inputs of different
       shapes, an empty dataset, or labels out of range among the first
       elements.
@@ -346,7 +346,7 @@ def from_arrays(task_data, scenario="task", names=None, dataset="custom",
     A `TaskSequence` with recipe `"custom"`.
 
   Raises:
-    ValueError: naming the task, for fewer than two tasks, inputs of
+    ValueError: naming the task, for no tasks, inputs of
       different shapes, mismatched lengths, or labels that are not integers
       `0..C−1`.
   """
@@ -416,16 +416,23 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
     A `TaskSequence` with recipe `"folders"`, tasks named after the folders.
 
   Raises:
-    ValueError: naming the folder, for a missing or empty folder, fewer than
-      two folders, or (domain-incremental) different class sets.
+    ValueError: naming the folder, for no folders, a missing or empty
+      folder, a folder of fewer than two classes, or (domain-incremental)
+      different class sets.
   """
   task_dirs = list(task_dirs)
-  if len(task_dirs) < 2:
+  if not task_dirs:
     raise ValueError(
-        "Invalid value for argument `task_dirs`. Expected two or more "
+        "Invalid value for argument `task_dirs`. Expected one or more "
         f"folders, one per task. Received: task_dirs={task_dirs!r}")
   loaded = [sources.load_image_folder(d, image_size, channels=channels,
                                       seed=seed) for d in task_dirs]
+  for folder, part in zip(task_dirs, loaded):
+    if len(part[4]) < 2:
+      raise ValueError(
+          "Invalid value for argument `task_dirs`. Expected two or more "
+          f"class subfolders in {folder!r}, a task to learn. Received: "
+          f"{part[4]}")
   if scenario == "domain":
     for folder, part in zip(task_dirs[1:], loaded[1:]):
       if part[4] != loaded[0][4]:

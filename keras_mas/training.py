@@ -354,6 +354,7 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
     # should: Keras warns about that.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     net.fit(x,  # batched and shuffled
+            shuffle=False,  # Keras warns that it cannot shuffle a pipeline.
             initial_epoch=k * epochs, epochs=(k + 1) * epochs,
             # Progress bars only on a terminal: in a log file they are a
             # flood (the line per task says how the task went).
@@ -456,6 +457,13 @@ def format_matrix(results):
   lines.append(
       f"ACC {results['acc']:.3f}  BWT {results['bwt']:+.3f}  "
       f"FWT {results['fwt']:+.3f}  forgetting {results['forgetting']:.3f}")
+  old = results.get("importance_data_accuracy")
+  if old:
+    # The deployed model's own task: what the new tasks cost it.
+    lines.append("accuracy on the importance data: before "
+                 f"{old[0]:.3f}" + "".join(
+                     f", after task {k} {a:.3f}"
+                     for k, a in enumerate(old[1:])))
   return "\n".join(lines)
 
 

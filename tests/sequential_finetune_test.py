@@ -149,6 +149,7 @@ def _deployed(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   for i, name in enumerate(("old", "task_a", "task_b")):
     _image_folder(str(tmp_path / name), seed=i)
+  _image_folder(str(tmp_path / "one_class"), seed=3, classes=("a",))
   keras.utils.set_random_seed(0)
   model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
                             keras.layers.Dense(8, activation="relu"),
@@ -181,7 +182,28 @@ def test_app_adapts_a_saved_model_on_image_folders(deployed):
   assert tuple(served.serve(tf.zeros((3, 8, 8, 1))).shape) == (3, 2)
 
 
+def test_app_adapts_a_saved_model_to_one_new_folder(deployed):
+  # The paper's setting: the model one has, plus one new dataset.
+  folder, model_path = deployed
+  workdir = str(folder / "run")
+  done = _run(f"--workdir={workdir}", f"--init_model={model_path}",
+              f"--task_dirs={folder}/task_b",
+              f"--importance_data={folder}/old", "--scenario=domain",
+              "--method=mas", "--epochs=1", "--batch_size=8", "--verbose=1")
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["tasks"] == ["task_b"]
+  assert len(results["accuracy_matrix"]) == 1
+  before, after = results["importance_data_accuracy"]
+  assert (f"accuracy on the importance data: before {before:.3f}, "
+          f"after task 0 {after:.3f}") in done.stdout
+  # No Keras warning per task (it passed `shuffle` with a pipeline).
+  assert "UserWarning" not in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"--task_dirs": "{folder}/one_class"}, "two or more class subfolders"),
     ({"--init_model": "{folder}/task_a/a/0.png"}, "argument `init_model`"),
     ({"--task_dirs": "{folder}/task_a,{folder}/absent"}, "no such folder"),
     ({"--image_size": "16,16"}, "argument `image_size`"),

@@ -192,8 +192,13 @@ def test_folders_make_a_sequence_and_domain_tasks_need_one_class_set(
   with pytest.raises(ValueError, match=r"same class.*\['lion', 'seal', "):
     tasks.from_folders([str(tmp_path / "day"), str(tmp_path / "zoo")], (8, 8),
                        scenario="domain", channels=1)
-  with pytest.raises(ValueError, match="two or more folders"):
-    tasks.from_folders([str(tmp_path / "day")], (8, 8))
+  one = tasks.from_folders([str(tmp_path / "night")], (8, 8), channels=1)
+  assert [t.name for t in one.tasks] == ["night"] and one.num_outputs == 2
+  with pytest.raises(ValueError, match="one or more folders"):
+    tasks.from_folders([], (8, 8))
+  write_image_folder(str(tmp_path / "cars"), classes=("car",), seed=3)
+  with pytest.raises(ValueError, match=r"two or more class.*\['car'\]"):
+    tasks.from_folders([str(tmp_path / "cars")], (8, 8))
 
 
 def test_a_file_that_is_not_a_model_is_refused(tmp_path):

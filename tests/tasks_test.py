@@ -136,7 +136,7 @@ def test_from_arrays_places_the_users_tasks_like_a_recipe():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d[:1], "two or more tasks"),
+    (lambda d: d[:0], "one or more tasks"),
     (lambda d: [d[0], (d[1][0][:, :4],) + d[1][1:]], r"\(4, 5, 3\) in task"),
     (lambda d: [d[0], (d[1][0], d[1][1] - 5) + d[1][2:]], "smallest -5"),
     (lambda d: [d[0], (d[1][0], d[1][1][:3]) + d[1][2:]], "N labels"),
@@ -217,7 +217,7 @@ def test_streaming_labels_are_checked_as_they_stream():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d[:1], "two or more tasks"),
+    (lambda d: d[:0], "one or more tasks"),
     (lambda d: [d[0], (d[1][0].batch(4), d[1][1])],
      r"unbatched inputs of a fixed shape.*\.unbatch\(\)"),
     (lambda d: [d[0], (d[1][0].map(lambda x, y: (x[:4], y)), d[1][1])],
