@@ -110,6 +110,14 @@ _WEIGHTS = flags.DEFINE_string(
 _FREEZE_BACKBONE = flags.DEFINE_bool(
     "freeze_backbone", False, "Keep a keras.applications backbone's weights "
     "fixed; only the classifier trains.")
+_BATCH_NORM = flags.DEFINE_enum(
+    "batch_norm", "accumulate", ["accumulate", "recompute", "first_task",
+                                 "keras"],
+    "BatchNormalization's moving statistics after each task: 'accumulate' "
+    "(mean over the tasks so far of each task's statistics, measured on its "
+    "training data), 'recompute' (the newest task's), 'first_task' (kept "
+    "from the first task, or --init_model's), 'keras' (as training left "
+    "them).")
 _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
     "importance_samples", None, "Samples per task for importance (all if "
     "unset).", lower_bound=1)
@@ -198,7 +206,8 @@ def _main():
       importance_samples=_IMPORTANCE_SAMPLES.value, alpha=_ALPHA.value,
       fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
       resume=_RESUME.value, strategy=strategy,
-      importance_data=importance_data, verbose=_VERBOSE.value,
+      importance_data=importance_data, batch_norm=_BATCH_NORM.value,
+      verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
 

@@ -3,8 +3,9 @@
 Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars, "Memory Aware Synapses:
 Learning what (not) to forget", ECCV 2018.
 
-`import keras_mas` registers `MASModel`, `MASRegularizer` and the task
-heads' losses and metrics with Keras's saving: do it before `keras.models.load_model` on a file that holds them
+`import keras_mas` registers `MASModel`, `MASRegularizer`, the task heads'
+losses and metrics and the keras.applications input layer with Keras's
+saving: do it before `keras.models.load_model` on a file that holds them
 (Keras imports no package but its own to find a class). The other modules
 (`keras_mas.tasks`, `keras_mas.metrics`, `keras_mas.training`, ...) load on
 first use.
@@ -13,6 +14,9 @@ first use.
 import importlib
 import pkgutil
 
+# Registers `ApplicationPreprocessing`, which the checkpoints and exports of
+# keras.applications runs hold.
+from keras_mas import architectures
 from keras_mas import callbacks
 # The losses and metrics of task heads, registered for `load_model` of the
 # app's checkpoints (compiled with them).

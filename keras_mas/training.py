@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mas import architectures
+from keras_mas import batch_statistics
 from keras_mas import callbacks as callbacks_lib
 from keras_mas import checkpoints
 from keras_mas import export as export_lib
@@ -50,7 +51,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  model="mlp", hidden_units=128, weights=None,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
-                 strategy=None, importance_data=None, extra=None, verbose=1):
+                 strategy=None, importance_data=None, batch_norm="accumulate",
+                 extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -110,6 +112,14 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       `ewc`) and the anchors set, so that what the model knows is protected
       from the start; with labels, `results["importance_data_accuracy"]`
       lists the accuracy on it before the first task and after each.
+    batch_norm: what becomes of BatchNormalization's moving statistics
+      after each task, one of `batch_statistics.POLICIES`: `"accumulate"`
+      (default: the mean over the tasks so far of each task's population
+      statistics, measured in one forward pass over the task's training
+      inputs, at most `importance_samples` of them), `"recompute"` (the
+      newest task's alone), `"first_task"` (kept from the first task, or as
+      a starting `model` has them) or `"keras"` (Keras's moving averages as
+      training left them). Models without BatchNormalization are unaffected.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -125,6 +135,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   """
   entered = time.perf_counter()
   recipe = methods_lib.get(method)
+  statistics = batch_statistics.TaskStatistics(
+      batch_norm, tasks_done=int(isinstance(model, keras.Model)))
   strength = regularizers.validate_strength(strength)
   if isinstance(weights, str) and weights.lower() == "none":
     weights = None
@@ -152,7 +164,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                           {"samples": len(old_x), "labels": old_y is not None}),
       "importance_samples": importance_samples, "alpha": float(alpha),
       "fisher": fisher, "temperature": float(temperature),
-      "seed": int(seed),
+      "seed": int(seed), "batch_norm": batch_norm,
   }
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
   write_dir = (workdir if checkpoints.is_chief(strategy)
@@ -166,6 +178,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   if checkpoint is not None:
     net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
                             scope, verbose)
+    statistics.tasks_done += progress.first_task
   else:
     with scope():
       net = _initial_model(model, sequence, hidden_units, weights,
@@ -186,8 +199,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     task = sequence.tasks[k]
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
+    statistics.before_task(net)
     _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose)
+    statistics.after_task(net, _training_inputs(task, batch_size),
+                          importance_samples)
     trained = time.perf_counter()
     progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
     evaluated = time.perf_counter()
@@ -280,7 +296,8 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   """The model and progress of the run in `workdir`, checked against `config`."""
   k, path = checkpoint
   state = checkpoints.read_state(path)
-  stored = state.get("config") or {}
+  # Runs made before the option existed kept Keras's moving averages.
+  stored = {"batch_norm": "keras", **(state.get("config") or {})}
   if stored != config:
     changed = sorted(key for key in set(config) | set(stored)
                      if stored.get(key) != config.get(key))
@@ -299,6 +316,13 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   if verbose:
     print(f"Resuming after task {k} from {path}")
   return net, _Progress.from_state(k, state)
+
+
+def _training_inputs(task, batch_size):
+  """A task's training inputs, in training-sized batches for a pipeline."""
+  if not task.streaming:
+    return task.x_train
+  return task.train_data.batch(batch_size).map(lambda x, y: x)
 
 
 def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,

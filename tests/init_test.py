@@ -63,5 +63,27 @@ def test_loading_needs_import_keras_mas_as_documented(tmp_path):
   assert "Could not locate class 'FunctionalMASModel'" in without.stderr
 
 
+def test_import_keras_mas_registers_every_class_a_checkpoint_holds(tmp_path):
+  # A keras.applications run's checkpoint holds ApplicationPreprocessing and
+  # the task heads' losses: `import keras_mas` alone must find them.
+  path = str(tmp_path / "app.keras")
+  saved = _run(f"""
+      import keras
+      from keras_mas import architectures, heads
+      net = architectures.build("mobilenetv3small", (8, 8, 1), 4)
+      net.compile("adam", heads.TaskLoss(0, 2), metrics=[heads.TaskAccuracy(0, 2)])
+      net.save({path!r})
+  """)
+  assert saved.returncode == 0, saved.stderr[-3000:]
+  loaded = _run(f"""
+      import sys, keras, keras_mas
+      assert "keras_mas.architectures" in sys.modules
+      model = keras.models.load_model({path!r})
+      assert any(type(l).__name__ == "ApplicationPreprocessing"
+                 for l in model.layers), [l.name for l in model.layers]
+  """)
+  assert loaded.returncode == 0, loaded.stderr[-3000:]
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
