@@ -9,7 +9,7 @@ setuptools.setup(
                  "Keras 3 on TensorFlow"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["keras_mas"],
+    packages=setuptools.find_packages(include=["keras_mas", "keras_mas.*"]),
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.0",

@@ -10,7 +10,7 @@ Imported for its effect, before any other import of the app's:
   (SciPy and more), a tenth of the default main job. Keras is imported
   here with scikit-learn hidden (Keras then leaves its wrappers out, as
   where scikit-learn is absent); scikit-learn stays importable afterwards
-  (`keras_mas.digits` reads the digits without it). A library must not do
+  (`keras_mas.data.digits` reads the digits without it). A library must not do
   this to its users' process; an app owns its process.
 """
 

@@ -3,7 +3,7 @@ r"""Compares continual-learning methods × seeds on one task sequence.
   python apps/compare.py --workdir=/tmp/compare --scenario=domain
 
 Chooses each method's coefficient on held-out training data (see
-keras_mas.comparison), then writes comparison.md, comparison.csv, PNG plots
+keras_mas.experiments.comparison), then writes comparison.md, comparison.csv, PNG plots
 and TensorBoard HParams into --workdir. A bad flag stops the app before
 training with one line naming it (exit status 1).
 """
@@ -18,10 +18,10 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 from apps import app_startup  # First: log level, a faster Keras import.
-from keras_mas import cli
-from keras_mas import comparison
-from keras_mas import tasks
-from keras_mas import training
+from keras_mas.data import tasks
+from keras_mas.experiments import cli
+from keras_mas.experiments import comparison
+from keras_mas.experiments import sequential as training
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)

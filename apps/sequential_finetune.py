@@ -21,11 +21,12 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 from apps import app_startup  # First: log level, a faster Keras import.
-from keras_mas import cli
-from keras_mas import sources
-from keras_mas import task_free
-from keras_mas import tasks
-from keras_mas import training
+from keras_mas.data import sources
+from keras_mas.data import tasks
+from keras_mas.experiments import cli
+from keras_mas.experiments import methods
+from keras_mas.experiments import sequential as training
+from keras_mas.experiments import streaming
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
@@ -42,7 +43,7 @@ _TASK_DIRS = flags.DEFINE_list(
 _TASK_SPEC = flags.DEFINE_string(
     "task_spec", None,
     "The user's tasks as tf.data pipelines or TFRecord files, streamed: a "
-    "Python file defining task_spec() (see keras_mas.sources.read_task_spec "
+    "Python file defining task_spec() (see keras_mas.data.sources.read_task_spec "
     "and examples/task_spec.py); replaces --dataset/--recipe.")
 _IMAGE_SIZE = flags.DEFINE_list(
     "image_size", None, "HEIGHT,WIDTH images of --task_dirs are resized to; "
@@ -63,9 +64,9 @@ _SCENARIO = flags.DEFINE_enum("scenario", "domain", list(tasks.SCENARIOS),
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 5, "Number of tasks.",
                                    lower_bound=1)
 _METHOD = flags.DEFINE_enum(
-    "method", "mas", list(dict.fromkeys(training.METHODS + task_free.METHODS)),
+    "method", "mas", list(methods.METHODS),
     "Continual-learning method; with --task_boundaries=none one of "
-    f"{list(task_free.METHODS)} ('replay': the hard buffer alone; "
+    f"{list(streaming.METHODS)} ('replay': the hard buffer alone; "
     "'mas_oracle': MAS consolidating at the true task changes).")
 _TASK_BOUNDARIES = flags.DEFINE_enum(
     "task_boundaries", "given", ["given", "none"],
@@ -79,7 +80,7 @@ _TRANSITION_STEPS = flags.DEFINE_integer(
     "transition_steps", 0, "--task_boundaries=none: blur each change of "
     "task over this many batches.", lower_bound=0)
 _BUFFER_SIZE = flags.DEFINE_integer(
-    "buffer_size", task_free.DEFAULT_BUFFER_SIZE, "--task_boundaries=none: "
+    "buffer_size", streaming.DEFAULT_BUFFER_SIZE, "--task_boundaries=none: "
     "samples in the hard buffer rehearsed with each batch.", lower_bound=1)
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", None, "--task_boundaries=none: checkpoint the "
@@ -111,13 +112,13 @@ _FREEZE_BACKBONE = flags.DEFINE_bool(
     "freeze_backbone", False, "Keep a keras.applications backbone's weights "
     "fixed; only the classifier trains.")
 _BATCH_NORM = flags.DEFINE_enum(
-    "batch_norm", "accumulate", ["accumulate", "recompute", "first_task",
-                                 "keras"],
-    "BatchNormalization's moving statistics after each task: 'accumulate' "
-    "(mean over the tasks so far of each task's statistics, measured on its "
-    "training data), 'recompute' (the newest task's), 'first_task' (kept "
-    "from the first task, or --init_model's), 'keras' (as training left "
-    "them).")
+    "batch_norm", "recompute", ["recompute", "accumulate", "first_task",
+                                "keras"],
+    "BatchNormalization's moving statistics after each task: 'recompute' "
+    "(the population statistics of the task just learned, from its training "
+    "data), 'accumulate' (their mean over the tasks so far), 'first_task' "
+    "(kept from the first task, or --init_model's), 'keras' (as training "
+    "left them).")
 _IMPORTANCE_SAMPLES = flags.DEFINE_integer(
     "importance_samples", None, "Samples per task for importance (all if "
     "unset).", lower_bound=1)
@@ -183,12 +184,7 @@ def _main():
   if _TASK_BOUNDARIES.value == "none":
     _stream(sequence)
     return
-  if _METHOD.value not in training.METHODS:
-    raise ValueError(
-        f"Invalid value for argument `method`. Expected one of "
-        f"{list(training.METHODS)} when task boundaries are given. "
-        f"Received: method={_METHOD.value!r} (a --task_boundaries=none "
-        "method)")
+  methods.get(_METHOD.value, task_free=False)  # Raises, naming the flag.
   importance_data = None
   if _IMPORTANCE_DATA.value:
     importance_data = sources.load_importance_data(
@@ -224,12 +220,8 @@ def _stream(sequence):
     raise ValueError(
         "Invalid value for argument `task_boundaries`. Expected given task "
         f"boundaries with {unsupported}. Received: task_boundaries='none'")
-  if _METHOD.value not in task_free.METHODS:
-    raise ValueError(
-        f"Invalid value for argument `method`. Expected one of "
-        f"{list(task_free.METHODS)} with --task_boundaries=none. Received: "
-        f"method={_METHOD.value!r}")
-  results = task_free.run_stream(
+  methods.get(_METHOD.value, task_free=True)  # Raises, naming the flag.
+  results = streaming.run_stream(
       sequence, method=_METHOD.value, workdir=_WORKDIR.value,
       batch_size=_STREAM_BATCH_SIZE.value,
       transition_steps=_TRANSITION_STEPS.value,

@@ -25,14 +25,14 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 from apps import app_startup  # First: log level, a faster Keras import.
-from keras_mas import cli
 from keras_mas import task_free
-from keras_mas import tasks
+from keras_mas.data import tasks
+from keras_mas.experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
 _DATASET = flags.DEFINE_string("dataset", "digits", "A source name (see "
-                               "keras_mas.sources); 'digits' is bundled.")
+                               "keras_mas.data.sources); 'digits' is bundled.")
 _RECIPE = flags.DEFINE_enum("recipe", "split", list(tasks.RECIPES),
                             "How tasks are made from the dataset.")
 _SCENARIO = flags.DEFINE_enum("scenario", "domain", ["domain", "class"],

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 import keras_mas
 from keras_mas import importance
-from keras_mas import per_sample
+from keras_mas.importance import per_sample
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "tests"))
@@ -322,9 +322,9 @@ def bench_fashion(repeats):
   """
   import shutil
   import tempfile
-  from keras_mas import sources
-  from keras_mas import tasks as tasks_lib
-  from keras_mas import training
+  from keras_mas.data import sources
+  from keras_mas.data import tasks as tasks_lib
+  from keras_mas.experiments import sequential as training
   if not os.path.isdir(sources.FASHION_MNIST_DIR):
     return []
   sequence = tasks_lib.make_sequence("fashion_mnist", "split", "domain", 5)

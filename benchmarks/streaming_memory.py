@@ -98,8 +98,8 @@ def _write(folder, size):
 def _child(mode, folder, batch_size):
   """One run in this process; prints its peak RSS as JSON."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from keras_mas import tasks  # pylint: disable=g-import-not-at-top
-  from keras_mas import training  # pylint: disable=g-import-not-at-top
+  from keras_mas.data import tasks  # pylint: disable=g-import-not-at-top
+  from keras_mas.experiments import sequential as training  # pylint: disable=g-import-not-at-top
   sequence = tasks.from_spec(os.path.join(folder, "spec.py"), "domain")
   started = time.perf_counter()
   if mode == "arrays":

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from keras_mas import sources
+from keras_mas.data import sources
 
 
 def write(path, x, y):

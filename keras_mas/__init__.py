@@ -3,42 +3,51 @@
 Aljundi, Babiloni, Elhoseiny, Rohrbach and Tuytelaars, "Memory Aware Synapses:
 Learning what (not) to forget", ECCV 2018.
 
+The library:
+
+* `keras_mas.core`: `MASModel`, `MASRegularizer`, the penalty and its state,
+  Synaptic Intelligence's path, BatchNormalization statistics across tasks.
+* `keras_mas.importance`: `mas`, `local_mas`, `fisher` (exact per-sample
+  importance on any Keras model).
+* `keras_mas.task_free`: consolidation on a stream without task boundaries.
+
+The experiment harness, which the apps drive:
+
+* `keras_mas.data`: task sequences from bundled, real and the user's data.
+* `keras_mas.experiments`: `run_sequence`, `run_stream`, methods, metrics,
+  checkpoints, export, comparisons.
+
 `import keras_mas` registers `MASModel`, `MASRegularizer`, the task heads'
 losses and metrics and the keras.applications input layer with Keras's
 saving: do it before `keras.models.load_model` on a file that holds them
 (Keras imports no package but its own to find a class). The other modules
-(`keras_mas.tasks`, `keras_mas.metrics`, `keras_mas.training`, ...) load on
-first use.
+load on first use; their 0.1 names (`keras_mas.training`, `keras_mas.tasks`,
+`keras_mas.models`, ...) still import, as aliases.
 """
 
-import importlib
-import pkgutil
-
+from keras_mas import _aliases
+from keras_mas import _lazy
+from keras_mas import importance
+from keras_mas.core import callbacks
+from keras_mas.core import heads
+from keras_mas.core import models
+from keras_mas.core import regularizers
+from keras_mas.core.models import FunctionalMASModel
+from keras_mas.core.models import MASModel
+from keras_mas.core.models import WrappedMASModel
+from keras_mas.core.regularizers import MASRegularizer
 # Registers `ApplicationPreprocessing`, which the checkpoints and exports of
 # keras.applications runs hold.
-from keras_mas import architectures
-from keras_mas import callbacks
-# The losses and metrics of task heads, registered for `load_model` of the
-# app's checkpoints (compiled with them).
-from keras_mas import heads
-from keras_mas import importance
-from keras_mas import models
-from keras_mas import regularizers
-from keras_mas.models import FunctionalMASModel
-from keras_mas.models import MASModel
-from keras_mas.models import WrappedMASModel
-from keras_mas.regularizers import MASRegularizer
+from keras_mas.experiments import architectures
 
 __version__ = "0.1.0"
 
-# Every other module (`keras_mas.tasks`, `keras_mas.metrics`,
-# `keras_mas.training`, ...) loads on first attribute access (PEP 562):
-# `import keras_mas` stays as cheap as the core, and `keras_mas.training`,
-# which imports most of the package, cannot meet a half-initialised
-# `keras_mas`.
-_SUBMODULES = tuple(sorted(
-    m.name for m in pkgutil.iter_modules(__path__)
-    if not m.name.startswith("_")))
+_aliases.install()
+
+# Subpackages, and the 0.1 module names, load on first attribute access
+# (PEP 562): `import keras_mas` stays as cheap as the core.
+_SUBMODULES, __getattr__, _dir = _lazy.submodules(
+    __name__, __path__, extra=_aliases.MOVED)
 
 __all__ = [
     "FunctionalMASModel",
@@ -48,11 +57,5 @@ __all__ = [
 ] + list(_SUBMODULES)
 
 
-def __getattr__(name):
-  if name in _SUBMODULES:
-    return importlib.import_module(f"keras_mas.{name}")
-  raise AttributeError(f"module 'keras_mas' has no attribute {name!r}")
-
-
 def __dir__():
-  return sorted(set(globals()) | set(_SUBMODULES))
+  return _dir(globals())

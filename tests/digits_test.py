@@ -23,7 +23,7 @@ def test_reading_does_not_import_scikit_learn():
   # The module alone: the package imports Keras, which imports
   # scikit-learn for its wrappers when it is installed.
   code = ("import importlib.util, sys; spec = importlib.util."
-          "spec_from_file_location('digits', 'keras_mas/digits.py'); "
+          "spec_from_file_location('digits', 'keras_mas/data/digits.py'); "
           "module = importlib.util.module_from_spec(spec); "
           "spec.loader.exec_module(module); module.load_digits(); "
           "print('sklearn' in sys.modules)")

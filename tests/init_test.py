@@ -22,14 +22,16 @@ def test_readme_modules_are_attributes_and_load_on_first_use():
   result = _run("""
       import sys
       import keras_mas
-      assert "keras_mas.training" not in sys.modules  # Lazy.
-      assert callable(keras_mas.training.run_sequence)
-      assert callable(keras_mas.metrics.summarize)
-      assert callable(keras_mas.tasks.make_sequence)
-      import os, pkgutil
+      assert "keras_mas.experiments.sequential" not in sys.modules  # Lazy.
+      assert callable(keras_mas.experiments.sequential.run_sequence)
+      assert callable(keras_mas.importance.mas)
+      assert callable(keras_mas.data.tasks.make_sequence)
+      assert callable(keras_mas.task_free.fit_stream)
+      import pkgutil
       names = [m.name for m in pkgutil.iter_modules(keras_mas.__path__)
                if not m.name.startswith("_")]
-      assert {"tasks", "metrics", "training", "importance"} <= set(names)
+      assert set(names) == {"core", "data", "experiments", "importance",
+                            "task_free"}, names
       for name in names:
         assert getattr(keras_mas, name).__name__ == "keras_mas." + name
         assert name in dir(keras_mas)
@@ -39,6 +41,56 @@ def test_readme_modules_are_attributes_and_load_on_first_use():
         assert "no_such_module" in str(e)
       else:
         raise AssertionError("no AttributeError")
+      print("ok")
+  """)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
+
+
+def test_the_0_1_module_names_are_the_moved_modules():
+  result = _run("""
+      import importlib
+      import keras_mas
+      from keras_mas import _aliases
+      for old, new in _aliases.MOVED.items():
+        moved = importlib.import_module("keras_mas." + new)
+        assert getattr(keras_mas, old) is moved, old
+        assert importlib.import_module("keras_mas." + old) is moved, old
+        assert moved.__spec__.name == "keras_mas." + new, moved.__spec__
+      import keras_mas.training
+      from keras_mas import tasks, models
+      assert keras_mas.training.run_sequence is (
+          keras_mas.experiments.sequential.run_sequence)
+      assert models.MASModel is keras_mas.MASModel
+      assert tasks.make_sequence is keras_mas.data.tasks.make_sequence
+      assert keras_mas.task_free.run_stream is (
+          keras_mas.experiments.streaming.run_stream)
+      print("ok")
+  """)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
+
+
+def test_files_saved_by_keras_mas_0_1_load(tmp_path):
+  # Saved before the subpackages (tests/data, written by 0.1.0's layout):
+  # a MASModel with Ω, θ*, λ and compiled task heads; a plain model with a
+  # MASRegularizer attached.
+  data = os.path.join(_ROOT, "tests", "data")
+  result = _run(f"""
+      import numpy as np, keras, keras_mas
+      saved = np.load({os.path.join(data, "saved_0.1.0.npz")!r})
+      model = keras.models.load_model(
+          {os.path.join(data, "mas_model_0.1.0.keras")!r})
+      assert isinstance(model, keras_mas.MASModel)
+      assert model.strength == 0.5 and model.consolidated_tasks == 1
+      np.testing.assert_allclose(float(model.mas_penalty()),
+                                 saved["penalty"], rtol=1e-6)
+      np.testing.assert_allclose(np.array(model(saved["x"])),
+                                 saved["outputs"], rtol=1e-6)
+      plain = keras.models.load_model(
+          {os.path.join(data, "regularized_0.1.0.keras")!r})
+      np.testing.assert_allclose(float(sum(plain.losses)),
+                                 saved["plain_penalty"], rtol=1e-6)
       print("ok")
   """)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -77,7 +129,7 @@ def test_import_keras_mas_registers_every_class_a_checkpoint_holds(tmp_path):
   assert saved.returncode == 0, saved.stderr[-3000:]
   loaded = _run(f"""
       import sys, keras, keras_mas
-      assert "keras_mas.architectures" in sys.modules
+      assert "keras_mas.experiments.architectures" in sys.modules
       model = keras.models.load_model({path!r})
       assert any(type(l).__name__ == "ApplicationPreprocessing"
                  for l in model.layers), [l.name for l in model.layers]

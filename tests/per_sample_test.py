@@ -198,7 +198,7 @@ def test_chunks_give_the_same_sums(monkeypatch):
                       keras.layers.Conv1D(2, 2), keras.layers.GRU(2))
   x = _x(9, 3, 5)
   whole = importance.mas(model, x, batch_size=9)
-  importance._COMPILED.pop(model, None)
+  importance.estimators._COMPILED.pop(model, None)
   monkeypatch.setattr(per_sample, "_CHUNK_VALUES", 25)  # ~1 sample a chunk
   _assert_close(importance.mas(model, x, batch_size=9),
                 [t.numpy() for t in whole])

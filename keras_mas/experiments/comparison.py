@@ -16,8 +16,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import callbacks
-from keras_mas import training
+from keras_mas.core import callbacks
+from keras_mas.experiments import sequential as training
 
 __all__ = ["GRIDS", "compare", "select_strength", "validation_sequence"]
 
@@ -67,10 +67,10 @@ def select_strength(sequence, workdir, method="mas", grid=None, model="mlp",
   Example:
 
   ```python
-  sequence = keras_mas.tasks.make_sequence("digits", "permuted", "domain", 3)
-  choice = keras_mas.comparison.select_strength(
+  sequence = keras_mas.data.tasks.make_sequence("digits", "permuted", "domain", 3)
+  choice = keras_mas.experiments.comparison.select_strength(
       sequence, "/tmp/select", grid=(0.01, 0.1, 1.0), epochs=2)
-  results = keras_mas.training.run_sequence(
+  results = keras_mas.experiments.sequential.run_sequence(
       sequence, "/tmp/run", strength=choice["value"], epochs=2)
   ```
 
@@ -93,7 +93,7 @@ def select_strength(sequence, workdir, method="mas", grid=None, model="mlp",
   Raises:
     ValueError: for a method without a coefficient, an empty grid, or any
       argument `run_sequence` refuses (before any training).
-    keras_mas.callbacks.TrainingDivergedError: if every value diverged.
+    keras_mas.core.callbacks.TrainingDivergedError: if every value diverged.
   """
   if method not in GRIDS:
     raise ValueError(
@@ -139,7 +139,7 @@ def compare(sequence, workdir, methods, seeds=(0, 1, 2), run_options=None,
     workdir: output directory: `comparison.md`, `comparison.csv`,
       `acc_per_task.png`, `accuracy_matrices.png`, `choices.json`, and
       TensorBoard HParams under `hparams/`.
-    methods: method names (see `keras_mas.methods`).
+    methods: method names (see `keras_mas.experiments.methods`).
     seeds: seeds of the final runs.
     run_options: other `run_sequence` arguments (epochs, model, ...).
     verbose: 0 silent, 1 a line per run.

@@ -3,9 +3,9 @@
 For each task: `fit` (one call, epochs counted from the start of the
 sequence), evaluate every task, consolidate on the task's training inputs
 (labels dropped), checkpoint, export, log. Tasks of arrays and streaming
-tasks (`tf.data` pipelines, `keras_mas.pipelines`) take the same path.
-Checkpoints and resume live in `keras_mas.checkpoints`, data sources in
-`keras_mas.sources`. The library reads no flags: the apps pass plain
+tasks (`tf.data` pipelines, `keras_mas.data.pipelines`) take the same path.
+Checkpoints and resume live in `keras_mas.experiments.checkpoints`, data sources in
+`keras_mas.data.sources`. The library reads no flags: the apps pass plain
 arguments.
 """
 
@@ -17,32 +17,39 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import architectures
-from keras_mas import batch_statistics
-from keras_mas import callbacks as callbacks_lib
-from keras_mas import checkpoints
-from keras_mas import export as export_lib
-from keras_mas import methods as methods_lib
-from keras_mas import metrics as metrics_lib
-from keras_mas import models
-from keras_mas import pipelines
-from keras_mas import regularizers
-from keras_mas import tasks as tasks_lib
+from keras_mas.core import batch_statistics
+from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.core import models
+from keras_mas.core import regularizers
+from keras_mas.data import pipelines
+from keras_mas.data import tasks as tasks_lib
+from keras_mas.experiments import architectures
+from keras_mas.experiments import checkpoints
+from keras_mas.experiments import export as export_lib
+from keras_mas.experiments import methods as methods_lib
+from keras_mas.experiments import metrics as metrics_lib
 
 __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
            "validate_learning_rate"]
 
-METHODS = tuple(methods_lib.METHODS)
+METHODS = methods_lib.names(task_free=False)
 
 # Training steps per call of the traced train step (`compile`'s
 # `steps_per_execution`): the default main job's 45-step epochs run 1.7×
 # faster with 8 than with 1; more gained nothing measurable.
 _STEPS_PER_EXECUTION = 8
+
+# Per model: what it was last compiled with (a later task with the same
+# loss and metrics resets the optimizer instead of compiling, which would
+# retrace), and its traced inference function.
+_COMPILED_FOR = weakref.WeakKeyDictionary()
+_INFER = weakref.WeakKeyDictionary()
 
 
 def run_sequence(sequence, workdir, method="mas", strength=0.1,
@@ -51,7 +58,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  model="mlp", hidden_units=128, weights=None,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
-                 strategy=None, importance_data=None, batch_norm="accumulate",
+                 strategy=None, importance_data=None, batch_norm="recompute",
                  extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
@@ -65,17 +72,17 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   Example:
 
   ```python
-  sequence = keras_mas.tasks.make_sequence("digits", "permuted", "domain", 3)
-  results = keras_mas.training.run_sequence(sequence, "/tmp/run", epochs=5)
+  sequence = keras_mas.data.tasks.make_sequence("digits", "permuted", "domain", 3)
+  results = keras_mas.experiments.sequential.run_sequence(sequence, "/tmp/run", epochs=5)
   print(results["acc"], results["forgetting"])
   ```
 
   Args:
-    sequence: a `keras_mas.tasks.TaskSequence`: arrays, or `tf.data`
+    sequence: a `keras_mas.data.tasks.TaskSequence`: arrays, or `tf.data`
       pipelines (`tasks.from_datasets`, `tasks.from_spec`) that are read
-      batch by batch and never held whole (see `keras_mas.pipelines`).
+      batch by batch and never held whole (see `keras_mas.data.pipelines`).
     workdir: output directory; created if needed.
-    method: one of `METHODS` (see `keras_mas.methods`); `"finetune"` trains
+    method: one of `METHODS` (see `keras_mas.experiments.methods`); `"finetune"` trains
       with no protection.
     strength: λ of the penalty (`lwf`: weight of the distillation term is
       1; `finetune`, `joint`: unused).
@@ -113,13 +120,14 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       from the start; with labels, `results["importance_data_accuracy"]`
       lists the accuracy on it before the first task and after each.
     batch_norm: what becomes of BatchNormalization's moving statistics
-      after each task, one of `batch_statistics.POLICIES`: `"accumulate"`
-      (default: the mean over the tasks so far of each task's population
-      statistics, measured in one forward pass over the task's training
-      inputs, at most `importance_samples` of them), `"recompute"` (the
-      newest task's alone), `"first_task"` (kept from the first task, or as
-      a starting `model` has them) or `"keras"` (Keras's moving averages as
-      training left them). Models without BatchNormalization are unaffected.
+      after each task, one of `batch_statistics.POLICIES`: `"recompute"`
+      (default: the population statistics of the task just learned,
+      measured in one forward pass over its training inputs, at most
+      `importance_samples` of them), `"accumulate"` (their mean over the
+      tasks so far), `"first_task"` (kept from the first task, or as a
+      starting `model` has them) or `"keras"` (Keras's moving averages as
+      training left them). Models without BatchNormalization are
+      unaffected.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -130,11 +138,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     ValueError: before any training, for an invalid argument, an unwritable
       `workdir`, a `workdir` holding another run (without `resume`), or
       `resume` on a run of a different configuration.
-    keras_mas.callbacks.TrainingDivergedError: if a task's training stops
+    keras_mas.core.callbacks.TrainingDivergedError: if a task's training stops
       being finite; the checkpoints of the completed tasks are intact.
   """
   entered = time.perf_counter()
-  recipe = methods_lib.get(method)
+  method_spec = methods_lib.get(method)
   statistics = batch_statistics.TaskStatistics(
       batch_norm, tasks_done=int(isinstance(model, keras.Model)))
   strength = regularizers.validate_strength(strength)
@@ -147,8 +155,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   model_name = _check_model(model, weights, freeze_backbone, sequence)
   _check_labels(sequence)
   _check_importance_samples(importance_samples, sequence)
-  old_x, old_y = _check_importance_data(importance_data, sequence, recipe,
-                                        model)
+  old_x, old_y = _check_importance_data(importance_data, sequence,
+                                        method_spec, model)
   checkpoints.check_writable(workdir)
 
   config = {
@@ -185,11 +193,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                            freeze_backbone, seed)
     progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
     if old_x is not None:
-      _consolidate_deployed(net, recipe, old_x, old_y, strength, alpha,
+      _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
                             importance_samples, fisher)
 
   net.penalty_mode = penalty_mode
-  if recipe.tracks_path:
+  if method_spec.tracks_path:
     net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
@@ -200,17 +208,18 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     started = time.perf_counter()
     keras.utils.set_random_seed(seed * 1009 + k)
     statistics.before_task(net)
-    _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
-         batch_size, temperature, seed, write_dir, writer, verbose)
+    _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
+         epochs, batch_size, temperature, seed, write_dir, writer, verbose)
     statistics.after_task(net, _training_inputs(task, batch_size),
                           importance_samples)
     trained = time.perf_counter()
     progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
     evaluated = time.perf_counter()
-    if recipe.estimator is not None:
-      net.consolidate(recipe.consolidation_data(task, sequence.input_shape),
-                      **recipe.consolidation(task, strength, alpha,
-                                             importance_samples, fisher))
+    if method_spec.estimator is not None:
+      net.consolidate(
+          method_spec.consolidation_data(task, sequence.input_shape),
+          **method_spec.consolidation(task, strength, alpha,
+                                      importance_samples, fisher))
       callbacks_lib.log_importance(writer, net, step=k)
     consolidated = time.perf_counter()
     progress.record(k, net, old_x, old_y, batch_size,
@@ -335,7 +344,7 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
                              freeze_backbone=freeze_backbone, seed=seed)
 
 
-def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
+def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose):
   """One `fit` call for task `k`, with a fresh optimizer state.
 
@@ -343,14 +352,13 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
   pipeline comes batched.
   """
   frozen = (_copy_model(net, wrap=False)
-            if recipe.distill and k > 0 and sequence.streaming else None)
+            if method_spec.distill and k > 0 and sequence.streaming else None)
   x, y, loss, task_metrics = methods_lib.training_data(
-      recipe, net, sequence, k, batch_size, temperature=temperature,
+      method_spec, net, sequence, k, batch_size, temperature=temperature,
       seed=seed * 1009 + k, frozen=frozen)
   compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
       [loss] + task_metrics))
-  if net.compiled and getattr(net, "_keras_mas_compiled_for",
-                              None) == compiled_for:
+  if net.compiled and _COMPILED_FOR.get(net) == compiled_for:
     # The same loss and metrics as the last task's: fresh optimizer state
     # without `compile`, which would retrace train, test and predict.
     net.reset_optimizer()
@@ -370,7 +378,7 @@ def _fit(net, recipe, sequence, k, scope, optimizer, learning_rate, epochs,
           steps_per_execution=(
               1 if getattr(net, "_distribute_strategy", None) is not None
               else _STEPS_PER_EXECUTION))
-    object.__setattr__(net, "_keras_mas_compiled_for", compiled_for)
+    _COMPILED_FOR[net] = compiled_for
   if y is not None:
     x = pipelines.array_batches(x, y, batch_size, seed * 1009 + k)
   with warnings.catch_warnings():
@@ -549,11 +557,12 @@ def predict_logits(net, x, batch_size=32):
   """
   if getattr(net, "_distribute_strategy", None) is not None:
     return net.predict(x, batch_size=max(batch_size, 256), verbose=0)
-  infer = getattr(net, "_keras_mas_infer", None)
+  infer = _INFER.get(net)
   if infer is None:
-    infer = tf.function(lambda inputs: net(inputs, training=False),
+    model = weakref.ref(net)  # The cache must not keep the model alive.
+    infer = tf.function(lambda inputs: model()(inputs, training=False),
                         reduce_retracing=True)
-    object.__setattr__(net, "_keras_mas_infer", infer)
+    _INFER[net] = infer
   step = _prediction_batch(x.shape[1:], batch_size)
   if len(x) <= step:
     return infer(tf.constant(x)).numpy()
@@ -611,7 +620,7 @@ def _check_labels(sequence):
                f"{sorted(set(bad.tolist()))[:10]} out of range"))
 
 
-def _check_importance_data(data, sequence, recipe, model):
+def _check_importance_data(data, sequence, method_spec, model):
   """`(x, y)` of `importance_data` (y may be None), checked before training."""
   if data is None:
     return None, None
@@ -623,11 +632,11 @@ def _check_importance_data(data, sequence, recipe, model):
         "Invalid value for argument `importance_data`. Expected inputs of "
         f"the tasks' shape {tuple(sequence.input_shape)}. Received: inputs "
         f"of shape {x.shape}")
-  if recipe.estimator in (None, "path_integral"):
+  if method_spec.estimator in (None, "path_integral"):
     raise ValueError(
         "Invalid value for argument `importance_data`. Expected a method "
         "that measures importance on data (mas, local_mas, l2, ewc, "
-        f"online_ewc). Received: method={recipe.name!r}")
+        f"online_ewc). Received: method={method_spec.name!r}")
   if y is not None:
     y = np.asarray(y)
     outputs = (model.outputs[0].shape[-1] if isinstance(model, keras.Model)
@@ -637,11 +646,11 @@ def _check_importance_data(data, sequence, recipe, model):
           "Invalid value for argument `importance_data`. Expected one label "
           f"per input in 0..{outputs - 1}. Received: labels of shape "
           f"{y.shape}" + (f", range {y.min()}..{y.max()}" if y.size else ""))
-  elif recipe.labels:
+  elif method_spec.labels:
     raise ValueError(
         "Invalid value for argument `importance_data`. Expected labels, "
-        f"`(inputs, labels)`, for method={recipe.name!r}, whose importance "
-        "reads them. Received: inputs only")
+        f"`(inputs, labels)`, for method={method_spec.name!r}, whose "
+        "importance reads them. Received: inputs only")
   return x.astype("float32"), y
 
 
@@ -652,15 +661,15 @@ def _old_accuracy(net, x, y, batch_size):
   return [float(np.mean(np.argmax(logits, axis=-1) == y))]
 
 
-def _consolidate_deployed(net, recipe, x, y, strength, alpha, num_samples,
+def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
                           fisher):
   """Ω on the data the model was deployed on, over all its outputs."""
   outputs = int(net.outputs[0].shape[-1])
   deployed = tasks_lib.Task(
       "importance data", x, np.zeros(len(x), "int64") if y is None else y,
       x[:0], np.zeros(0, "int64"), outputs, 0, outputs, 0)
-  net.consolidate(recipe.consolidation_data(deployed),
-                  **recipe.consolidation(
+  net.consolidate(method_spec.consolidation_data(deployed),
+                  **method_spec.consolidation(
                       deployed, strength, alpha,
                       None if num_samples is None else min(num_samples,
                                                            len(x)),

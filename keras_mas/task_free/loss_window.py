@@ -8,7 +8,7 @@ The trigger of task-free MAS (Aljundi, Kelchtermans and Tuytelaars, CVPR
 
 import numpy as np
 
-from keras_mas import _checks
+from keras_mas.task_free import _checks
 
 __all__ = ["DEFAULT_PEAK_MIN_RISE", "DEFAULT_PEAK_STDDEVS",
            "DEFAULT_PLATEAU_MEAN_BELOW", "DEFAULT_PLATEAU_VARIANCE_BELOW",

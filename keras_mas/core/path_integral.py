@@ -3,9 +3,10 @@
 Zenke, Poole and Ganguli, "Continual Learning Through Synaptic
 Intelligence", ICML 2017: `ω = Σ_steps −g · Δθ`, with `g` the task-loss
 gradient (the penalty's excluded) and `Δθ` the step the optimizer took.
-`importance.path_integral` turns ω into SI's importance; `MASModel` calls
-`PathIntegral` around its optimizer step once `track_path_integral()` was
-called. The variables are weights of the model, so saving keeps them.
+`importance.path_integral` turns ω into SI's importance. Once
+`MASModel.track_path_integral()` was called, `PathIntegral` is a term of the
+train step (`keras_mas.core.trainer`) around the optimizer's update. The
+variables are weights of the model, so saving keeps them.
 """
 
 import tensorflow as tf
@@ -29,6 +30,7 @@ class PathIntegral:
     self.targets = targets
     self.integrals = integrals
     self.starts = starts
+    self._token = None  # Between a step's two halves, while tracing.
 
   @classmethod
   def create(cls, targets, make_variable):
@@ -55,6 +57,17 @@ class PathIntegral:
     for w, start, v in zip(self.integrals, self.starts, self.targets):
       w.assign(tf.zeros_like(w))
       start.assign(tf.cast(v, "float32"))
+
+  def before_update(self, step):
+    """A term of the train step: reads what the update needs."""
+    self._token = self.before_step(step.variables, step.task_gradients,
+                                   step.loss_scale)
+
+  def after_update(self, step):
+    """A term of the train step: accumulates ω for the update just made."""
+    del step
+    self.after_step(self._token)
+    self._token = None
 
   def before_step(self, variables, task_gradients, loss_scale):
     """What the update needs, read before the optimizer step.

@@ -18,16 +18,22 @@ anchors, penalty and `consolidate`):
 `finetune` trains with no protection, `lwf` distils the previous model's
 outputs on the new data (Li & Hoiem 2017) and `joint` trains on every task
 so far (the upper bound).
+
+One registry, `METHODS`, serves both runners: `run_sequence` is told where
+each task ends (`Method.task_aware`), `run_stream` is not
+(`Method.task_free`). On a stream `mas` consolidates where its loss window
+finds a plateau, `mas_oracle` at the true boundaries, `replay` rehearses the
+hard buffer without a penalty and `finetune` learns online.
 """
 
 import dataclasses
 
 import numpy as np
 
-from keras_mas import heads
-from keras_mas import pipelines
+from keras_mas.core import heads
+from keras_mas.data import pipelines
 
-__all__ = ["METHODS", "Method", "get"]
+__all__ = ["METHODS", "Method", "get", "names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,8 @@ class Method:
     distill: train with distillation targets from the model before the task.
     rehearse: train on every task so far.
     tracks_path: the model must track SI's path integral.
+    task_aware: `run_sequence` offers it (task boundaries given).
+    task_free: `run_stream` offers it (no task boundaries).
   """
   name: str
   estimator: str = None
@@ -55,6 +63,8 @@ class Method:
   distill: bool = False
   rehearse: bool = False
   tracks_path: bool = False
+  task_aware: bool = True
+  task_free: bool = False
 
   def consolidation(self, task, strength, alpha, num_samples,
                     fisher="empirical"):
@@ -90,8 +100,8 @@ class Method:
 
 METHODS = {
     m.name: m for m in (
-        Method("finetune"),
-        Method("mas", estimator="mas", slice_outputs=True),
+        Method("finetune", task_free=True),
+        Method("mas", estimator="mas", slice_outputs=True, task_free=True),
         Method("local_mas", estimator="local_mas", slice_outputs=True),
         Method("l2", estimator="uniform"),
         Method("ewc", estimator="fisher", labels=True, slice_outputs=True),
@@ -100,20 +110,32 @@ METHODS = {
         Method("si", estimator="path_integral", tracks_path=True),
         Method("lwf", distill=True),
         Method("joint", rehearse=True),
+        Method("replay", task_aware=False, task_free=True),
+        Method("mas_oracle", estimator="mas", task_aware=False,
+               task_free=True),
     )
 }
 
 
-def get(name):
-  """The `Method` called `name`.
+def names(task_free=False):
+  """The methods a runner offers: with task boundaries, or without."""
+  return tuple(name for name, m in METHODS.items()
+               if (m.task_free if task_free else m.task_aware))
+
+
+def get(name, task_free=False):
+  """The `Method` called `name`, for a run with or without task boundaries.
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name, or one the run cannot use.
   """
-  if name not in METHODS:
+  offered = names(task_free)
+  if name not in offered:
+    where = ("with --task_boundaries=none / run_stream" if task_free else
+             "when task boundaries are given / run_sequence")
     raise ValueError(
         f"Invalid value for argument `method`. Expected one of "
-        f"{sorted(METHODS)}. Received: method={name!r}")
+        f"{list(offered)} {where}. Received: method={name!r}")
   return METHODS[name]
 
 

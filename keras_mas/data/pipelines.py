@@ -1,6 +1,6 @@
 """The `tf.data` pipelines that fit, evaluation and importance read.
 
-A streaming task (`keras_mas.tasks.from_datasets`) holds unbatched `(x, y)`
+A streaming task (`keras_mas.data.tasks.from_datasets`) holds unbatched `(x, y)`
 datasets, never arrays: nothing here materializes them. Training pipelines
 are shuffled in a bounded buffer, batched and prefetched; LwF's targets come
 from a frozen copy of the model applied batch by batch in the pipeline; joint

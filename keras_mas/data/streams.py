@@ -56,15 +56,15 @@ def from_sequence(sequence, batch_size=10, transition_steps=0, seed=0):
   Example:
 
   ```python
-  sequence = keras_mas.tasks.make_sequence("digits", "split", "domain", 5)
-  stream = keras_mas.streams.from_sequence(sequence, batch_size=10)
+  sequence = keras_mas.data.tasks.make_sequence("digits", "split", "domain", 5)
+  stream = keras_mas.data.streams.from_sequence(sequence, batch_size=10)
   for x, y in stream.batches():
     ...
   stream.boundaries  # e.g. [29, 58, 87, 116, 144]
   ```
 
   Args:
-    sequence: a `keras_mas.tasks.TaskSequence` (domain- or
+    sequence: a `keras_mas.data.tasks.TaskSequence` (domain- or
       class-incremental: a task-free learner is never told a task id).
     batch_size: samples per incoming batch.
     transition_steps: blur each change over about this many batches: a

@@ -6,7 +6,7 @@ import re
 
 import keras
 
-from keras_mas import models
+from keras_mas.core import models
 
 __all__ = ["ARCHITECTURES", "ApplicationPreprocessing", "application_name",
            "build"]

@@ -15,7 +15,7 @@ Every source gives `(x_train, y_train, x_test, y_test)`: float32 images in
 the user's own images, one subfolder per class
 (`keras.utils.image_dataset_from_directory`). `read_task_spec` runs a small
 Python file of the user's that names `tf.data` pipelines or TFRecord files,
-streamed, never loaded whole (see `keras_mas.tasks.from_spec`).
+streamed, never loaded whole (see `keras_mas.data.tasks.from_spec`).
 """
 
 import gzip
@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from keras_mas import digits
+from keras_mas.data import digits
 
 __all__ = ["FASHION_MNIST_DIR", "load", "load_idx", "load_image_folder",
            "load_importance_data", "load_model", "read_idx",
@@ -441,7 +441,7 @@ def read_task_spec(path):
   Returns:
     `(task_data, num_classes, names)`: a `(train, test)` pair of datasets
     per task, the class counts and the task names, as
-    `keras_mas.tasks.from_datasets` takes them.
+    `keras_mas.data.tasks.from_datasets` takes them.
 
   Raises:
     ValueError: naming `task_spec`, for a missing file, one that fails to

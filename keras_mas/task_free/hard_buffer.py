@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import _checks
+from keras_mas.task_free import _checks
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "HardBuffer", "repeat_updates"]
 

@@ -1,6 +1,6 @@
 """Task sequences for continual learning: a data source × a recipe × a scenario.
 
-Sources (see `keras_mas.sources`): `"digits"` (scikit-learn's 1,797 8×8
+Sources (see `keras_mas.data.sources`): `"digits"` (scikit-learn's 1,797 8×8
 digits, bundled, the default), `"fashion_mnist"` (offline from Debian's IDX
 files when installed), `"idx:DIR"` (any MNIST-format directory) or any TFDS
 dataset name (loaded with `tfds.load`). Recipes: `"split"`
@@ -26,8 +26,8 @@ import os
 
 import numpy as np
 
-from keras_mas import pipelines
-from keras_mas import sources
+from keras_mas.data import pipelines
+from keras_mas.data import sources
 
 __all__ = [
     "RECIPES", "SCENARIOS", "Task", "TaskSequence", "from_arrays",
@@ -115,7 +115,7 @@ class TaskSequence:
 def load_source(name, seed=0, data_dir=None, splits=None):
   """Loads a source as float32 images in [0, 1], shape (N, H, W, C).
 
-  See `keras_mas.sources` for the names: `"digits"`, `"fashion_mnist"`
+  See `keras_mas.data.sources` for the names: `"digits"`, `"fashion_mnist"`
   (offline from Debian's IDX files when present), `"idx:DIR"` (any
   MNIST-format directory) or a TFDS dataset name.
 
@@ -142,7 +142,7 @@ def make_sequence(dataset="digits", recipe="split", scenario="domain",
   Example:
 
   ```python
-  sequence = keras_mas.tasks.make_sequence("digits", "permuted", "domain", 3)
+  sequence = keras_mas.data.tasks.make_sequence("digits", "permuted", "domain", 3)
   for task in sequence.tasks:
     model.fit(task.x_train, task.y_train)
   ```
@@ -255,7 +255,7 @@ def from_datasets(task_data, num_classes, scenario="task", names=None,
   def records(pattern):
     return tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).map(parse)
 
-  sequence = keras_mas.tasks.from_datasets(
+  sequence = keras_mas.data.tasks.from_datasets(
       [(records("a/train-*"), records("a/test-*")),
        (records("b/train-*"), records("b/test-*"))],
       num_classes=10, scenario="domain")
@@ -327,7 +327,7 @@ def from_arrays(task_data, scenario="task", names=None, dataset="custom",
   Example:
 
   ```python
-  sequence = keras_mas.tasks.from_arrays(
+  sequence = keras_mas.data.tasks.from_arrays(
       [(x_a, y_a, x_a_test, y_a_test), (x_b, y_b, x_b_test, y_b_test)],
       scenario="task")
   ```
@@ -400,7 +400,7 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
   Example:
 
   ```python
-  sequence = keras_mas.tasks.from_folders(["/data/a", "/data/b"], (32, 32),
+  sequence = keras_mas.data.tasks.from_folders(["/data/a", "/data/b"], (32, 32),
                                           scenario="domain")
   ```
 
@@ -451,13 +451,13 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
 def from_spec(path, scenario="task"):
   """A streaming `TaskSequence` from the user's task spec file.
 
-  See `keras_mas.sources.read_task_spec` for the file: a `task_spec()`
+  See `keras_mas.data.sources.read_task_spec` for the file: a `task_spec()`
   function naming each task's `tf.data` pipelines or TFRecord files.
 
   Example:
 
   ```python
-  sequence = keras_mas.tasks.from_spec("my_tasks.py", scenario="domain")
+  sequence = keras_mas.data.tasks.from_spec("my_tasks.py", scenario="domain")
   ```
 
   Args:

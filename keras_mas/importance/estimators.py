@@ -6,7 +6,7 @@ with the same shapes, and changes no variable of the model: the forward passes
 run in inference mode (dropout off, BatchNorm reading its moving statistics).
 
 Exact per-sample importance, `mean_k f(g_k)`, is formed layer by layer
-(`keras_mas.per_sample`): one batched forward/backward pass records each
+(`keras_mas.importance.per_sample`): one batched forward/backward pass records each
 layer's input and output gradient, and each layer with a closed form turns
 them into its variables' per-sample gradients (Dense, EinsumDense and so
 MultiHeadAttention, convolutions, Embedding, normalization layers); any other
@@ -23,11 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import _data
-from keras_mas import per_sample as per_sample_lib
+from keras_mas.importance import _data
+from keras_mas.importance import per_sample as per_sample_lib
 
-__all__ = ["default_batch_size", "fisher", "local_mas", "mas", "path_integral",
-           "squared_output_norm", "uniform"]
+__all__ = ["ESTIMATORS", "default_batch_size", "fisher", "local_mas", "mas",
+           "path_integral", "squared_output_norm", "uniform"]
 
 # Compiled functions, kept per model so that importance passes over several
 # tasks reuse one trace instead of retracing every time.
@@ -147,7 +147,7 @@ def local_mas(model, data, num_samples=None, batch_size=None, output_fn=None):
     batch_size: batch size when `data` is an array.
     output_fn: applied to the output of the layer that produces the model's
       output before its norm, e.g. to measure one task's head
-      (`keras_mas.heads.OutputSlice`): outputs of other tasks then get no
+      (`keras_mas.core.heads.OutputSlice`): outputs of other tasks then get no
       importance.
 
   Returns:
@@ -246,7 +246,7 @@ def path_integral(model, data=None, damping=0.1, **unused_options):
   """
   del data, unused_options
   variables = _check_model(model)
-  path = getattr(model, "_si_path", None)
+  path = getattr(model, "path_integral", None)
   if path is None:
     raise ValueError(
         "Invalid value for argument `model`. Expected a MASModel tracking "
@@ -581,3 +581,14 @@ def _make_local_step(model, variables, output_fn):
     return _in_order(sums, variables)
 
   return step
+
+
+# What `MASModel.consolidate(method=...)` accepts. Each takes
+# `(model, data, num_samples=, batch_size=, **options)`.
+ESTIMATORS = {
+    "mas": mas,
+    "local_mas": local_mas,
+    "fisher": fisher,
+    "uniform": uniform,
+    "path_integral": path_integral,
+}

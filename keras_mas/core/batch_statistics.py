@@ -19,8 +19,8 @@ Example:
 
 ```python
 model.fit(x_task, y_task, epochs=5)
-keras_mas.batch_statistics.assign(
-    model, keras_mas.batch_statistics.population_statistics(model, x_task))
+keras_mas.core.batch_statistics.assign(
+    model, keras_mas.core.batch_statistics.population_statistics(model, x_task))
 ```
 """
 
@@ -28,24 +28,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import _data
+from keras_mas.importance import _data
 
 __all__ = ["POLICIES", "TaskStatistics", "assign", "batch_norm_layers",
            "population_statistics", "read"]
 
 # What happens to the statistics after each task:
+# - "recompute": the population statistics of the newest task alone;
 # - "accumulate": the mean over the tasks so far of each task's population
 #   statistics (a mixture with equal weight per task, as Ω accumulates);
-# - "recompute": the population statistics of the newest task alone;
 # - "first_task": the first task's population statistics, kept after it
 #   (a user's model keeps the statistics it came with);
 # - "keras": Keras's moving averages, as training left them.
-POLICIES = ("accumulate", "recompute", "first_task", "keras")
+POLICIES = ("recompute", "accumulate", "first_task", "keras")
 
 
 def batch_norm_layers(model):
   """The model's `BatchNormalization` layers, nested ones included."""
-  return [layer for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  return [layer for layer in layers
           if isinstance(layer, keras.layers.BatchNormalization)]
 
 

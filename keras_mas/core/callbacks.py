@@ -36,7 +36,7 @@ class DriftLogger(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     per_layer = {}
-    for v, anchor in zip(self.model._mas.targets, self.model._mas.anchors):
+    for v, _, anchor in self.model.mas_variables:
       diff = tf.cast(v, "float32") - anchor
       per_layer.setdefault(_layer_name(v), []).append(
           tf.reduce_sum(tf.square(diff)))
@@ -49,7 +49,7 @@ class DriftLogger(keras.callbacks.Callback):
 def log_importance(writer, model, step):
   """Histograms of Ω per variable, under `importance/<variable path>`."""
   with writer.as_default():
-    for v, omega in zip(model._mas.targets, model._mas.importances):
+    for v, omega, _ in model.mas_variables:
       tf.summary.histogram(f"importance/{v.path}", omega, step=step)
 
 
@@ -118,7 +118,7 @@ class DivergenceGuard(keras.callbacks.Callback):
   `keras.Model.fit`:
 
   ```python
-  model.fit(x, y, callbacks=[keras_mas.callbacks.DivergenceGuard()])
+  model.fit(x, y, callbacks=[keras_mas.core.callbacks.DivergenceGuard()])
   ```
   """
 
@@ -144,14 +144,12 @@ def _divergence_message(model, epoch):
   message = (f"Training diverged in epoch {epoch}: the loss or the weights "
              "became NaN or infinite. The weights were restored to their "
              "values at the start of that epoch.")
-  state = getattr(model, "_mas", None)
-  if state is None:
+  if not hasattr(type(model), "mas_variables"):  # Not a MASModel.
     return message
-  strength = float(tf.convert_to_tensor(state.strength.value))
-  message += f" MAS strength λ={strength:g}."
+  message += f" MAS strength λ={model.strength:g}."
   optimizer = model.optimizer
   optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-  max_omega = max(float(tf.reduce_max(o)) for o in state.importances)
+  max_omega = max(float(tf.reduce_max(o)) for o in model.importances)
   if isinstance(optimizer, keras.optimizers.SGD) and max_omega > 0:
     rate = float(optimizer.learning_rate)
     limit = (1.0 + float(optimizer.momentum)) / (rate * max_omega)

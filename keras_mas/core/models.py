@@ -3,31 +3,25 @@
 import contextlib
 
 import keras
-from keras.src.losses import loss as loss_module
 from keras.src.models.functional import Functional
 import numpy as np
 import tensorflow as tf
 
-from keras_mas import callbacks as callbacks_lib
 from keras_mas import importance as importance_lib
-from keras_mas import multi_worker
-from keras_mas import path_integral as path_integral_lib
-from keras_mas import regularizers
+from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.core import multi_worker
+from keras_mas.core import path_integral as path_integral_lib
+from keras_mas.core import penalty as penalty_lib
+from keras_mas.core import preprocessing
+from keras_mas.core import regularizers
+from keras_mas.core import trainer
 
 __all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
 
-# Importance estimators `consolidate(method=...)` accepts. Each takes
-# `(model, data, num_samples=, batch_size=, **options)`.
-ESTIMATORS = {
-    "mas": importance_lib.mas,
-    "local_mas": importance_lib.local_mas,
-    "fisher": importance_lib.fisher,
-    "uniform": importance_lib.uniform,
-    "path_integral": importance_lib.path_integral,
-}
+ESTIMATORS = importance_lib.ESTIMATORS
 
 _ACCUMULATE = ("sum", "decay")
-PENALTY_MODES = ("gradient", "proximal")
+PENALTY_MODES = penalty_lib.PENALTY_MODES
 
 
 class _MASState:
@@ -68,7 +62,7 @@ class MASModel(keras.Model):
   λ is 1.0 until set, by `consolidate(..., strength=λ)` or `model.strength`.
 
   Training that diverges stops: `fit` adds a
-  `keras_mas.callbacks.DivergenceGuard` (unless its `callbacks` have one),
+  `keras_mas.core.callbacks.DivergenceGuard` (unless its `callbacks` have one),
   which, when the loss or a weight becomes NaN or infinite, restores the
   weights of the start of that epoch and raises `TrainingDivergedError`
   naming λ and, for SGD, the largest stable λ. Set
@@ -127,8 +121,15 @@ class MASModel(keras.Model):
     """Returns a MASModel computing what `model` computes, sharing its weights.
 
     Functional and Sequential models become a functional MASModel over the
-    same layers; subclassed models are wrapped. No weight is copied: training
-    the result trains `model`'s layers. To save the result of a subclassed
+    same layers; subclassed models, and models with a `preprocessor` (a
+    KerasHub task: `TextClassifier`, `CausalLM`, `ImageClassifier`, ...),
+    are wrapped. A wrapped model's preprocessor is applied as the task
+    applies it: `fit`, `evaluate`, `predict` and `consolidate` take the raw
+    inputs the task takes (strings, images). No weight is copied: training
+    the result trains `model`'s layers. A KerasHub backbone's LoRA
+    (`backbone.enable_lora(rank)`) must be enabled before: Ω and θ* are
+    then made for the trainable variables only (the LoRA factors and the
+    head). To save the result of a subclassed
     `model`, its class needs what any subclassed Keras model needs:
     `@keras.saving.register_keras_serializable()` and a `get_config`.
 
@@ -156,8 +157,11 @@ class MASModel(keras.Model):
           f"Received: unbuilt model '{model.name}'"
       )
     name = name or model.name
-    if isinstance(model, keras.Sequential) or _is_functional(model):
+    if getattr(model, "preprocessor", None) is None and (
+        isinstance(model, keras.Sequential) or _is_functional(model)):
       return cls(inputs=model.inputs, outputs=model.outputs, name=name)
+    # Subclassed, or holding a preprocessor (a KerasHub task): wrapped, so
+    # that the preprocessor stays with it.
     return WrappedMASModel(model, name=name)  # pylint: disable=undefined-variable
 
   # ------------------------------------------------------------------------
@@ -233,6 +237,19 @@ class MASModel(keras.Model):
     return list(self._require_mas_state("read the anchors of").anchors)
 
   @property
+  def mas_variables(self):
+    """`[(θ, Ω, θ*)]`: each tracked trainable variable, its importance and
+    its anchor, in the order of `importances` and `anchors`."""
+    state = self._require_mas_state("read the variables of")
+    return list(zip(state.targets, state.importances, state.anchors))
+
+  @property
+  def path_integral(self):
+    """Synaptic Intelligence's `PathIntegral` (ω and the task's starting
+    point) once `track_path_integral()` was called, else None."""
+    return self._si_path
+
+  @property
   def strength(self):
     """λ, the penalty strength, as a float."""
     return float(_value(self._require_mas_state("read the strength of").strength))
@@ -278,10 +295,10 @@ class MASModel(keras.Model):
   def stop_on_divergence(self):
     """Whether `fit` stops when training diverges (default True).
 
-    When True, `fit` adds a `keras_mas.callbacks.DivergenceGuard` unless its
+    When True, `fit` adds a `keras_mas.core.callbacks.DivergenceGuard` unless its
     `callbacks` already hold one: at the end of an epoch whose loss or
     weights are NaN or infinite, the weights go back to their values at the
-    start of that epoch and `keras_mas.callbacks.TrainingDivergedError` is
+    start of that epoch and `keras_mas.core.callbacks.TrainingDivergedError` is
     raised, naming λ and the stable limit. False trains on regardless.
     A setting of this Python object: saving does not keep it.
     """
@@ -327,7 +344,7 @@ class MASModel(keras.Model):
     See `stop_on_divergence`; everything else is Keras's `fit`.
 
     Raises:
-      keras_mas.callbacks.TrainingDivergedError: if the loss or the weights
+      keras_mas.core.callbacks.TrainingDivergedError: if the loss or the weights
         become NaN or infinite (the weights are restored first).
     """
     # `callbacks` is Keras's sixth positional argument.
@@ -335,7 +352,64 @@ class MASModel(keras.Model):
       args = args[:5] + (self._guarded(args[5]),) + args[6:]
     else:
       kwargs["callbacks"] = self._guarded(kwargs.get("callbacks"))
+    if self.preprocessor is not None:
+      args, kwargs = self._preprocessed_fit_arguments(args, kwargs)
     return super().fit(*args, **kwargs)
+
+  @property
+  def preprocessor(self):
+    """The preprocessor `fit`, `evaluate`, `predict` and `consolidate` apply
+    to raw inputs: a wrapped KerasHub task's own; None for other models."""
+    return None
+
+  def _preprocessed_fit_arguments(self, args, kwargs):
+    """`fit`'s arguments with the data as preprocessed batches."""
+    names = ("x", "y", "batch_size", "epochs", "verbose", "callbacks",
+             "validation_split", "validation_data", "shuffle")
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    if kwargs.get("validation_split"):
+      raise ValueError(
+          "Invalid value for argument `validation_split`. Expected 0 for a "
+          "model with a preprocessor: pass `validation_data` instead. "
+          f"Received: validation_split={kwargs['validation_split']!r}")
+    x = kwargs.pop("x", None)
+    shuffle = kwargs.pop("shuffle", True)
+    kwargs["x"] = preprocessing.preprocessed(
+        self.preprocessor, x, kwargs.pop("y", None),
+        kwargs.pop("sample_weight", None), kwargs.pop("batch_size", None),
+        shuffle=shuffle and not isinstance(x, tf.data.Dataset))
+    # The batches are shuffled above when they come from arrays; Keras
+    # cannot shuffle a pipeline (and warns when asked to).
+    kwargs["shuffle"] = False
+    validation = kwargs.get("validation_data")
+    if validation is not None:
+      if isinstance(validation, tf.data.Dataset):
+        kwargs["validation_data"] = preprocessing.preprocessed(
+            self.preprocessor, validation)
+      else:
+        vx, vy, vw = keras.utils.unpack_x_y_sample_weight(validation)
+        kwargs["validation_data"] = preprocessing.preprocessed(
+            self.preprocessor, vx, vy, vw,
+            kwargs.get("validation_batch_size"))
+    return (), kwargs
+
+  def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None,
+               **kwargs):
+    """`keras.Model.evaluate`; raw inputs go through `preprocessor`."""
+    if self.preprocessor is not None:
+      x = preprocessing.preprocessed(self.preprocessor, x, y, sample_weight,
+                                     batch_size)
+      y = batch_size = sample_weight = None
+    return super().evaluate(x, y, batch_size=batch_size,
+                            sample_weight=sample_weight, **kwargs)
+
+  def predict(self, x, batch_size=None, **kwargs):
+    """`keras.Model.predict`; raw inputs go through `preprocessor`."""
+    if self.preprocessor is not None:
+      x = preprocessing.preprocessed(self.preprocessor, x,
+                                     batch_size=batch_size, inputs_only=True)
+      batch_size = None
+    return super().predict(x, batch_size=batch_size, **kwargs)
 
   def _guarded(self, callbacks):
     if not self._stop_on_divergence:
@@ -483,7 +557,9 @@ class MASModel(keras.Model):
 
     Args:
       data: inputs to measure importance on; labels, if any, are ignored.
-        A batched `tf.data.Dataset` or an array (see `importance.mas`).
+        A batched `tf.data.Dataset` or an array (see `importance.mas`); for
+        a model with a `preprocessor`, the raw inputs it takes (strings,
+        images), preprocessed here.
       method: `"mas"` (global, default) or `"local_mas"` (Hebbian).
       strength: λ for the following tasks; `None` keeps the current value,
         which is 1.0 until set (here or with `model.strength`).
@@ -534,6 +610,10 @@ class MASModel(keras.Model):
           "Restore good weights (a `fit` that stops on divergence does), "
           "then consolidate. The existing importance and anchors were kept.")
 
+    if self.preprocessor is not None:
+      data = preprocessing.preprocessed(self.preprocessor, data,
+                                        batch_size=batch_size)
+      batch_size = None
     measured = ESTIMATORS[method](
         self, data, num_samples=num_samples, batch_size=batch_size, **options)
     by_id = dict(zip((id(v) for v in self.trainable_variables), measured))
@@ -587,110 +667,35 @@ class MASModel(keras.Model):
     return loss + tf.cast(self._aggregate_additional_loss(penalty), loss.dtype)
 
   def train_step(self, data):
-    """One step on `task loss + λ Σ Ω (θ − θ*)²`.
+    """One step on `task loss + λ Σ Ω (θ − θ*)²` (see `keras_mas.core.trainer`).
 
     The task loss is differentiated by the tape; the penalty's gradient
-    `2λΩ(θ − θ*)` is added in closed form, sharing `Ω(θ − θ*)` with the
-    penalty's value: a few element-wise operations per parameter instead of
-    a second trip through autodiff. In proximal mode the optimizer sees the
-    task gradient alone and `_proximal_update` applies the penalty.
+    `2λΩ(θ − θ*)` is added in closed form (`keras_mas.core.penalty`), or in
+    proximal mode applied as a proximal step after the optimizer's update;
+    Synaptic Intelligence's path integral, when tracked, reads each update.
     """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    rehearsal = self._rehearsal
-    if rehearsal is not None:
-      incoming = tf.shape(tf.nest.flatten(x)[0])[0]
-      x, y, sample_weight = rehearsal.join(x, y, sample_weight)
-    with tf.GradientTape() as tape:
-      if self._call_has_training_arg:
-        y_pred = self(x, training=True)
-      else:
-        y_pred = self(x)
-      task_loss = super().compute_loss(x, y, y_pred, sample_weight,
-                                       training=True)
-      scaled_loss = (self.optimizer.scale_loss(task_loss)
-                     if self.optimizer is not None else task_loss)
-    variables = self.trainable_variables
-    gradients = tape.gradient(scaled_loss, variables)
-    task_gradients = list(gradients)
+    return self._replica_logs(trainer.train_step(
+        self, data,
+        lambda x, y, y_pred, sample_weight: super(MASModel, self).compute_loss(
+            x, y, y_pred, sample_weight, training=True),
+        self._gradient_terms))
 
-    # A subclassed model that `fit` builds is built by the forward pass
-    # above, inside this trace; its MAS state is then created here, once.
+  def _gradient_terms(self):
+    # A subclassed model that `fit` builds is built by the forward pass,
+    # inside the trace; its MAS state is then created here, once.
     self._ensure_mas_state()
-    state = self._mas
-    proximal = self._proximal_step
-    strength = tf.cast(state.strength, "float32")
-    # The penalty's gradient meets the task gradient where it stands: scaled
-    # for loss scaling (mixed precision) and divided among replicas.
-    coefficient = 2.0 * strength * tf.cast(
-        self._aggregate_additional_loss(
-            self.optimizer.scale_loss(tf.ones((), "float32"))
-            if self.optimizer is not None else tf.ones((), "float32")),
-        "float32")
-    by_id = {id(v): i for i, v in enumerate(variables)}
-    slots = [by_id.get(id(v)) for v in state.targets]
-    interval = self._penalty_log_interval
-    if interval > 1:
-      due = tf.logical_or(
-          tf.equal(self.penalty_tracker.count, 0),
-          tf.equal(self.optimizer.iterations % interval, 0))
-    else:
-      due = None
-    # Variables no longer trainable (frozen since) count in the value only.
-    penalty, combined = _penalized_gradients(
-        [tf.cast(v, "float32") for v in state.targets],
-        [o.value for o in state.importances], [a.value for a in state.anchors],
-        [None if i is None else gradients[i] for i in slots],
-        [None if i is None or proximal else variables[i].dtype
-         for i in slots],
-        strength, coefficient, due)
-    for i, g in zip(slots, combined):
-      if g is not None:
-        gradients[i] = g
-
-    if due is None:
-      self.penalty_tracker.update_state(penalty)
-    else:
-      self.penalty_tracker.update_state(
-          penalty, sample_weight=tf.cast(due, "float32"))
-      penalty = tf.where(due, penalty, self.penalty_tracker.result())
-    self._loss_tracker.update_state(
-        _whole_batch_loss(task_loss) + penalty,
-        sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
-    self.task_loss_tracker.update_state(_whole_batch_loss(task_loss))
-    path = self._si_path
-    if path is not None:
-      path_step = path.before_step(
-          variables, task_gradients,
-          self.optimizer.scale_loss(tf.ones((), "float32")))
-    self.optimizer.apply_gradients(zip(gradients, variables))
-    if proximal:
-      self._proximal_update()
-    if path is not None:
-      path.after_step(path_step)
-    if rehearsal is not None:
-      rehearsal.update(x, y, y_pred, incoming)
-      x, y, y_pred = tf.nest.map_structure(lambda t: t[:incoming],
-                                           (x, y, y_pred))
-      if sample_weight is not None:
-        sample_weight = sample_weight[:incoming]
-    return self._replica_logs(
-        self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+    terms = [penalty_lib.PenaltyTerm(self._mas, self._proximal_step,
+                                     self._penalty_log_interval,
+                                     self.penalty_tracker)]
+    if self._si_path is not None:
+      terms.append(self._si_path)
+    return terms
 
   def test_step(self, data):
     return self._replica_logs(super().test_step(data))
 
   def _replica_logs(self, logs):
     return multi_worker.replica_logs(self._distribute_strategy, logs)
-
-  def _proximal_update(self):
-    state = self._mas
-    rate = tf.cast(self.optimizer.learning_rate, "float32") * 2.0 * tf.cast(
-        state.strength, "float32")
-    for v, omega, anchor in zip(state.targets, state.importances,
-                                state.anchors):
-      c = rate * omega
-      v.assign(tf.cast((tf.cast(v, "float32") + c * anchor) / (1.0 + c),
-                       v.dtype))
 
   @property
   def _proximal_step(self):
@@ -715,7 +720,7 @@ class MASModel(keras.Model):
       with strategy.scope():
         self._symbolic_build(data_batch=spec)
     elif iterator is not None and multi_worker.is_multi_worker(strategy):
-      # See `keras_mas.multi_worker` (keras-team/keras#20585).
+      # See `keras_mas.core.multi_worker` (keras-team/keras#20585).
       multi_worker.symbolic_build(self, strategy, iterator)
     else:
       super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
@@ -779,51 +784,23 @@ class FunctionalMASModel(MASModel, Functional):
     return model
 
 
+def _backbone_lora(model):
+  """`{"rank", "layers"}` of a KerasHub task's LoRA-enabled backbone, or None."""
+  backbone = getattr(model, "backbone", None)
+  if backbone is None or not hasattr(backbone, "enable_lora"):
+    return None
+  enabled = [layer for layer in backbone._flatten_layers(include_self=False)  # pylint: disable=protected-access
+             if getattr(layer, "lora_enabled", False)]
+  if not enabled:
+    return None
+  return {"rank": int(enabled[0].lora_rank),
+          "layers": sorted({layer.name for layer in enabled})}
+
+
 def _with_path_flag(model, config):
   if model._si_path is not None:
     config["track_path_integral"] = True
   return config
-
-
-def _penalized_gradients(values, importances, anchors, gradients, dtypes,
-                         strength, coefficient, due=None):
-  """`λ Σ Ω (θ − θ*)²` and each `g + c·Ω(θ − θ*)` whose `dtype` is given.
-
-  With `due` (a boolean tensor) the value is computed only where it holds,
-  0 elsewhere.
-
-  Memory-bound element-wise work, one TF kernel per operation on CPU (no
-  fusion without XLA): `Ω(θ − θ*)` is formed once and serves both, the
-  value is a product and a sum (a `tensordot`, a MatMul here, measured
-  slower), and the step is added to the task gradient here, where it is
-  made. XLA (`jit_compile`) fuses it all into one pass; measured on CPU
-  it did not win, and on GPU Keras compiles the whole train step with XLA.
-  """
-  pieces, combined = [], []
-  for v, omega, anchor, g, dtype in zip(values, importances, anchors,
-                                        gradients, dtypes):
-    drift = v - anchor
-    weighted = omega * drift
-    pieces.append((weighted, drift))
-    if dtype is None:
-      combined.append(None)
-    else:
-      step = tf.cast(coefficient * weighted, dtype)
-      combined.append(step if g is None else g + step)
-
-  def value():
-    if not pieces:
-      return tf.zeros((), "float32")
-    return strength * tf.add_n([tf.reduce_sum(w * d) for w, d in pieces])
-
-  if due is None:
-    return value(), combined
-  return tf.cond(due, value, lambda: tf.zeros((), "float32")), combined
-
-
-def _whole_batch_loss(loss):
-  """The per-replica task loss as a whole-batch value (see Keras trainer)."""
-  return loss_module.unscale_loss_for_distribution(loss)
 
 
 def _value(variable):
@@ -859,17 +836,30 @@ class WrappedMASModel(MASModel):
   def call(self, inputs, training=None):
     return self.model(inputs, training=training)
 
+  @property
+  def preprocessor(self):
+    return getattr(self.model, "preprocessor", None)
+
   def get_config(self):
     config = super().get_config()
     config["model"] = keras.saving.serialize_keras_object(self.model)
+    lora = _backbone_lora(self.model)
+    if lora is not None:
+      config["backbone_lora"] = lora
     return _with_path_flag(self, config)
 
   @classmethod
   def from_config(cls, config):
     config = dict(config)
     track = config.pop("track_path_integral", False)
-    model = cls(keras.saving.deserialize_keras_object(config.pop("model")),
-                **config)
+    lora = config.pop("backbone_lora", None)
+    inner = keras.saving.deserialize_keras_object(config.pop("model"))
+    if lora is not None:
+      # A KerasHub backbone's config does not keep its LoRA: enable it again
+      # before the MAS state is made for what trains, and weights load.
+      inner.backbone.enable_lora(lora["rank"],
+                                 target_layer_names=lora["layers"])
+    model = cls(inner, **config)
     if track:
       model.track_path_integral()
     return model

@@ -1,0 +1,137 @@
+"""The MAS penalty `λ Σ Ω (θ − θ*)²` inside the train step.
+
+Its value (logged as `mas_penalty` and added to `loss`), its gradient
+`2λΩ(θ − θ*)` in closed form (added to the task gradient, no second trip
+through autodiff), and the proximal step that replaces the gradient in
+`penalty_mode="proximal"`. `PenaltyTerm` is the penalty as one term of
+`keras_mas.core.trainer`'s step; backend-specific code is TensorFlow's here.
+"""
+
+import tensorflow as tf
+
+__all__ = ["PENALTY_MODES", "PenaltyTerm", "penalized_gradients",
+           "proximal_step"]
+
+PENALTY_MODES = ("gradient", "proximal")
+
+
+def penalized_gradients(values, importances, anchors, gradients, dtypes,
+                        strength, coefficient, due=None):
+  """`λ Σ Ω (θ − θ*)²` and each `g + c·Ω(θ − θ*)` whose `dtype` is given.
+
+  `Ω(θ − θ*)` is formed once and serves both the value and the gradient,
+  and the gradient is added to the task gradient where it is made: the work
+  is element-wise and memory-bound (see benchmarks/RESULTS.md).
+
+  Args:
+    values: θ, float32 tensors.
+    importances: Ω, one per value.
+    anchors: θ*, one per value.
+    gradients: the task gradient of each value, or None.
+    dtypes: the dtype to add the penalty's gradient in, or None for a value
+      whose gradient is not wanted (not trainable, or proximal mode).
+    strength: λ, a float32 scalar tensor.
+    coefficient: the factor of `Ω(θ − θ*)` in the gradient (2λ, scaled).
+    due: a boolean scalar tensor; the value is computed only where it
+      holds, 0 elsewhere. None: always.
+
+  Returns:
+    `(value, gradients)`: the penalty and the combined gradients (None
+    where `dtype` is None).
+  """
+  pieces, combined = [], []
+  for v, omega, anchor, g, dtype in zip(values, importances, anchors,
+                                        gradients, dtypes):
+    drift = v - anchor
+    weighted = omega * drift
+    pieces.append((weighted, drift))
+    if dtype is None:
+      combined.append(None)
+    else:
+      step = tf.cast(coefficient * weighted, dtype)
+      combined.append(step if g is None else g + step)
+
+  def value():
+    if not pieces:
+      return tf.zeros((), "float32")
+    return strength * tf.add_n([tf.reduce_sum(w * d) for w, d in pieces])
+
+  if due is None:
+    return value(), combined
+  return tf.cond(due, value, lambda: tf.zeros((), "float32")), combined
+
+
+def proximal_step(targets, importances, anchors, rate):
+  """Moves each θ to the minimiser of its quadratic: `(θ + cθ*) / (1 + c)`.
+
+  Args:
+    targets: the variables θ.
+    importances: Ω, one per target.
+    anchors: θ*, one per target.
+    rate: `2·η·λ`, so that `c = rate·Ω`.
+  """
+  for v, omega, anchor in zip(targets, importances, anchors):
+    c = rate * omega
+    v.assign(tf.cast((tf.cast(v, "float32") + c * anchor) / (1.0 + c),
+                     v.dtype))
+
+
+class PenaltyTerm:
+  """The penalty as a term of the train step (see `keras_mas.core.trainer`).
+
+  Args:
+    state: the model's MAS state (targets, importances, anchors, strength).
+    proximal: apply the penalty as a proximal step after the update instead
+      of through the gradient.
+    log_interval: compute the value every this many steps (and whenever the
+      penalty tracker is empty); 1: every step.
+    penalty_tracker: the `mas_penalty` metric, whose mean stands in on the
+      steps that skip the value.
+  """
+
+  def __init__(self, state, proximal, log_interval, penalty_tracker):
+    self.state = state
+    self.proximal = proximal
+    self.log_interval = log_interval
+    self.penalty_tracker = penalty_tracker
+
+  def before_update(self, step):
+    """Adds `2λΩ(θ − θ*)` to `step.gradients`; sets `step.penalty`."""
+    state = self.state
+    strength = tf.cast(state.strength, "float32")
+    # The penalty's gradient meets the task gradient where it stands: scaled
+    # for loss scaling (mixed precision) and divided among replicas.
+    coefficient = 2.0 * strength * tf.cast(step.gradient_scale, "float32")
+    by_id = {id(v): i for i, v in enumerate(step.variables)}
+    slots = [by_id.get(id(v)) for v in state.targets]
+    due = None
+    if self.log_interval > 1:
+      due = tf.logical_or(
+          tf.equal(self.penalty_tracker.count, 0),
+          tf.equal(step.optimizer.iterations % self.log_interval, 0))
+    # Variables no longer trainable (frozen since) count in the value only.
+    penalty, combined = penalized_gradients(
+        [tf.cast(v, "float32") for v in state.targets],
+        [o.value for o in state.importances], [a.value for a in state.anchors],
+        [None if i is None else step.gradients[i] for i in slots],
+        [None if i is None or self.proximal else step.variables[i].dtype
+         for i in slots],
+        strength, coefficient, due)
+    for i, g in zip(slots, combined):
+      if g is not None:
+        step.gradients[i] = g
+    if due is None:
+      self.penalty_tracker.update_state(penalty)
+    else:
+      self.penalty_tracker.update_state(
+          penalty, sample_weight=tf.cast(due, "float32"))
+      penalty = tf.where(due, penalty, self.penalty_tracker.result())
+    step.penalty = penalty
+
+  def after_update(self, step):
+    """The proximal step, in proximal mode."""
+    if self.proximal:
+      state = self.state
+      rate = tf.cast(step.optimizer.learning_rate, "float32") * 2.0 * tf.cast(
+          state.strength, "float32")
+      proximal_step(state.targets, state.importances, state.anchors, rate)

@@ -1,0 +1,367 @@
+"""run_stream: a task sequence learned as one stream, task-free, and scored.
+
+The tasks' training data become one stream of small batches with hidden
+boundaries (`keras_mas.data.streams`), learned by one `model.fit` with a
+`keras_mas.task_free.TaskFreeConsolidation` callback, and scored at the
+hidden boundaries against online fine-tuning, experience replay and MAS
+told the true boundaries.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.data import streams as streams_lib
+from keras_mas.experiments import architectures
+from keras_mas.experiments import export as export_lib
+from keras_mas.experiments import methods as methods_lib
+from keras_mas.experiments import metrics as metrics_lib
+from keras_mas.experiments import sequential as training
+from keras_mas.task_free import _checks
+from keras_mas.task_free import consolidation
+from keras_mas.task_free import hard_buffer
+
+__all__ = ["METHODS", "accuracies", "format_results", "run_stream"]
+
+# What `run_stream` compares, on the same stream and buffer size:
+# task-free MAS; online fine-tuning (no buffer, no penalty); experience
+# replay (the hard buffer rehearsed, no penalty); MAS consolidating on the
+# buffer at the true (oracle) boundaries (see `keras_mas.experiments.methods`).
+METHODS = methods_lib.names(task_free=True)
+
+TaskFreeConsolidation = consolidation.TaskFreeConsolidation
+LossWindow = consolidation.LossWindow
+fit_stream = consolidation.fit_stream
+DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
+
+
+def accuracies(model, sequence, trained=None, batch_size=256):
+  """Test accuracy on every task of `sequence`, one `predict` in all.
+
+  Domain-incremental: the shared head. Class-incremental: over every class
+  of tasks `0..trained` (and, for a later task, up to its own classes), as
+  `keras_mas.experiments.sequential` scores a task-aware run.
+  """
+  tasks = sequence.tasks
+  seen = max(t.stop for t in tasks[:trained + 1]) if trained is not None else 0
+  logits = model.predict(np.concatenate([t.x_test for t in tasks]),
+                         batch_size=batch_size, verbose=0)
+  result = []
+  for task, part in zip(tasks, np.split(
+      logits, np.cumsum([len(t.x_test) for t in tasks])[:-1])):
+    stop = max(task.stop, seen) if sequence.scenario == "class" else task.stop
+    predicted = task.start + np.argmax(part[:, task.start:stop], axis=-1)
+    result.append(float(np.mean(
+        predicted == task.y_test + task.label_offset + task.start)))
+  return result
+
+
+class _EachIncomingBatch(keras.callbacks.Callback):
+  """Calls `on_step(step)` once per incoming batch, after `task_free`."""
+
+  def __init__(self, task_free):
+    super().__init__()
+    self.task_free = task_free
+    self._last = None
+
+  def on_train_begin(self, logs=None):
+    self._last = self.task_free.step  # Resumed: that step is done.
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = self.task_free.step
+    if step != self._last:
+      self._last = step
+      self.on_step(step)
+
+  def on_step(self, step):
+    raise NotImplementedError
+
+
+class _BoundaryAccuracy(_EachIncomingBatch):
+  """Row `i` of the accuracy matrix after step `boundaries[i]`; logged as a
+  task-aware run logs it when `log_dir` is given."""
+
+  def __init__(self, task_free, sequence, boundaries, log_dir=None):
+    super().__init__(task_free)
+    self.sequence, self.boundaries = sequence, list(boundaries)
+    self.matrix = np.full((len(boundaries),) * 2, np.nan)
+    self.baseline = None
+    self.log_dir = log_dir
+    self._writer = None
+
+  def on_step(self, step):
+    for i, boundary in enumerate(self.boundaries):
+      if boundary == step:
+        self.matrix[i] = accuracies(self.model, self.sequence, trained=i)
+        if self.log_dir is not None and self.baseline is not None:
+          if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+          so_far = metrics_lib.summarize(self.matrix[:i + 1, :i + 1],
+                                         self.baseline[:i + 1])
+          callbacks_lib.log_accuracy_matrix(self._writer, self.matrix,
+                                            so_far, step=i)
+          self._writer.flush()
+
+
+def run_stream(sequence, method="mas", workdir=None, batch_size=10,
+               transition_steps=0, buffer_size=DEFAULT_BUFFER_SIZE,
+               strength=1.0, learning_rate=1e-3, optimizer="adam",
+               model="mlp", hidden_units=128, updates_per_batch=3,
+               window=None, seed=0, callbacks=None, checkpoint_every=None,
+               resume=False, verbose=0):
+  """Learns `sequence` as one stream with hidden boundaries; scores it.
+
+  The tasks' training data become one stream of small batches
+  (`keras_mas.data.streams.from_sequence`), learned by one `model.fit` with a
+  `TaskFreeConsolidation` callback; the learner never hears where a task
+  ends. The accuracy matrix is still measured at the hidden boundaries,
+  so the result compares with a task-aware run: `R[i][j]` = test accuracy
+  on task `j` at the end of task `i`'s stretch. Every method runs the same
+  `fit`: `mas` (the detector consolidates on the buffer), `mas_oracle`
+  (consolidates on the buffer at the true boundaries), `replay` (the
+  buffer rehearsed, never consolidated), `finetune` (no rehearsal).
+
+  Example:
+
+  ```python
+  sequence = keras_mas.data.tasks.make_sequence("digits", "split", "domain", 5)
+  results = keras_mas.task_free.run_stream(sequence, method="mas")
+  print(results["acc"], results["forgetting"], results["consolidations"])
+  ```
+
+  Args:
+    sequence: a domain- or class-incremental `keras_mas.data.tasks.TaskSequence`.
+    method: one of `METHODS`.
+    workdir: if given, `results.json`, TensorBoard logs (`tensorboard/`,
+      the stream's scalars under `stream/`) and the final model as a
+      SavedModel (`export/`) are written there.
+    batch_size: samples per incoming batch.
+    transition_steps: blur each change over this many batches.
+    buffer_size: samples in the hard buffer (all methods but `finetune`
+      train on it).
+    strength: λ of the MAS penalty.
+    learning_rate: optimizer learning rate.
+    optimizer: a Keras optimizer name.
+    model: an architecture name (see `architectures.build`).
+    hidden_units: hidden width of the `mlp` and `cnn`.
+    updates_per_batch: train steps on each incoming batch.
+    window: a `LossWindow` (default: the documented defaults).
+    seed: seeds the model, the stream's blur and training.
+    callbacks: more Keras callbacks for the `fit` (their batch index
+      counts train steps, `updates_per_batch` per incoming batch).
+    checkpoint_every: with `workdir`, write a checkpoint every this many
+      incoming batches into `workdir/checkpoint/` (the model with its
+      optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
+      the online record), replaced whole each time.
+    resume: continue the run whose checkpoint is in `workdir` (same
+      arguments); the result equals that of an uninterrupted run.
+    verbose: 1 prints the table at the end.
+
+  Returns:
+    A dict: `method`, `dataset`, `recipe`, `scenario`, `tasks`,
+    `accuracy_matrix`, `baseline`, `acc`, `bwt`, `fwt`, `forgetting`,
+    `boundaries` (true steps), `consolidations` (steps), `peaks`,
+    `plateaus`, `online_accuracy` (prequential, whole stream),
+    `online_accuracy_per_task` (over each task's stretch), `num_steps`,
+    `config`, `seconds`.
+
+  Raises:
+    ValueError: naming the argument, before any training; for `resume`, if
+      the checkpoint is missing, damaged or of other arguments; without
+      `resume`, if `workdir` holds a checkpoint.
+  """
+  methods_lib.get(method, task_free=True)  # Raises for another name.
+  training.validate_learning_rate(learning_rate)
+  stream = streams_lib.from_sequence(sequence, batch_size=batch_size,
+                                     transition_steps=transition_steps,
+                                     seed=seed)
+  window = window if window is not None else LossWindow()
+  consolidate_at = {"mas": "plateaus", "mas_oracle": stream.boundaries[:-1],
+                    "finetune": None, "replay": None}[method]
+  log_dir = None if workdir is None else os.path.join(workdir, "tensorboard")
+  task_free = TaskFreeConsolidation(
+      buffer_size=buffer_size, window=window,
+      rehearse=method != "finetune", consolidate_at=consolidate_at or None,
+      updates_per_batch=updates_per_batch, log_dir=log_dir)
+  if (checkpoint_every is not None or resume) and workdir is None:
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a directory for "
+        "checkpoint_every or resume. Received: workdir=None")
+  if checkpoint_every is not None:
+    checkpoint_every = _checks.positive_int("checkpoint_every",
+                                           checkpoint_every)
+  checkpoint_dir = (None if workdir is None
+                    else os.path.join(workdir, _CHECKPOINT))
+  if checkpoint_dir is not None and not resume and os.path.isdir(
+      checkpoint_dir):
+    raise ValueError(
+        "Invalid value for argument `workdir`. Expected a directory without "
+        "a stream checkpoint, or resume=True to continue it. Received: "
+        f"workdir={workdir!r} holding {checkpoint_dir}")
+  net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
+                            hidden_units=hidden_units, seed=seed)
+  try:
+    opt = keras.optimizers.get({"class_name": optimizer,
+                                "config": {"learning_rate": learning_rate}})
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
+        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
+    ) from e
+  # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
+  # no XLA: the joined batch grows while the buffer fills.
+  net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True), metrics=["accuracy"], jit_compile=False)
+  net.strength = strength
+  config = {"method": method, "batch_size": int(batch_size),
+            "transition_steps": int(transition_steps),
+            "buffer_size": int(buffer_size), "strength": float(strength),
+            "learning_rate": float(learning_rate), "optimizer": optimizer,
+            "model": model, "hidden_units": int(hidden_units),
+            "updates_per_batch": int(updates_per_batch),
+            "window": window.get_config(), "seed": int(seed)}
+  evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
+                                 log_dir)
+  first_step, seconds_before = 0, 0.0
+  if resume:
+    net, state = _read_checkpoint(checkpoint_dir, config)
+    task_free.set_state(state)
+    baseline = state["baseline"]
+    evaluation.matrix = np.array(
+        [[np.nan if v is None else v for v in row] for row in state["matrix"]],
+        dtype="float64")
+    first_step, seconds_before = task_free.step, state["seconds"]
+  else:
+    baseline = accuracies(net, sequence)
+  evaluation.baseline = baseline
+  listed = [evaluation] + list(callbacks or [])
+  if checkpoint_every is not None:
+    listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,
+                                    task_free, evaluation, baseline,
+                                    stream.num_steps, seconds_before))
+  keras.utils.set_random_seed(seed)
+  started = time.perf_counter()
+  fit_stream(net, stream.as_dataset().skip(first_step), task_free,
+             callbacks=listed)
+  seconds = seconds_before + time.perf_counter() - started
+  matrix = evaluation.matrix
+  starts = [0] + stream.boundaries[:-1]
+  per_task = []
+  for start, stop in zip(starts, stream.boundaries):
+    part = task_free.online_correct[start:stop]
+    per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
+  results = {
+      "method": method, "dataset": sequence.dataset,
+      "recipe": sequence.recipe, "scenario": sequence.scenario,
+      "tasks": [t.name for t in sequence.tasks],
+      "accuracy_matrix": matrix.tolist(), "baseline": baseline,
+      **metrics_lib.summarize(matrix, baseline),
+      "boundaries": list(stream.boundaries),
+      "consolidations": list(task_free.consolidations),
+      "peaks": list(task_free.window.peaks[1:]),
+      "plateaus": list(task_free.window.plateaus),
+      "online_accuracy": task_free.online_accuracy,
+      "online_accuracy_per_task": per_task,
+      "num_steps": stream.num_steps, "config": config, "seconds": seconds,
+  }
+  if workdir is not None:
+    os.makedirs(workdir, exist_ok=True)
+    heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
+             if sequence.scenario == "class" else None)
+    export_lib.export_serving(net, os.path.join(workdir, "export"),
+                              sequence.input_shape, heads=heads)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  if verbose:
+    print(format_results([results]))
+  return results
+
+
+_CHECKPOINT = "checkpoint"
+
+
+class _StreamCheckpoint(_EachIncomingBatch):
+  """Every `every` incoming batches: the model and the stream's state."""
+
+  def __init__(self, directory, every, config, task_free, evaluation,
+               baseline, num_steps, seconds_before):
+    super().__init__(task_free)
+    self.directory, self.every, self.config = directory, every, config
+    self.evaluation = evaluation
+    self.baseline, self.num_steps = baseline, num_steps
+    self.started = time.perf_counter() - seconds_before
+
+  def on_step(self, step):
+    if step % self.every or step >= self.num_steps:
+      return
+    state = self.task_free.get_state()
+    parent = os.path.dirname(self.directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".checkpoint.partial-", dir=parent)
+    self.model.save(os.path.join(staging, "model.keras"))
+    np.savez(os.path.join(staging, "buffer.npz"),
+             **{k: v for k, v in state["buffer"].items() if v is not None})
+    with open(os.path.join(staging, "state.json"), "w") as f:
+      json.dump({"config": self.config, "stream": state["stream"],
+                 "baseline": self.baseline,
+                 "matrix": [[None if np.isnan(v) else float(v) for v in row]
+                            for row in self.evaluation.matrix],
+                 "seconds": time.perf_counter() - self.started}, f)
+    # The old checkpoint goes only once the new one is whole.
+    old = None
+    if os.path.isdir(self.directory):
+      old = self.directory + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(self.directory, old)
+    os.rename(staging, self.directory)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(directory, config):
+  """`(model, state)` of a stream checkpoint, checked against `config`."""
+  if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
+    directory += ".old"  # Interrupted between the two renames.
+  try:
+    with open(os.path.join(directory, "state.json")) as f:
+      state = json.load(f)
+    with np.load(os.path.join(directory, "buffer.npz")) as saved:
+      buffer = {k: saved[k] for k in ("inputs", "labels", "losses")
+                if k in saved}
+    model = keras.models.load_model(os.path.join(directory, "model.keras"),
+                                    safe_mode=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `resume`. Expected a readable stream "
+        f"checkpoint in {directory}. Received: {type(e).__name__}: {e}"
+    ) from e
+  if state.get("config") != config:
+    stored = state.get("config") or {}
+    changed = sorted(k for k in set(config) | set(stored)
+                     if stored.get(k) != config.get(k))
+    raise ValueError(
+        "Invalid value for argument `resume`. The checkpoint was made with "
+        "other arguments; differing: "
+        + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
+                    for k in changed))
+  state["buffer"] = buffer or {"inputs": None}
+  return model, state
+
+
+def format_results(results):
+  """One line per run: ACC, BWT, forgetting, online accuracy, consolidations."""
+  lines = [f"{'method':<11} {'ACC':>6} {'BWT':>7} {'forget':>7} "
+           f"{'online':>7}  consolidations (true boundaries)"]
+  for r in results:
+    lines.append(
+        f"{r['method']:<11} {r['acc']:6.3f} {r['bwt']:+7.3f} "
+        f"{r['forgetting']:7.3f} {r['online_accuracy']:7.3f}  "
+        f"{r['consolidations']} ({r['boundaries'][:-1]})")
+  return "\n".join(lines)
