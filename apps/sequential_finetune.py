@@ -38,8 +38,10 @@ _DATASET = flags.DEFINE_string(
     "--recipe=datasets.")
 _TASK_DIRS = flags.DEFINE_list(
     "task_dirs", None,
-    "The user's tasks: image folders, one per task, each with one subfolder "
-    "per class (optionally train/ and test/); replaces --dataset/--recipe.")
+    "The user's tasks: folders of images or of .txt files, one per task "
+    "(one folder: the --init_model plus one new task), each with one "
+    "subfolder per class (optionally train/ and test/); replaces "
+    "--dataset/--recipe.")
 _TASK_SPEC = flags.DEFINE_string(
     "task_spec", None,
     "The user's tasks as tf.data pipelines or TFRecord files, streamed: a "
@@ -49,8 +51,13 @@ _IMAGE_SIZE = flags.DEFINE_list(
     "image_size", None, "HEIGHT,WIDTH images of --task_dirs are resized to; "
     "default: --init_model's input size.")
 _INIT_MODEL = flags.DEFINE_string(
-    "init_model", None, "Start from this trained .keras model (its weights, "
-    "input size and outputs) instead of --model.")
+    "init_model", None, "Start from this trained model instead of --model: "
+    "a .keras file (its weights, input size and outputs) or a KerasHub "
+    "preset directory holding a task model (a TextClassifier, "
+    "ImageClassifier, ...), whose preprocessor then takes the raw data.")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", None, "With a KerasHub --init_model: train LoRA factors of "
+    "this rank (and the head) instead of the whole backbone.", lower_bound=1)
 _IMPORTANCE_DATA = flags.DEFINE_string(
     "importance_data", None,
     "Data --init_model was deployed on, to measure importance on before the "
@@ -190,6 +197,17 @@ def _main():
     importance_data = sources.load_importance_data(
         _IMPORTANCE_DATA.value, sequence.input_shape, seed=_SEED.value,
         data_dir=_DATA_DIR.value)
+  try:
+    _run_sequence(sequence, init_model, importance_data, strategy)
+  except ValueError as e:
+    if init_model is None or "argument `model`" not in str(e):
+      raise
+    # The library's `model` is the user's --init_model here.
+    raise ValueError(str(e).replace("argument `model`",
+                                    "argument `init_model`")) from e
+
+
+def _run_sequence(sequence, init_model, importance_data, strategy):
   training.run_sequence(
       sequence, _WORKDIR.value, method=_METHOD.value,
       strength=_STRENGTH.value, penalty_mode=_PENALTY.value,
@@ -203,6 +221,7 @@ def _main():
       fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
       resume=_RESUME.value, strategy=strategy,
       importance_data=importance_data, batch_norm=_BATCH_NORM.value,
+      lora_rank=_LORA_RANK.value,
       verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
@@ -211,7 +230,8 @@ def _main():
 def _stream(sequence):
   """--task_boundaries=none: the sequence as one stream, task-free."""
   unsupported = [f"--{f.name}" for f in (
-      _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES)
+      _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES,
+      _LORA_RANK)
                  if f.value] + (["--distribution"] if _DISTRIBUTION.value !=
                                 "none" else [])
   if sequence.streaming:
@@ -236,7 +256,12 @@ def _stream(sequence):
 
 def _image_size(init_model):
   """`(height, width)` and channels for --task_dirs, from flags or model."""
-  fixed = tuple(init_model.inputs[0].shape[1:]) if init_model else None
+  if getattr(init_model, "preprocessor", None) is not None:
+    # The model's preprocessor takes the raw data (text, or images of any
+    # size it resizes).
+    fixed = None
+  else:
+    fixed = tuple(init_model.inputs[0].shape[1:]) if init_model else None
   if _IMAGE_SIZE.value:
     try:
       size = tuple(int(v) for v in _IMAGE_SIZE.value)
@@ -255,7 +280,7 @@ def _image_size(init_model):
           f"image_size={size}")
   elif fixed and len(fixed) == 3 and None not in fixed[:2]:
     size = fixed[:2]
-  elif _TASK_DIRS.value:
+  elif _TASK_DIRS.value and getattr(init_model, "preprocessor", None) is None:
     raise ValueError(
         "Invalid value for argument `image_size`. Expected HEIGHT,WIDTH for "
         "--task_dirs when no --init_model fixes it. Received: none")

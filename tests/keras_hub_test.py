@@ -113,3 +113,98 @@ def test_keras_round_trip_keeps_the_state_and_the_preprocessor(preset,
   np.testing.assert_allclose(restored.predict(_TASK_B[0], verbose=0),
                              net.predict(_TASK_B[0], verbose=0), rtol=1e-5)
   assert os.path.getsize(path) > 0
+
+
+# --- The app: a local preset, LoRA, one new text folder. -------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_APP = os.path.join(_ROOT, "apps", "sequential_finetune.py")
+
+
+def _text_folder(folder, texts, labels, names=("negative", "positive")):
+  for k, (text, label) in enumerate(zip(texts, labels)):
+    os.makedirs(os.path.join(folder, names[label]), exist_ok=True)
+    with open(os.path.join(folder, names[label], f"{k}.txt"), "w",
+              encoding="utf-8") as f:
+      f.write(text)
+
+
+def _run_app(*flags):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, _APP, *flags], capture_output=True,
+                        text=True, env=env, timeout=600, check=False)
+
+
+@pytest.fixture(name="text_data")
+def _text_data(tmp_path):
+  _text_folder(str(tmp_path / "old"), *_TASK_A)
+  _text_folder(str(tmp_path / "new"), *_TASK_B)
+  _text_folder(str(tmp_path / "three"), ["good", "bad", "plot"] * 4,
+               [0, 1, 2] * 4, names=("a", "b", "c"))
+  return tmp_path
+
+
+def test_app_adapts_a_preset_with_lora_to_one_new_text_folder(preset,
+                                                              text_data):
+  workdir = str(text_data / "run")
+  done = _run_app(f"--workdir={workdir}", f"--init_model={preset}",
+                  "--lora_rank=2", f"--task_dirs={text_data / 'new'}",
+                  f"--importance_data={text_data / 'old'}", "--scenario=domain",
+                  "--epochs=2", "--batch_size=8", "--strength=1")
+  assert done.returncode == 0, done.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["tasks"] == ["new"]
+  assert results["config"]["lora_rank"] == 2
+  assert len(results["importance_data_accuracy"]) == 2
+  assert "accuracy on the importance data: before" in done.stdout
+  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
+  served = tf.saved_model.load(os.path.join(workdir, "export", "task_0"))
+  logits = served.serve(tf.constant(["good movie", "the cat sat"]))
+  assert tuple(logits.shape) == (2, 2)
+  # The checkpoint holds the LoRA model: it resumes as it was.
+  again = _run_app(f"--workdir={workdir}", f"--init_model={preset}",
+                   "--lora_rank=2", f"--task_dirs={text_data / 'new'}",
+                   f"--importance_data={text_data / 'old'}",
+                   "--scenario=domain", "--epochs=2", "--batch_size=8",
+                   "--strength=1", "--resume")
+  assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--init_model": "{backbone}"}, "argument `init_model`.*backbone alone"),
+    ({"--task_dirs": "{data}/three"}, "argument `init_model`.*at least 3"),
+    ({"--init_model": "{image_model}"}, "argument `init_model`.*text"),
+    ({"--task_dirs": "{images}", "--image_size": "8,8"},
+     "argument `init_model`.*preprocessor takes the tasks' inputs \\(images"),
+    ({"--lora_rank": "0"}, "lora_rank"),
+])
+def test_app_bad_hub_input_fails_before_training(preset, text_data, change,
+                                                 message):
+  import re  # pylint: disable=g-import-not-at-top
+  backbone = str(text_data / "backbone_preset")
+  keras_hub.models.Backbone.from_preset(preset).save_to_preset(backbone)
+  image_model = str(text_data / "mlp.keras")
+  keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                    keras.layers.Dense(2)]).save(image_model)
+  images = str(text_data / "images")
+  for c in ("a", "b"):
+    os.makedirs(os.path.join(images, c))
+    for i in range(4):
+      keras.utils.save_img(os.path.join(images, c, f"{i}.png"),
+                           np.full((8, 8, 1), 40 * i, "uint8"), scale=False)
+  flags = {"--workdir": "{data}/run", "--init_model": preset,
+           "--task_dirs": "{data}/new", "--scenario": "domain",
+           "--epochs": "1", "--verbose": "0", **change}
+  done = _run_app(*(f"{k}=" + v.format(data=text_data, backbone=backbone,
+                                        image_model=image_model,
+                                        images=images)
+                    for k, v in flags.items()))
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  lines = [l for l in done.stderr.splitlines() if re.search(message, l)]
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert not os.path.exists(str(text_data / "run"))

@@ -34,6 +34,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _TEST_FRACTION = 0.25
 _COLOR_MODES = {1: "grayscale", 3: "rgb", 4: "rgba"}
 _IMAGE_TYPES = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+_TEXT_TYPES = (".txt",)
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): big-endian values.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4",
               0x0D: ">f4", 0x0E: ">f8"}
@@ -200,55 +201,146 @@ def load_image_folder(directory, image_size, channels=3, seed=0,
     dataset = keras.utils.image_dataset_from_directory(
         directory, labels=None, **options)
     return _images_from(dataset, labeled=False)[0], None, None, None, []
+
+  def read(folder):
+    dataset = keras.utils.image_dataset_from_directory(folder, **options)
+    x, y = _images_from(dataset)
+    return x, y, list(dataset.class_names)
+
+  return _split_folder(directory, read, seed, argument)
+
+
+def folder_kind(directory):
+  """`"text"` or `"images"`: what the files under `directory` hold.
+
+  Raises:
+    ValueError: naming `task_dirs`, for a missing folder, one with both
+      text and image files, or neither.
+  """
+  if not os.path.isdir(directory):
+    raise ValueError(
+        "Invalid value for argument `task_dirs`. Expected a folder of "
+        f"images or text files. Received: {directory!r} (no such folder)")
+  names = [f.lower() for _, _, files in os.walk(directory) for f in files]
+  texts = sum(n.endswith(_TEXT_TYPES) for n in names)
+  images = sum(n.endswith(_IMAGE_TYPES) for n in names)
+  if bool(texts) == bool(images):
+    raise ValueError(
+        "Invalid value for argument `task_dirs`. Expected a folder of "
+        f"images ({', '.join(_IMAGE_TYPES)}) or of text files "
+        f"({', '.join(_TEXT_TYPES)}). Received: {directory!r} with "
+        f"{images} images and {texts} text files")
+  return "text" if texts else "images"
+
+
+def load_text_folder(directory, seed=0, labels=True, argument="task_dirs"):
+  """Loads a folder of text files, one subfolder per class, as strings.
+
+  Read with `keras.utils.text_dataset_from_directory`; a folder holding
+  `train/` and `test/` subfolders keeps that split, otherwise a seeded
+  quarter is held out for testing (as `load_image_folder` does).
+
+  Args:
+    directory: the folder.
+    seed: seeds the train/test split.
+    labels: False reads every file (subfolders included) unlabeled, and
+      returns `(x, None, None, None, [])`.
+    argument: the argument errors name.
+
+  Returns:
+    `(x_train, y_train, x_test, y_test, class_names)`: arrays of Python
+    strings, int64 labels indexing the sorted `class_names`.
+
+  Raises:
+    ValueError: naming the folder, for a missing folder, one without class
+      subfolders or text files, or `train/` and `test/` of other classes.
+  """
+  import keras  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(directory):
+    raise ValueError(
+        f"Invalid value for argument `{argument}`. Expected a folder of text "
+        f"files. Received: {directory!r} (no such folder)")
+  options = dict(batch_size=None, shuffle=False, verbose=False)
+
+  def read(folder, with_labels=True):
+    dataset = keras.utils.text_dataset_from_directory(
+        folder, labels="inferred" if with_labels else None, **options)
+    if not with_labels:
+      return _strings(list(dataset.as_numpy_iterator())), None, []
+    pairs = list(dataset.as_numpy_iterator())
+    return (_strings([p[0] for p in pairs]),
+            np.array([p[1] for p in pairs], "int64"),
+            list(dataset.class_names))
+
+  if not labels:
+    x, _, _ = read(directory, with_labels=False)
+    return x, None, None, None, []
+  return _split_folder(directory, read, seed, argument)
+
+
+def _strings(values):
+  return np.array([v.decode("utf-8") if isinstance(v, bytes) else v
+                   for v in values], dtype=object)
+
+
+def _split_folder(directory, read, seed, argument):
+  """A labelled folder's train and test parts: `train/` and `test/`, or a
+  seeded quarter held out."""
   subfolders = sorted(e for e in os.listdir(directory)
                       if os.path.isdir(os.path.join(directory, e)))
   if not subfolders:
     raise ValueError(
         f"Invalid value for argument `{argument}`. Expected one subfolder per "
-        f"class in {directory!r}. Received: images but no subfolders")
+        f"class in {directory!r}. Received: files but no subfolders")
   if {"train", "test"} <= set(subfolders):
-    parts = [keras.utils.image_dataset_from_directory(
-        os.path.join(directory, split), **options)
-             for split in ("train", "test")]
-    names = [p.class_names for p in parts]
-    if names[0] != names[1]:
+    (x_tr, y_tr, names), (x_te, y_te, test_names) = (
+        read(os.path.join(directory, split)) for split in ("train", "test"))
+    if names != test_names:
       raise ValueError(
           f"Invalid value for argument `{argument}`. Expected the same class "
           f"subfolders in train/ and test/ of {directory!r}. Received: "
-          f"{names[0]} and {names[1]}")
-    (x_tr, y_tr), (x_te, y_te) = (_images_from(p) for p in parts)
-    return x_tr, y_tr, x_te, y_te, list(names[0])
-  dataset = keras.utils.image_dataset_from_directory(directory, **options)
-  x, y = _images_from(dataset)
+          f"{names} and {test_names}")
+    return x_tr, y_tr, x_te, y_te, names
+  x, y, names = read(directory)
   if len(x) < 2:
     raise ValueError(
         f"Invalid value for argument `{argument}`. Expected two or more "
-        f"images in {directory!r} (a train and a test part). Received: "
+        f"files in {directory!r} (a train and a test part). Received: "
         f"{len(x)}")
   order = np.random.default_rng(seed).permutation(len(x))
   n_test = max(1, int(len(x) * _TEST_FRACTION))
   test, train = order[:n_test], order[n_test:]
-  return x[train], y[train], x[test], y[test], list(dataset.class_names)
+  return x[train], y[train], x[test], y[test], names
 
 
 def load_model(path):
-  """Loads the user's trained `.keras` model, running none of its code.
+  """Loads the user's trained model: a `.keras` file or a KerasHub preset.
+
+  A `.keras` file loads in safe mode (none of its code runs). A directory
+  is a KerasHub preset (`save_to_preset`, or a downloaded one) holding a
+  task model (`task.json`: a `TextClassifier`, `CausalLM`,
+  `ImageClassifier`, ...), loaded with its preprocessor by its own class's
+  `from_preset`.
 
   Args:
-    path: a `.keras` file.
+    path: a `.keras` file or a preset directory.
 
   Returns:
     The `keras.Model`.
 
   Raises:
-    ValueError: naming the file, if it is missing or not a Keras model.
+    ValueError: naming `init_model`, if the file is missing or not a Keras
+      model, or the directory is not a preset with a task model.
   """
   import keras  # pylint: disable=g-import-not-at-top
   import keras_mas  # pylint: disable=g-import-not-at-top,unused-import
+  if os.path.isdir(path):
+    return _load_preset(path)
   if not os.path.isfile(path):
     raise ValueError(
         "Invalid value for argument `init_model`. Expected a .keras model "
-        f"file. Received: {path!r} (no such file)")
+        f"file or a KerasHub preset directory. Received: {path!r} (no such "
+        "file)")
   try:
     model = keras.models.load_model(path, compile=False, safe_mode=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -263,14 +355,48 @@ def load_model(path):
   return model
 
 
+def _load_preset(path):
+  """The task model of a KerasHub preset directory, with its preprocessor."""
+  config_path = os.path.join(path, "task.json")
+  if not os.path.isfile(config_path):
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected a KerasHub preset "
+        f"directory with a task model (task.json). Received: {path!r}, "
+        + ("a preset of a backbone alone: load it into a task "
+           "(e.g. keras_hub.models.TextClassifier.from_preset(path, "
+           "num_classes=...)) and save that with save_to_preset"
+           if os.path.isfile(os.path.join(path, "config.json"))
+           else "not a preset"))
+  try:
+    import keras_hub  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected keras-hub "
+        f"installed to load the preset {path!r}. Received: {e}") from e
+  import importlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+    task_class = getattr(importlib.import_module(config["module"]),
+                         config["class_name"])
+    return task_class.from_preset(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `init_model`. Expected a KerasHub preset "
+        f"directory with a task model. Received: {path!r}, which does not "
+        f"load as one ({type(e).__name__}: {e})") from e
+
+
 def load_importance_data(spec, input_shape, seed=0, data_dir=None):
   """The data a model was deployed on, for importance before new tasks.
 
   Args:
-    spec: an image folder (with class subfolders: labelled; without:
-      unlabelled), or a source name (see `load`), whose test split is used.
-    input_shape: `(height, width, channels)` the model takes; folder images
-      are resized to it.
+    spec: an image or text folder (with class subfolders: labelled;
+      without: unlabelled), or a source name (see `load`), whose test split
+      is used.
+    input_shape: `(height, width, channels)` the model takes (folder images
+      are resized to it), or `()` for text.
     seed: seeds a folder's split (its parts are joined again).
     data_dir: TFDS data directory.
 
@@ -281,13 +407,26 @@ def load_importance_data(spec, input_shape, seed=0, data_dir=None):
     ValueError: naming `importance_data`, for a missing or empty source or
       inputs of another shape than `input_shape`.
   """
-  height, width, channels = input_shape
   if os.path.isdir(spec):
     has_classes = any(os.path.isdir(os.path.join(spec, e))
                       for e in os.listdir(spec))
-    x_tr, y_tr, x_te, y_te, _ = load_image_folder(
-        spec, (height, width), channels=channels, seed=seed,
-        labels=has_classes, argument="importance_data")
+    try:
+      kind = folder_kind(spec)
+    except ValueError as e:
+      raise ValueError(str(e).replace("argument `task_dirs`",
+                                      "argument `importance_data`")) from e
+    if kind == "text":
+      x_tr, y_tr, x_te, y_te, _ = load_text_folder(
+          spec, seed=seed, labels=has_classes, argument="importance_data")
+    elif len(input_shape) != 3:
+      raise ValueError(
+          "Invalid value for argument `importance_data`. Expected text, as "
+          f"the tasks are. Received: {spec!r}, a folder of images")
+    else:
+      height, width, channels = input_shape
+      x_tr, y_tr, x_te, y_te, _ = load_image_folder(
+          spec, (height, width), channels=channels, seed=seed,
+          labels=has_classes, argument="importance_data")
     data = ((np.concatenate([x_tr, x_te]), np.concatenate([y_tr, y_te]))
             if has_classes else x_tr)
   else:

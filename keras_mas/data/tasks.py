@@ -111,6 +111,15 @@ class TaskSequence:
     """Whether the tasks are `tf.data` pipelines (`from_datasets`)."""
     return any(t.streaming for t in self.tasks)
 
+  @property
+  def text(self):
+    """Whether the inputs are strings (for a model with a preprocessor)."""
+    task = self.tasks[0]
+    if task.streaming:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      return task.train_data.element_spec[0].dtype == tf.string
+    return _is_text(np.asarray(task.x_train))
+
 
 def load_source(name, seed=0, data_dir=None, splits=None):
   """Loads a source as float32 images in [0, 1], shape (N, H, W, C).
@@ -212,6 +221,10 @@ def _assemble(parts, dataset, recipe, scenario, rng):
   num_outputs = widest if scenario == "domain" else offset
   return TaskSequence(tasks, dataset, recipe, scenario, num_outputs,
                       tuple(parts[0][1].shape[1:]))
+
+
+def _is_text(x):
+  return x.dtype == object or x.dtype.kind in "US"
 
 
 def _outputs(scenario, offset, num_classes, widest):
@@ -365,11 +378,12 @@ def from_arrays(task_data, scenario="task", names=None, dataset="custom",
           f"{len(data)} items")
     x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in data)
     for x, y, split in ((x_tr, y_tr, "train"), (x_te, y_te, "test")):
-      if x.ndim != 4 or len(x) != len(y) or not len(x):
+      if (not (x.ndim == 4 or (x.ndim == 1 and _is_text(x)))
+          or len(x) != len(y) or not len(x)):
         raise ValueError(
             "Invalid value for argument `task_data`. Expected images (N, H, "
-            f"W, C) and N labels, N > 0, in task {name!r} ({split}). "
-            f"Received: inputs {x.shape}, labels {y.shape}")
+            f"W, C) or N strings, and N labels, N > 0, in task {name!r} "
+            f"({split}). Received: inputs {x.shape}, labels {y.shape}")
       if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
         raise ValueError(
             "Invalid value for argument `task_data`. Expected integer labels "
@@ -385,17 +399,21 @@ def from_arrays(task_data, scenario="task", names=None, dataset="custom",
             f"shape {shape} in every task. Received: {x.shape[1:]} in task "
             f"{name!r} ({split})")
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    parts.append((name, x_tr.astype("float32"), y_tr.astype("int64"),
-                  x_te.astype("float32"), y_te.astype("int64"), num_classes))
+    dtype = object if _is_text(x_tr) else "float32"
+    parts.append((name, x_tr.astype(dtype), y_tr.astype("int64"),
+                  x_te.astype(dtype), y_te.astype("int64"), num_classes))
   return _assemble(parts, dataset, "custom", scenario,
                    np.random.default_rng(seed))
 
 
 def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
-  """A `TaskSequence` of the user's image folders, one folder per task.
+  """A `TaskSequence` of the user's folders, one folder per task.
 
   Each folder holds one subfolder per class (and optionally `train/` and
-  `test/` splits, see `sources.load_image_folder`).
+  `test/` splits): images (see `sources.load_image_folder`) or text files
+  (`.txt`, see `sources.load_text_folder`; the tasks' inputs are then
+  strings, for a model with a preprocessor such as a KerasHub
+  `TextClassifier`).
 
   Example:
 
@@ -406,7 +424,8 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
 
   Args:
     task_dirs: the folders, in task order.
-    image_size: `(height, width)` every image is resized to.
+    image_size: `(height, width)` every image is resized to (unused for
+      text).
     scenario: one of `SCENARIOS`; `"domain"` needs the same class
       subfolders in every task.
     channels: 1, 3 or 4.
@@ -425,8 +444,15 @@ def from_folders(task_dirs, image_size, scenario="task", channels=3, seed=0):
     raise ValueError(
         "Invalid value for argument `task_dirs`. Expected one or more "
         f"folders, one per task. Received: task_dirs={task_dirs!r}")
-  loaded = [sources.load_image_folder(d, image_size, channels=channels,
-                                      seed=seed) for d in task_dirs]
+  kinds = [sources.folder_kind(d) for d in task_dirs]
+  if len(set(kinds)) > 1:
+    raise ValueError(
+        "Invalid value for argument `task_dirs`. Expected folders of one "
+        f"kind, all images or all text. Received: {dict(zip(task_dirs, kinds))}")
+  loaded = [sources.load_text_folder(d, seed=seed) if kind == "text" else
+            sources.load_image_folder(d, image_size, channels=channels,
+                                      seed=seed)
+            for d, kind in zip(task_dirs, kinds)]
   for folder, part in zip(task_dirs, loaded):
     if len(part[4]) < 2:
       raise ValueError(

@@ -26,15 +26,24 @@ class ServingExport:
     exporter.write(f"/tmp/export/task_{k}")
   ```
 
+  A model with a `preprocessor` (a wrapped KerasHub task) serves the raw
+  inputs its preprocessor takes: strings (`text=True`) or images. The
+  preprocessor is traced into the SavedModel; a KerasHub tokenizer's ops
+  come from TensorFlow Text, so `import tensorflow_text` before
+  `tf.saved_model.load` of such an export.
+
   Args:
     model: the Keras model.
     input_shape: shape of one input, without the batch axis.
+    text: the inputs are strings (input `text`, shape `(None,)`), else
+      float32 images (input `image`).
   """
 
-  def __init__(self, model, input_shape):
+  def __init__(self, model, input_shape, text=False):
     self.model = model
-    self.spec = tf.TensorSpec((None,) + tuple(input_shape), tf.float32,
-                              name="image")
+    self.spec = (tf.TensorSpec((None,), tf.string, name="text") if text else
+                 tf.TensorSpec((None,) + tuple(input_shape), tf.float32,
+                               name="image"))
     self._heads = None
     self._archive = None
 
@@ -61,16 +70,22 @@ class ServingExport:
 
   def _traced(self, heads):
     model = self.model
+    preprocessor = getattr(model, "preprocessor", None)
+
+    def outputs(inputs):
+      if preprocessor is not None:
+        inputs = preprocessor(inputs)
+        if isinstance(inputs, tuple):  # (x, y, sample_weight)
+          inputs = inputs[0]
+      return model(inputs, training=False)
+
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        "serve", lambda image: model(image, training=False),
-        input_signature=[self.spec])
+    archive.add_endpoint("serve", outputs, input_signature=[self.spec])
     for name, (start, stop) in heads.items():
       archive.add_endpoint(
-          name,
-          lambda image, start=start, stop=stop: model(
-              image, training=False)[:, start:stop],
+          name, lambda inputs, start=start, stop=stop: outputs(
+              inputs)[:, start:stop],
           input_signature=[self.spec])
     return archive
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras_mas.core import batch_statistics
 from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.core import models
+from keras_mas.core import preprocessing
 from keras_mas.core import regularizers
 from keras_mas.data import pipelines
 from keras_mas.data import tasks as tasks_lib
@@ -59,7 +60,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
                  strategy=None, importance_data=None, batch_norm="recompute",
-                 extra=None, verbose=1):
+                 lora_rank=None, extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -128,6 +129,10 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       starting `model` has them) or `"keras"` (Keras's moving averages as
       training left them). Models without BatchNormalization are
       unaffected.
+    lora_rank: with the user's own KerasHub task `model`, enable LoRA of
+      this rank on its backbone (`backbone.enable_lora`) before the first
+      task: only the LoRA factors and the head train, and Ω and θ* are
+      made for them alone. None: no LoRA.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -153,6 +158,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  batch_size=batch_size, hidden_units=hidden_units,
                  learning_rate=learning_rate, optimizer=optimizer)
   model_name = _check_model(model, weights, freeze_backbone, sequence)
+  _check_lora_rank(lora_rank, model)
   _check_labels(sequence)
   _check_importance_samples(importance_samples, sequence)
   old_x, old_y = _check_importance_data(importance_data, sequence,
@@ -174,6 +180,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       "fisher": fisher, "temperature": float(temperature),
       "seed": int(seed), "batch_norm": batch_norm,
   }
+  if lora_rank:
+    config["lora_rank"] = int(lora_rank)
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
   write_dir = (workdir if checkpoints.is_chief(strategy)
                else tempfile.mkdtemp(prefix="keras_mas_worker_"))
@@ -190,7 +198,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   else:
     with scope():
       net = _initial_model(model, sequence, hidden_units, weights,
-                           freeze_backbone, seed)
+                           freeze_backbone, seed, lora_rank)
     progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
     if old_x is not None:
       _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
@@ -201,7 +209,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     net.track_path_integral()
   writer = tf.summary.create_file_writer(
       os.path.join(write_dir, "tensorboard"))
-  exporter = export_lib.ServingExport(net, sequence.input_shape)
+  exporter = export_lib.ServingExport(net, sequence.input_shape,
+                                      text=sequence.text)
   setup_s = time.perf_counter() - entered
   for k in range(progress.first_task, len(sequence)):
     task = sequence.tasks[k]
@@ -210,7 +219,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     statistics.before_task(net)
     _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
          epochs, batch_size, temperature, seed, write_dir, writer, verbose)
-    statistics.after_task(net, _training_inputs(task, batch_size),
+    statistics.after_task(net, _training_inputs(net, task, batch_size),
                           importance_samples)
     trained = time.perf_counter()
     progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
@@ -320,24 +329,35 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   checkpoints.remove_partial_writes(write_dir)
   if not os.path.isdir(os.path.join(write_dir, "export", f"task_{k}")):
     # Stopped mid-export.
-    _export(export_lib.ServingExport(net, sequence.input_shape), write_dir,
-            sequence, k)
+    _export(export_lib.ServingExport(net, sequence.input_shape,
+                                     text=sequence.text),
+            write_dir, sequence, k)
   if verbose:
     print(f"Resuming after task {k} from {path}")
   return net, _Progress.from_state(k, state)
 
 
-def _training_inputs(task, batch_size):
-  """A task's training inputs, in training-sized batches for a pipeline."""
+def _training_inputs(net, task, batch_size):
+  """A task's training inputs as the model takes them, in training-sized
+  batches for a pipeline or a model with a preprocessor."""
   if not task.streaming:
-    return task.x_train
-  return task.train_data.batch(batch_size).map(lambda x, y: x)
+    x = task.x_train
+  else:
+    x = task.train_data.batch(batch_size).map(lambda x, y: x)
+  if net.preprocessor is not None:
+    x = preprocessing.preprocessed(
+        net.preprocessor, x, batch_size=None if task.streaming else batch_size,
+        inputs_only=True)
+  return x
 
 
 def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
-                   seed):
+                   seed, lora_rank=None):
   if isinstance(model, keras.Model):
-    return _copy_model(model)
+    copy = _copy_model(model, wrap=False)
+    if lora_rank:
+      copy.backbone.enable_lora(lora_rank)
+    return models.MASModel.from_model(copy)
   return architectures.build(model, sequence.input_shape,
                              sequence.num_outputs, hidden_units=hidden_units,
                              weights=weights,
@@ -462,6 +482,23 @@ def _check_model(model, weights, freeze_backbone, sequence):
   return model_name
 
 
+def _check_lora_rank(lora_rank, model):
+  """Raises unless `lora_rank` is None or a rank for a KerasHub backbone."""
+  if lora_rank is None:
+    return
+  if (isinstance(lora_rank, bool) or
+      not isinstance(lora_rank, (int, np.integer)) or lora_rank < 1):
+    raise ValueError(
+        "Invalid value for argument `lora_rank`. Expected a positive "
+        f"integer. Received: lora_rank={lora_rank!r}")
+  backbone = getattr(model, "backbone", None)
+  if not hasattr(backbone, "enable_lora"):
+    raise ValueError(
+        "Invalid value for argument `lora_rank`. Expected the user's KerasHub "
+        "task model, whose backbone has `enable_lora`. Received: model="
+        f"{getattr(model, 'name', model)!r}")
+
+
 def _check_importance_samples(importance_samples, sequence):
   if importance_samples is None:
     return
@@ -555,7 +592,8 @@ def predict_logits(net, x, batch_size=32):
   and costs a retrace (and a data pipeline) per evaluation; evaluations run
   after every task of a sequence.
   """
-  if getattr(net, "_distribute_strategy", None) is not None:
+  if (getattr(net, "_distribute_strategy", None) is not None
+      or getattr(net, "preprocessor", None) is not None):
     return net.predict(x, batch_size=max(batch_size, 256), verbose=0)
   infer = _INFER.get(net)
   if infer is None:
@@ -578,14 +616,24 @@ def _prediction_batch(input_shape, batch_size):
 
 def _check_model_fits(model, sequence):
   """Raises unless `model` takes the tasks' inputs and has their outputs."""
-  if not model.built or len(model.inputs or []) != 1:
+  preprocessor = getattr(model, "preprocessor", None)
+  if preprocessor is not None:
+    _check_preprocessor_takes(model, preprocessor, sequence)
+  elif sequence.text:
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a model with a "
+        "preprocessor that takes text (a KerasHub task such as a "
+        "TextClassifier) for tasks of text. Received: model "
+        f"{model.name!r} without a preprocessor")
+  elif not model.built or len(model.inputs or []) != 1:
     raise ValueError(
         "Invalid value for argument `model`. Expected a built keras.Model "
         "with one image input. Received: "
         f"{'an unbuilt' if not model.built else 'a multi-input'} model "
         f"{model.name!r}")
   expected = tuple(sequence.input_shape)
-  taken = tuple(model.inputs[0].shape[1:])
+  taken = (expected if preprocessor is not None else
+           tuple(model.inputs[0].shape[1:]))
   if len(taken) != len(expected) or any(
       t is not None and t != e for t, e in zip(taken, expected)):
     raise ValueError(
@@ -601,6 +649,22 @@ def _check_model_fits(model, sequence):
         f"{sequence.scenario}-incremental sequence needs. Received: model "
         f"{model.name!r} with output shapes "
         f"{[tuple(o.shape) for o in model.outputs]}")
+
+
+def _check_preprocessor_takes(model, preprocessor, sequence):
+  """Raises unless `preprocessor` takes a training input of the first task."""
+  task = sequence.tasks[0]
+  sample = (next(iter(task.train_data.take(1).batch(1)))[0]
+            if task.streaming else task.x_train[:1])
+  kind = "text" if sequence.text else "images"
+  try:
+    preprocessor(sample)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        "Invalid value for argument `model`. Expected a model whose "
+        f"preprocessor takes the tasks' inputs ({kind}). Received: model "
+        f"{model.name!r} with a {type(preprocessor).__name__}, which fails "
+        f"on them ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def _check_labels(sequence):
@@ -626,8 +690,9 @@ def _check_importance_data(data, sequence, method_spec, model):
     return None, None
   x, y = data if isinstance(data, tuple) else (data, None)
   x = np.asarray(x)
-  if x.ndim < 2 or not len(x) or tuple(x.shape[1:]) != tuple(
-      sequence.input_shape):
+  if (x.ndim != 1 + len(sequence.input_shape) or not len(x)
+      or tuple(x.shape[1:]) != tuple(sequence.input_shape)
+      or _is_text(x) != sequence.text):
     raise ValueError(
         "Invalid value for argument `importance_data`. Expected inputs of "
         f"the tasks' shape {tuple(sequence.input_shape)}. Received: inputs "
@@ -651,7 +716,11 @@ def _check_importance_data(data, sequence, method_spec, model):
         "Invalid value for argument `importance_data`. Expected labels, "
         f"`(inputs, labels)`, for method={method_spec.name!r}, whose "
         "importance reads them. Received: inputs only")
-  return x.astype("float32"), y
+  return (x if sequence.text else x.astype("float32")), y
+
+
+def _is_text(x):
+  return x.dtype == object or x.dtype.kind in "US"
 
 
 def _old_accuracy(net, x, y, batch_size):
@@ -664,7 +733,8 @@ def _old_accuracy(net, x, y, batch_size):
 def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
                           fisher):
   """Ω on the data the model was deployed on, over all its outputs."""
-  outputs = int(net.outputs[0].shape[-1])
+  inner = net.model if isinstance(net, models.WrappedMASModel) else net
+  outputs = int(inner.outputs[0].shape[-1])
   deployed = tasks_lib.Task(
       "importance data", x, np.zeros(len(x), "int64") if y is None else y,
       x[:0], np.zeros(0, "int64"), outputs, 0, outputs, 0)
