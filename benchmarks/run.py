@@ -1,6 +1,7 @@
 r"""Speed and memory of keras_mas, as ratios measured side by side in one run.
 
-  .venv/bin/python benchmarks/run.py                  # writes benchmarks/RESULTS.md
+  .venv/bin/python benchmarks/run.py                  # prints the report
+  .venv/bin/python benchmarks/run.py --output=benchmarks/RESULTS.md   # and writes it
   .venv/bin/python benchmarks/run.py --repeats=3 --output=/tmp/r.md
 
 1. epoch time of `fit` with the MAS penalty active ÷ plain Keras `fit`;
@@ -52,8 +53,8 @@ _PARTS = flags.DEFINE_list(
               "epoch", "main_job", "fashion"],
     "Which measurements to run (a partial run prints, writes nothing).")
 _OUTPUT = flags.DEFINE_string(
-    "output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "RESULTS.md"), "Where to write the report.")
+    "output", None, "Also write the report here (a full run only); the "
+    "tracked benchmarks/RESULTS.md is replaced only when named.")
 
 
 def _digits(n=None):
@@ -636,7 +637,7 @@ def main(argv):
   lines += ["", "## Targets", ""] + _verdicts(fit, imp, mem, scaling, arch,
                                                epoch, main_job, fashion)
   report = "\n".join(lines) + "\n"
-  if len(parts) == 8:
+  if len(parts) == 8 and _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       f.write(report)
   print(report)

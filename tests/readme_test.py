@@ -38,5 +38,29 @@ def test_block_runs_as_written(index, tmp_path):
       f"{result.stderr[-4000:]}")
 
 
+@pytest.mark.parametrize("app", ["sequential_finetune", "task_free",
+                                 "compare"])
+def test_every_flag_of_an_app_is_in_the_readme(app):
+  # The README's flag lists drift unless something checks them.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  path = os.path.join(_ROOT, "apps", f"{app}.py")
+  result = subprocess.run([sys.executable, path, "--helpfull"], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+  section = result.stdout.split(f"{app}.py:", 1)[1]
+  names = []
+  for line in section.splitlines()[1:]:
+    if line and not line.startswith(" "):
+      break  # The next module's flags.
+    found = re.match(r"^  --(?:\[no\])?(\w+)", line)
+    if found:
+      names.append(found.group(1))
+  assert len(names) > 5, result.stdout[:2000]
+  with open(_README, encoding="utf-8") as f:
+    readme = f.read()
+  missing = [n for n in names if f"`--{n}" not in readme]
+  assert not missing, f"apps/{app}.py flags not in README.md: {missing}"
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
