@@ -208,3 +208,121 @@ def test_app_bad_hub_input_fails_before_training(preset, text_data, change,
   lines = [l for l in done.stderr.splitlines() if re.search(message, l)]
   assert len(lines) == 1, done.stderr[-3000:]
   assert not os.path.exists(str(text_data / "run"))
+
+
+# --- A causal language model learns a second domain. -----------------------
+
+_CHARACTERS = "abcdefghijklmnopqrstuvwxyz"
+_DOMAIN_A = np.array(["the cat sat on the mat", "a cat ran to the mat",
+                      "the cat is on a mat", "my cat sat"] * 8)
+_DOMAIN_B = np.array(["buy stock now", "sell the market", "stock market up",
+                      "buy low sell high"] * 8)
+
+
+def _causal_lm():
+  """A GPT-2 causal LM from a config: characters as tokens, random weights."""
+  keras.utils.set_random_seed(0)
+  vocabulary = {"<|endoftext|>": 0}
+  for c in _CHARACTERS:
+    vocabulary[c] = len(vocabulary)
+  for c in _CHARACTERS:
+    vocabulary["Ġ" + c] = len(vocabulary)
+  vocabulary["Ġ"] = len(vocabulary)
+  tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary,
+                                             merges=["Ġ c"])
+  backbone = keras_hub.models.GPT2Backbone(
+      vocabulary_size=len(vocabulary), num_layers=2, num_heads=2,
+      hidden_dim=32, intermediate_dim=64, max_sequence_length=16)
+  return keras_hub.models.GPT2CausalLM(
+      backbone, preprocessor=keras_hub.models.GPT2CausalLMPreprocessor(
+          tokenizer, sequence_length=16))
+
+
+def test_causal_lm_importance_sums_the_real_tokens_logits():
+  lm = _causal_lm()
+  net = keras_mas.MASModel.from_model(lm)
+  x = lm.preprocessor(tf.constant(["my cat sat", "the cat", "a cat ran"]))[0]
+  assert not np.all(np.array(x["padding_mask"]))  # Some padding to ignore.
+  measured = keras_mas.importance.mas(net, x)
+  variables = net.trainable_variables
+  expected = [np.zeros(v.shape) for v in variables]
+  for k in range(3):
+    sample = {name: t[k:k + 1] for name, t in x.items()}
+    with tf.GradientTape() as tape:
+      logits = lm(sample, training=False)
+      mask = tf.cast(sample["padding_mask"], logits.dtype)[:, :, None]
+      objective = tf.reduce_sum(tf.square(logits * mask))
+    for e, g in zip(expected, tape.gradient(objective, variables)):
+      e += np.abs(np.array(tf.convert_to_tensor(g))) / 3
+  # A variable whose true gradient vanishes (attention's key bias: softmax
+  # ignores a shift shared by all keys) holds rounding noise only.
+  floor = 1e-5 * max(float(np.max(e)) for e in expected)
+  for v, m, e in zip(variables, measured, expected):
+    np.testing.assert_allclose(np.array(m), e, rtol=2e-4, atol=floor,
+                               err_msg=v.path)
+
+
+def test_causal_lm_forgets_the_old_domain_less_with_mas(tmp_path):
+  lm = _causal_lm()
+  net = keras_mas.MASModel.from_model(lm)
+  net.compile(keras.optimizers.Adam(3e-3),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+              weighted_metrics=[])
+  net.fit(_DOMAIN_A, epochs=10, batch_size=8, verbose=0)
+  net.consolidate(_DOMAIN_A, strength=0.0)  # Ω from raw strings.
+  trained = str(tmp_path / "domain_a.weights.h5")
+  net.save_weights(trained)  # With Ω and θ*.
+
+  def old_and_new_loss(strength):
+    net.load_weights(trained)
+    net.strength = strength
+    net.reset_optimizer()
+    before_b = net.evaluate(_DOMAIN_B, verbose=0, return_dict=True)
+    net.fit(_DOMAIN_B, epochs=5, batch_size=8, verbose=0)
+    after = [net.evaluate(d, verbose=0, return_dict=True)["task_loss"]
+             for d in (_DOMAIN_A, _DOMAIN_B)]
+    return after + [before_b["task_loss"]]
+
+  old_before = net.evaluate(_DOMAIN_A, verbose=0,
+                            return_dict=True)["task_loss"]
+  finetune_old, finetune_new, _ = old_and_new_loss(0.0)
+  mas_old, mas_new, new_before = old_and_new_loss(0.3)
+  # The old domain's next-token loss rises less, the new one is learned.
+  assert mas_old - old_before < 0.5 * (finetune_old - old_before), (
+      old_before, mas_old, finetune_old)
+  assert mas_new < new_before, (mas_new, new_before, finetune_new)
+  generated = lm.generate("the cat", max_length=12)
+  assert isinstance(generated, str) and generated.startswith("the cat")
+
+
+def test_an_image_classifier_takes_raw_images_of_any_size(tmp_path):
+  # Its preprocessor resizes and rescales; BatchNormalization inside.
+  keras.utils.set_random_seed(0)
+  backbone = keras_hub.models.ResNetBackbone(
+      input_conv_filters=[64], input_conv_kernel_sizes=[3],
+      stackwise_num_filters=[64], stackwise_num_blocks=[1],
+      stackwise_num_strides=[1], block_type="basic_block",
+      use_pre_activation=False, image_shape=(16, 16, 3))
+  classifier = keras_hub.models.ResNetImageClassifier(
+      backbone, num_classes=2,
+      preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(
+          image_converter=keras_hub.layers.ResNetImageConverter(
+              image_size=(16, 16), scale=1 / 255.0)))
+  x = np.random.default_rng(0).integers(0, 255, (16, 24, 24, 3)).astype(
+      "float32")
+  y = np.arange(16) % 2
+  net = keras_mas.MASModel.from_model(classifier)
+  net.compile("adam",
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  net.fit(x, y, epochs=1, batch_size=8, verbose=0)
+  net.consolidate(x, strength=1.0)
+  expected = keras_mas.importance.mas(
+      net, classifier.preprocessor(tf.constant(x)))
+  for omega, want in zip(net.importances, expected):
+    np.testing.assert_allclose(np.array(omega), np.array(want), rtol=1e-5,
+                               atol=1e-9)
+  path = str(tmp_path / "images.keras")
+  net.save(path)
+  restored = keras.models.load_model(path)
+  np.testing.assert_allclose(restored.predict(x[:4], verbose=0),
+                             net.predict(x[:4], verbose=0), atol=1e-5)

@@ -440,7 +440,21 @@ def _replica_shares(strategy, x):
 
 
 def _call_model(model, x):
-  return model(x, training=False)
+  """The model's outputs, sequence positions marked as padding zeroed.
+
+  A model that takes a `padding_mask` input (KerasHub's text models) and
+  returns a sequence of that length (a causal LM's logits per token): the
+  padding positions are not part of `F(x)`, so they add no gradient. The
+  real tokens' logits are summed, not averaged: `‖F(x)‖²` is the squared
+  norm of all that the model outputs for that text, and a mean would weigh
+  a token of a short text more than one of a long text.
+  """
+  outputs = model(x, training=False)
+  mask = x.get("padding_mask") if isinstance(x, dict) else None
+  if (mask is not None and isinstance(outputs, tf.Tensor)
+      and len(outputs.shape) == 3 and len(mask.shape) == 2):
+    outputs = outputs * tf.cast(mask, outputs.dtype)[:, :, None]
+  return outputs
 
 
 # --------------------------------------------------------------------------
