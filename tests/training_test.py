@@ -17,6 +17,7 @@ from keras_mas import checkpoints
 from keras_mas import sources
 from keras_mas import tasks
 from keras_mas import training
+from keras_mas.experiments import evaluation
 
 tf.config.experimental.enable_op_determinism()
 
@@ -244,7 +245,7 @@ def test_streaming_tasks_train_evaluate_and_consolidate(
   model = checkpoints.load_model(
       os.path.join(str(tmp_path), "checkpoints", "task_1"))
   np.testing.assert_array_equal(
-      training._accuracies(model, arrays, 16, trained=1),  # pylint: disable=protected-access
+      evaluation.task_accuracies(model, arrays, 16, trained=1),  # pylint: disable=protected-access
       matrix[1])
   if method == "mas":
     assert model.consolidated_tasks == 2
@@ -272,15 +273,15 @@ def test_class_incremental_scores_over_every_class_seen():
   sequence = _tiny("class", num_tasks=2)  # classes 0-4, then 5-9
   # Predicts class 1 among the first task's outputs, but class 7 overall.
   net = _FixedLogits([0, 5, 0, 0, 0, 0, 0, 9, 0, 0])
-  after_first = training._accuracies(net, sequence, 16, trained=0)
-  after_second = training._accuracies(net, sequence, 16, trained=1)
+  after_first = evaluation.task_accuracies(net, sequence, 16, trained=0)
+  after_second = evaluation.task_accuracies(net, sequence, 16, trained=1)
   task_0 = sequence.tasks[0]
   assert after_first[0] == pytest.approx(np.mean(task_0.y_test == 1))
   assert after_second[0] == 0.0  # class 7 now competes, and wins
   assert after_second[1] == pytest.approx(
       np.mean(sequence.tasks[1].y_test + 5 == 7))
   task_il = _tiny("task", num_tasks=2)
-  assert training._accuracies(net, task_il, 16, trained=1)[0] == (
+  assert evaluation.task_accuracies(net, task_il, 16, trained=1)[0] == (
       pytest.approx(np.mean(task_il.tasks[0].y_test == 1)))
 
 

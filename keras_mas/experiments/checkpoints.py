@@ -15,8 +15,9 @@ import warnings
 
 import keras
 
-__all__ = ["check_writable", "is_chief", "latest", "load_model", "read_json",
-           "read_state", "remove_partial_writes", "write", "write_json"]
+__all__ = ["check_config", "check_writable", "is_chief", "latest",
+           "load_model", "read_json", "read_state", "remove_partial_writes",
+           "replace_directory", "write", "write_json"]
 
 _CHECKPOINTS = "checkpoints"
 _STATE = "state.json"
@@ -116,10 +117,38 @@ def write(workdir, k, net, state):
   staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
   net.save(os.path.join(staging, _MODEL))
   write_json(os.path.join(staging, _STATE), state)
-  target = os.path.join(root, f"task_{k}")
-  if os.path.exists(target):
-    shutil.rmtree(target)
+  replace_directory(staging, os.path.join(root, f"task_{k}"))
+
+
+def replace_directory(staging, target):
+  """Moves the complete directory `staging` to `target`.
+
+  An existing `target` is renamed to `target.old` first and deleted only
+  once the new one is in place: a crash in between leaves `target.old`,
+  which readers fall back to.
+  """
+  old = None
+  if os.path.isdir(target):
+    old = target + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(target, old)
   os.rename(staging, target)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_config(stored, config, where):
+  """Raises, naming `resume`, unless the run in `where` had `config`."""
+  stored = stored or {}
+  if stored == config:
+    return
+  changed = sorted(key for key in set(config) | set(stored)
+                   if stored.get(key) != config.get(key))
+  raise ValueError(
+      f"Invalid value for argument `resume`. The run in {where!r} was made "
+      "with a different configuration; differing: "
+      + ", ".join(f"{key}={stored.get(key)!r} there, {config.get(key)!r} "
+                  "here" for key in changed))
 
 
 def write_json(path, value):

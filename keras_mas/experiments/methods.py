@@ -32,6 +32,7 @@ import numpy as np
 
 from keras_mas.core import heads
 from keras_mas.data import pipelines
+from keras_mas.experiments import evaluation
 
 __all__ = ["METHODS", "Method", "get", "names"]
 
@@ -175,8 +176,8 @@ def training_data(method, net, sequence, k, batch_size, temperature=2.0,
     return x, y, heads.MixedTaskLoss(), []
   if method.distill and k > 0:
     old_start, old_stop = _old_outputs(sequence, k)
-    old = net.predict(task.x_train, batch_size=max(batch_size, 256),
-                      verbose=0)[:, old_start:old_stop]
+    old = evaluation.predict_logits(net, task.x_train,
+                                    batch_size)[:, old_start:old_stop]
     y = np.concatenate([task.y_train[:, None].astype("float32"), old], axis=1)
     return task.x_train, y, _distillation_loss(task, old_start, old_stop,
                                                temperature), [accuracy]

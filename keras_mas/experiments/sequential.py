@@ -32,9 +32,11 @@ from keras_mas.data import pipelines
 from keras_mas.data import tasks as tasks_lib
 from keras_mas.experiments import architectures
 from keras_mas.experiments import checkpoints
+from keras_mas.experiments import evaluation
 from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
+from keras_mas.experiments import options
 
 __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
            "validate_learning_rate"]
@@ -46,11 +48,13 @@ METHODS = methods_lib.names(task_free=False)
 # faster with 8 than with 1; more gained nothing measurable.
 _STEPS_PER_EXECUTION = 8
 
-# Per model: what it was last compiled with (a later task with the same
+# Per model, what it was last compiled with: a later task with the same
 # loss and metrics resets the optimizer instead of compiling, which would
-# retrace), and its traced inference function.
+# retrace.
 _COMPILED_FOR = weakref.WeakKeyDictionary()
-_INFER = weakref.WeakKeyDictionary()
+
+format_matrix = evaluation.format_matrix
+predict_logits = evaluation.predict_logits
 
 
 def run_sequence(sequence, workdir, method="mas", strength=0.1,
@@ -222,7 +226,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     statistics.after_task(net, _training_inputs(net, task, batch_size),
                           importance_samples)
     trained = time.perf_counter()
-    progress.matrix[k] = _accuracies(net, sequence, batch_size, trained=k)
+    progress.matrix[k] = evaluation.task_accuracies(net, sequence, batch_size, trained=k)
     evaluated = time.perf_counter()
     if method_spec.estimator is not None:
       net.consolidate(
@@ -285,7 +289,7 @@ class _Progress:
   def start(cls, net, sequence, batch_size, old_x=None, old_y=None):
     size = len(sequence)
     return cls(0, np.full((size, size), np.nan),
-               _accuracies(net, sequence, batch_size), [],
+               evaluation.task_accuracies(net, sequence, batch_size), [],
                _old_accuracy(net, old_x, old_y, batch_size) or None)
 
   @classmethod
@@ -315,15 +319,8 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   k, path = checkpoint
   state = checkpoints.read_state(path)
   # Runs made before the option existed kept Keras's moving averages.
-  stored = {"batch_norm": "keras", **(state.get("config") or {})}
-  if stored != config:
-    changed = sorted(key for key in set(config) | set(stored)
-                     if stored.get(key) != config.get(key))
-    raise ValueError(
-        "Invalid value for argument `resume`. The run in "
-        f"{workdir!r} was made with a different configuration; differing: "
-        + ", ".join(f"{key}={stored.get(key)!r} there, "
-                    f"{config.get(key)!r} here" for key in changed))
+  checkpoints.check_config(
+      {"batch_norm": "keras", **(state.get("config") or {})}, config, workdir)
   with scope():
     net = checkpoints.load_model(path)
   checkpoints.remove_partial_writes(write_dir)
@@ -440,30 +437,12 @@ def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
         "Invalid value for argument `penalty_mode`. Expected one of "
         f"{list(models.PENALTY_MODES)}. Received: "
         f"penalty_mode={penalty_mode!r}")
-  for name, value in (("epochs", epochs), ("batch_size", batch_size),
-                      ("hidden_units", hidden_units)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(
-          f"Invalid value for argument `{name}`. Expected a positive integer. "
-          f"Received: {name}={value!r}")
-  validate_learning_rate(learning_rate)
-  try:
-    keras.optimizers.get({"class_name": optimizer,
-                          "config": {"learning_rate": learning_rate}})
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
-        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
-    ) from e
+  options.positive_integers(epochs=epochs, batch_size=batch_size,
+                            hidden_units=hidden_units)
+  options.check_optimizer(optimizer, learning_rate)
 
 
-def validate_learning_rate(learning_rate):
-  """Raises, naming it, unless `learning_rate` is a finite number > 0."""
-  if (not isinstance(learning_rate, (int, float, np.floating))
-      or not np.isfinite(learning_rate) or learning_rate <= 0):
-    raise ValueError(
-        "Invalid value for argument `learning_rate`. Expected a finite "
-        f"number > 0. Received: learning_rate={learning_rate!r}")
+validate_learning_rate = options.validate_learning_rate
 
 
 def _check_model(model, weights, freeze_backbone, sequence):
@@ -511,107 +490,6 @@ def _check_importance_samples(importance_samples, sequence):
         "Invalid value for argument `importance_samples`. Expected an "
         f"integer from 1 to {smallest}, the smallest task's training set. "
         f"Received: importance_samples={importance_samples!r}")
-
-
-def format_matrix(results):
-  """The accuracy matrix and the four metrics as a readable table."""
-  matrix = np.asarray(results["accuracy_matrix"])
-  size = len(matrix)
-  lines = [f"{results['method']} on {results['dataset']} "
-           f"({results['recipe']}, {results['scenario']}-incremental): "
-           "R[i][j] = accuracy on task j after training task i",
-           "after \\ on " + " ".join(f"{f'task {j}':>7}" for j in range(size))]
-  for i in range(size):
-    lines.append(f"task {i:<6}" + " ".join(f"{a:7.3f}" for a in matrix[i]))
-  lines.append(
-      f"ACC {results['acc']:.3f}  BWT {results['bwt']:+.3f}  "
-      f"FWT {results['fwt']:+.3f}  forgetting {results['forgetting']:.3f}")
-  old = results.get("importance_data_accuracy")
-  if old:
-    # The deployed model's own task: what the new tasks cost it.
-    lines.append("accuracy on the importance data: before "
-                 f"{old[0]:.3f}" + "".join(
-                     f", after task {k} {a:.3f}"
-                     for k, a in enumerate(old[1:])))
-  return "\n".join(lines)
-
-
-def _accuracies(net, sequence, batch_size, trained=None):
-  """Test accuracy on every task, streamed batch by batch for pipelines.
-
-  Task- and domain-incremental: each task is scored on its own outputs.
-  Class-incremental: after training task `trained`, every task is scored
-  over all the classes seen so far (and, for a task not yet trained, up to
-  its own classes): the model must tell every seen class from every other.
-  """
-  tasks = sequence.tasks
-  seen = (max(t.stop for t in tasks[:trained + 1])
-          if trained is not None else 0)
-  accuracies = []
-  for task, batches in zip(tasks, _test_batches(net, sequence, batch_size)):
-    start, stop = task.start, task.stop
-    if sequence.scenario == "class":
-      stop = max(stop, seen)
-    correct = count = 0
-    for logits, y in batches:
-      predicted = start + np.argmax(logits[:, start:stop], axis=-1)
-      correct += int(np.sum(predicted == y + task.label_offset + task.start))
-      count += len(y)
-    accuracies.append(correct / count if count else float("nan"))
-  return accuracies
-
-
-def _test_batches(net, sequence, batch_size):
-  """Per task, its `(logits, labels)` test batches.
-
-  Array tasks: one `predict` over every test set (one call, not one per
-  task). Streaming tasks: batch by batch, never held whole.
-  """
-  tasks = sequence.tasks
-  if not sequence.streaming:
-    logits = predict_logits(net, np.concatenate([t.x_test for t in tasks]),
-                            batch_size)
-    return [[(task_logits, task.y_test)] for task, task_logits in zip(
-        tasks, np.split(logits,
-                        np.cumsum([len(t.x_test) for t in tasks])[:-1]))]
-  # tf.data's batching costs grow with the batch size asked for (65,536
-  # small images: 1.5 s a pass, 256: 0.05 s); the model's calls are cheap.
-  step = min(_prediction_batch(sequence.input_shape, batch_size),
-             max(batch_size, 256))
-  return [((predict_logits(net, x, batch_size), y)
-           for x, y in pipelines.evaluation_batches(t.test_data, step,
-                                                    t.label_check))
-          for t in tasks]
-
-
-def predict_logits(net, x, batch_size=32):
-  """`net`'s outputs on the array `x`, in batches bounded by input size.
-
-  Without a distribution strategy, through one traced call kept with the
-  model: `predict`'s own traced function is discarded by every `compile`
-  and costs a retrace (and a data pipeline) per evaluation; evaluations run
-  after every task of a sequence.
-  """
-  if (getattr(net, "_distribute_strategy", None) is not None
-      or getattr(net, "preprocessor", None) is not None):
-    return net.predict(x, batch_size=max(batch_size, 256), verbose=0)
-  infer = _INFER.get(net)
-  if infer is None:
-    model = weakref.ref(net)  # The cache must not keep the model alive.
-    infer = tf.function(lambda inputs: model()(inputs, training=False),
-                        reduce_retracing=True)
-    _INFER[net] = infer
-  step = _prediction_batch(x.shape[1:], batch_size)
-  if len(x) <= step:
-    return infer(tf.constant(x)).numpy()
-  return np.concatenate([infer(tf.constant(x[i:i + step])).numpy()
-                         for i in range(0, len(x), step)])
-
-
-def _prediction_batch(input_shape, batch_size):
-  # About 4M input values a call (16 MiB of float32), at least the
-  # training batch.
-  return max(batch_size, (1 << 22) // max(1, int(np.prod(input_shape))))
 
 
 def _check_model_fits(model, sequence):

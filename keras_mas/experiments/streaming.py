@@ -9,7 +9,6 @@ told the true boundaries.
 
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -20,10 +19,12 @@ import tensorflow as tf
 from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.data import streams as streams_lib
 from keras_mas.experiments import architectures
+from keras_mas.experiments import checkpoints
+from keras_mas.experiments import evaluation
 from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
-from keras_mas.experiments import sequential as training
+from keras_mas.experiments import options
 from keras_mas.task_free import _checks
 from keras_mas.task_free import consolidation
 from keras_mas.task_free import hard_buffer
@@ -43,24 +44,9 @@ DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
 
 
 def accuracies(model, sequence, trained=None, batch_size=256):
-  """Test accuracy on every task of `sequence`, one `predict` in all.
-
-  Domain-incremental: the shared head. Class-incremental: over every class
-  of tasks `0..trained` (and, for a later task, up to its own classes), as
-  `keras_mas.experiments.sequential` scores a task-aware run.
-  """
-  tasks = sequence.tasks
-  seen = max(t.stop for t in tasks[:trained + 1]) if trained is not None else 0
-  logits = model.predict(np.concatenate([t.x_test for t in tasks]),
-                         batch_size=batch_size, verbose=0)
-  result = []
-  for task, part in zip(tasks, np.split(
-      logits, np.cumsum([len(t.x_test) for t in tasks])[:-1])):
-    stop = max(task.stop, seen) if sequence.scenario == "class" else task.stop
-    predicted = task.start + np.argmax(part[:, task.start:stop], axis=-1)
-    result.append(float(np.mean(
-        predicted == task.y_test + task.label_offset + task.start)))
-  return result
+  """Test accuracy on every task of `sequence`, as a task-aware run scores
+  it (`evaluation.task_accuracies`)."""
+  return evaluation.task_accuracies(model, sequence, batch_size, trained)
 
 
 class _EachIncomingBatch(keras.callbacks.Callback):
@@ -178,7 +164,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
       `resume`, if `workdir` holds a checkpoint.
   """
   methods_lib.get(method, task_free=True)  # Raises for another name.
-  training.validate_learning_rate(learning_rate)
+  options.validate_learning_rate(learning_rate)
   stream = streams_lib.from_sequence(sequence, batch_size=batch_size,
                                      transition_steps=transition_steps,
                                      seed=seed)
@@ -207,14 +193,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
         f"workdir={workdir!r} holding {checkpoint_dir}")
   net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
                             hidden_units=hidden_units, seed=seed)
-  try:
-    opt = keras.optimizers.get({"class_name": optimizer,
-                                "config": {"learning_rate": learning_rate}})
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "Invalid value for argument `optimizer`. Expected a Keras optimizer "
-        f"name such as 'adam' or 'sgd'. Received: optimizer={optimizer!r}"
-    ) from e
+  opt = options.check_optimizer(optimizer, learning_rate)
   # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
   # no XLA: the joined batch grows while the buffer fills.
   net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
@@ -277,8 +256,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
              if sequence.scenario == "class" else None)
     export_lib.export_serving(net, os.path.join(workdir, "export"),
                               sequence.input_shape, heads=heads)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    checkpoints.write_json(os.path.join(workdir, "results.json"), results)
   if verbose:
     print(format_results([results]))
   return results
@@ -314,15 +292,7 @@ class _StreamCheckpoint(_EachIncomingBatch):
                  "matrix": [[None if np.isnan(v) else float(v) for v in row]
                             for row in self.evaluation.matrix],
                  "seconds": time.perf_counter() - self.started}, f)
-    # The old checkpoint goes only once the new one is whole.
-    old = None
-    if os.path.isdir(self.directory):
-      old = self.directory + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(self.directory, old)
-    os.rename(staging, self.directory)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    checkpoints.replace_directory(staging, self.directory)
 
 
 def _read_checkpoint(directory, config):
@@ -342,15 +312,7 @@ def _read_checkpoint(directory, config):
         "Invalid value for argument `resume`. Expected a readable stream "
         f"checkpoint in {directory}. Received: {type(e).__name__}: {e}"
     ) from e
-  if state.get("config") != config:
-    stored = state.get("config") or {}
-    changed = sorted(k for k in set(config) | set(stored)
-                     if stored.get(k) != config.get(k))
-    raise ValueError(
-        "Invalid value for argument `resume`. The checkpoint was made with "
-        "other arguments; differing: "
-        + ", ".join(f"{k}={stored.get(k)!r} there, {config.get(k)!r} here"
-                    for k in changed))
+  checkpoints.check_config(state.get("config"), config, directory)
   state["buffer"] = buffer or {"inputs": None}
   return model, state
 
