@@ -22,8 +22,7 @@ __all__ = ["SHUFFLE_BUFFER", "array_batches", "check_elements",
            "rehearsal_batches", "size", "training_batches"]
 
 # Elements held by the shuffle buffer: enough to mix a task's order, small
-# enough that memory stays flat as the dataset grows (28×28 float images:
-# 31 MiB).
+# enough that memory stays flat as the dataset grows.
 SHUFFLE_BUFFER = 10_000
 # Labels read from each dataset before training to check their range; the
 # pipeline checks every later label as it streams.
@@ -138,10 +137,7 @@ def array_batches(x, y, batch_size, seed):
 
   A full shuffle of the sample indices (seeded), each batch gathered from the
   arrays: what `fit(x, y, shuffle=True)` does, in another random order, for
-  about half its cost per epoch. On the default main job's task (1,437
-  samples, batch 32) Keras's array pipeline takes ~12 ms to start an epoch
-  and ~31 ms to deliver it, this one ~7 ms and ~17 ms: most of a second over
-  the job's 50 epochs.
+  about half its cost per epoch (benchmarks/CHOICES.md).
 
   Each new iterator draws the next order, so the orders are the same under a
   `tf.distribute` strategy as on one device as long as nothing else iterates

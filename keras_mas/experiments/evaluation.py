@@ -79,8 +79,8 @@ def _test_batches(net, sequence, batch_size):
     return [[(task_logits, task.y_test)] for task, task_logits in zip(
         tasks, np.split(logits,
                         np.cumsum([len(t.x_test) for t in tasks])[:-1]))]
-  # tf.data's batching costs grow with the batch size asked for (65,536
-  # small images: 1.5 s a pass, 256: 0.05 s); the model's calls are cheap.
+  # tf.data's batching costs grow with the batch size asked for, the
+  # model's calls are cheap: small batches (benchmarks/CHOICES.md).
   step = min(_prediction_batch(sequence.input_shape, batch_size),
              max(batch_size, 256))
   return [((predict_logits(net, x, batch_size), y)

@@ -14,8 +14,8 @@ class ServingExport:
 
   A run exports after every task; the endpoints stay the same while the
   heads do (domain-incremental runs: always), so the traced archive is kept
-  and only the current weights are written: 0.17 s an export against 0.29 s
-  for a fresh archive on the default main job's MLP.
+  and only the current weights are written, which costs less than tracing
+  a fresh archive (benchmarks/CHOICES.md).
 
   Example:
 

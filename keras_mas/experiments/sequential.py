@@ -44,8 +44,8 @@ __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
 METHODS = methods_lib.names(task_free=False)
 
 # Training steps per call of the traced train step (`compile`'s
-# `steps_per_execution`): the default main job's 45-step epochs run 1.7×
-# faster with 8 than with 1; more gained nothing measurable.
+# `steps_per_execution`): on small tasks the Python driving each step costs
+# more than the step (benchmarks/CHOICES.md).
 _STEPS_PER_EXECUTION = 8
 
 # Per model, what it was last compiled with: a later task with the same

@@ -362,9 +362,9 @@ def _accumulating(step, variables):
   """`totals + step(batch)` as one compiled call per batch.
 
   Traced for the dataset's element spec (batch axis unknown), so the short
-  last batch does not cost a second trace; the sums stay on the device. A
-  `for` over the dataset inside one `tf.function` was tried: its loop body
-  ran ~15× slower here than the same step called per batch.
+  last batch does not cost a second trace; the sums stay on the device. Not
+  a `for` over the dataset inside one `tf.function`: its loop body runs
+  much slower than the same step called per batch (benchmarks/CHOICES.md).
   """
   totals_spec = [tf.TensorSpec(v.shape, tf.float32) for v in variables]
   functions = {}

@@ -888,7 +888,8 @@ def _per_example_sums(loss, inputs, variables, transform):
 
 
 # Keras's own recurrent layers vectorize safely (no einsum, whose
-# vectorized gradient crashes TF 2.21) and ~4× faster than the loop.
+# vectorized gradient crashes TF 2.21), and faster than the loop
+# (benchmarks/CHOICES.md).
 _VECTORIZABLE = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
 
 
