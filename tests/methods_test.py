@@ -204,18 +204,20 @@ def test_streaming_lwf_targets_come_from_the_frozen_copy_batch_by_batch():
       keras.Input(sequence.input_shape), keras.layers.Flatten(),
       keras.layers.Dense(sequence.num_outputs)]))
   lwf = methods.get("lwf")
-  with pytest.raises(ValueError, match="argument `frozen`"):
-    methods.training_data(lwf, model, _streaming(sequence), 1, 32)
-  dataset, y, loss, _ = methods.training_data(
-      lwf, model, _streaming(sequence), 1, 32, frozen=model)
-  assert y is None
-  x, targets = _batches(dataset)
   task = sequence.tasks[1]
-  assert targets.shape == (len(task.x_train), 1 + sequence.tasks[0].stop)
-  np.testing.assert_array_equal(np.sort(targets[:, 0]), np.sort(task.y_train))
-  np.testing.assert_allclose(
-      targets[:, 1:], model.predict(x, verbose=0)[:, :sequence.tasks[0].stop],
-      rtol=1e-5, atol=1e-6)
+  # Given a frozen copy, or making its own (a copy of the model now).
+  for frozen in (model, None):
+    dataset, y, loss, _ = methods.training_data(
+        lwf, model, _streaming(sequence), 1, 32, frozen=frozen)
+    assert y is None
+    x, targets = _batches(dataset)
+    assert targets.shape == (len(task.x_train), 1 + sequence.tasks[0].stop)
+    np.testing.assert_array_equal(np.sort(targets[:, 0]),
+                                  np.sort(task.y_train))
+    np.testing.assert_allclose(
+        targets[:, 1:],
+        model.predict(x, verbose=0)[:, :sequence.tasks[0].stop],
+        rtol=1e-5, atol=1e-6)
   _, _, array_loss, _ = methods.training_data(lwf, model, sequence, 1, 32)
   assert loss.get_config() == array_loss.get_config()
 

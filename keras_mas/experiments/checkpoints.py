@@ -15,9 +15,12 @@ import warnings
 
 import keras
 
-__all__ = ["check_config", "check_writable", "is_chief", "latest",
-           "load_model", "read_json", "read_state", "remove_partial_writes",
-           "replace_directory", "write", "write_json"]
+from keras_mas.core import models
+
+__all__ = ["check_config", "check_writable", "copy_model", "is_chief",
+           "latest", "load_model", "read_json", "read_state",
+           "remove_partial_writes", "replace_directory", "write",
+           "write_json"]
 
 _CHECKPOINTS = "checkpoints"
 _STATE = "state.json"
@@ -163,3 +166,19 @@ def read_json(path):
   """The JSON value in `path`."""
   with open(path) as f:
     return json.load(f)
+
+
+def copy_model(model, wrap=True):
+  """A copy of `model` (weights and MAS state, not the object), through a
+  `.keras` round trip.
+
+  Args:
+    model: the model to copy.
+    wrap: return a `MASModel` (`MASModel.from_model` of the copy).
+  """
+  with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "copy.keras")
+    model.save(path)
+    # The user handed this model over in memory: its code is trusted.
+    copy = keras.models.load_model(path, compile=False, safe_mode=False)
+  return models.MASModel.from_model(copy) if wrap else copy

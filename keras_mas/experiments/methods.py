@@ -16,8 +16,10 @@ anchors, penalty and `consolidate`):
 | `si`         | path integral (Zenke et al. 2017)                 | sum        |
 
 `finetune` trains with no protection, `lwf` distils the previous model's
-outputs on the new data (Li & Hoiem 2017) and `joint` trains on every task
-so far (the upper bound).
+outputs on the new data (Li & Hoiem 2017, `Distillation`) and `joint`
+trains on every task so far (the upper bound, `Rehearsal`). Each method's
+training data, loss and consolidation read in its class here; the runners
+ask the method (`training_data`, `consolidation`, `consolidation_data`).
 
 One registry, `METHODS`, serves both runners: `run_sequence` is told where
 each task ends (`Method.task_aware`), `run_stream` is not
@@ -32,14 +34,19 @@ import numpy as np
 
 from keras_mas.core import heads
 from keras_mas.data import pipelines
+from keras_mas.experiments import checkpoints
 from keras_mas.experiments import evaluation
 
-__all__ = ["METHODS", "Method", "get", "names"]
+__all__ = ["METHODS", "Distillation", "Method", "Rehearsal", "get", "names",
+           "training_data"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """What a method changes in the sequential loop.
+  """A continual-learning method: what it trains on, what it consolidates.
+
+  The base class trains on the task's own data and loss; a penalty method
+  differs only in its estimator (`consolidate(method=...)`).
 
   Attributes:
     name: the method's name.
@@ -49,8 +56,6 @@ class Method:
     slice_outputs: whether the estimator takes `output_fn` (the task's
       outputs) rather than measuring every output.
     options: extra estimator options.
-    distill: train with distillation targets from the model before the task.
-    rehearse: train on every task so far.
     tracks_path: the model must track SI's path integral.
     task_aware: `run_sequence` offers it (task boundaries given).
     task_free: `run_stream` offers it (no task boundaries).
@@ -61,11 +66,26 @@ class Method:
   labels: bool = False
   slice_outputs: bool = False
   options: tuple = ()
-  distill: bool = False
-  rehearse: bool = False
   tracks_path: bool = False
   task_aware: bool = True
   task_free: bool = False
+
+  def training_data(self, net, sequence, k, batch_size, temperature=2.0,
+                    seed=0, frozen=None):
+    """`(x, y, loss, metrics)` to fit task `k`.
+
+    Arrays give `(x, y)`; a streaming sequence gives the batched `tf.data`
+    pipeline `fit` reads as `x` (shuffled in a bounded buffer seeded by
+    `seed`) and `y` None.
+    """
+    del net, temperature, frozen
+    task = sequence.tasks[k]
+    loss = heads.TaskLoss(task.start, task.stop, task.label_offset)
+    if task.streaming:
+      return (pipelines.training_batches(task.train_data, batch_size, seed,
+                                         check=task.label_check), None,
+              loss, [_accuracy(task)])
+    return task.x_train, task.y_train, loss, [_accuracy(task)]
 
   def consolidation(self, task, strength, alpha, num_samples,
                     fisher="empirical"):
@@ -99,6 +119,74 @@ class Method:
     return task.x_train
 
 
+@dataclasses.dataclass(frozen=True)
+class Distillation(Method):
+  """LwF: the task's loss plus distillation of the outputs of the earlier
+  tasks, as the model gave them before this task (Li & Hoiem 2017)."""
+
+  def training_data(self, net, sequence, k, batch_size, temperature=2.0,
+                    seed=0, frozen=None):
+    """As `Method.training_data`, each label followed by the old logits.
+
+    Arrays: the logits the model gives *before* training on task `k`, for
+    the outputs of earlier tasks (what a frozen copy would give: it is never
+    updated), appended to each label. A streaming task: `frozen`, a copy of
+    the model made now (or the one given), applied to each batch in the
+    pipeline, so no task's logits are ever held whole.
+    """
+    if k == 0:
+      return super().training_data(net, sequence, k, batch_size, seed=seed)
+    task = sequence.tasks[k]
+    old_start, old_stop = 0, max(t.stop for t in sequence.tasks[:k])
+    loss = heads.DistillationLoss(task.start, task.stop, task.label_offset,
+                                  old_start, old_stop,
+                                  temperature=temperature)
+    if task.streaming:
+      if frozen is None:
+        frozen = checkpoints.copy_model(net, wrap=False)
+      return (pipelines.distillation_batches(
+          task.train_data, frozen, (old_start, old_stop), batch_size, seed,
+          check=task.label_check), None, loss, [_accuracy(task)])
+    old = evaluation.predict_logits(net, task.x_train,
+                                    batch_size)[:, old_start:old_stop]
+    y = np.concatenate([task.y_train[:, None].astype("float32"), old], axis=1)
+    return task.x_train, y, loss, [_accuracy(task)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rehearsal(Method):
+  """Joint training: every task so far, each sample on its own outputs."""
+
+  def training_data(self, net, sequence, k, batch_size, temperature=2.0,
+                    seed=0, frozen=None):
+    """Tasks `0..k` together, each label carrying its outputs `[start,
+    stop)` (`heads.MixedTaskLoss`); class-incremental: every sample competes
+    with every class seen so far, as it is scored."""
+    if k == 0:
+      return super().training_data(net, sequence, k, batch_size, seed=seed)
+    task = sequence.tasks[k]
+    widest = sequence.scenario == "class"
+    seen = sequence.tasks[:k + 1]
+    if task.streaming:
+      parts = [(t.train_data, t.label_offset + t.start, t.start,
+                task.stop if widest else t.stop, t.train_size, t.num_classes,
+                t.name) for t in seen]
+      return (pipelines.rehearsal_batches(parts, batch_size, seed), None,
+              heads.MixedTaskLoss(), [])
+    x = np.concatenate([t.x_train for t in seen])
+    y = np.concatenate([
+        np.stack([t.y_train + t.label_offset + t.start,
+                  np.full(len(t.y_train), t.start),
+                  np.full(len(t.y_train), task.stop if widest else t.stop)],
+                 axis=1)
+        for t in seen]).astype("int64")
+    return x, y, heads.MixedTaskLoss(), []
+
+
+def _accuracy(task):
+  return heads.TaskAccuracy(task.start, task.stop, task.label_offset)
+
+
 METHODS = {
     m.name: m for m in (
         Method("finetune", task_free=True),
@@ -109,8 +197,8 @@ METHODS = {
         Method("online_ewc", estimator="fisher", labels=True,
                slice_outputs=True, accumulate="decay"),
         Method("si", estimator="path_integral", tracks_path=True),
-        Method("lwf", distill=True),
-        Method("joint", rehearse=True),
+        Distillation("lwf"),
+        Rehearsal("joint"),
         Method("replay", task_aware=False, task_free=True),
         Method("mas_oracle", estimator="mas", task_aware=False,
                task_free=True),
@@ -142,82 +230,7 @@ def get(name, task_free=False):
 
 def training_data(method, net, sequence, k, batch_size, temperature=2.0,
                   seed=0, frozen=None):
-  """`(x, y, loss, metrics)` to fit task `k` with `method`.
-
-  Plain methods train on the task's data and loss. `lwf` appends to each
-  label the logits the model gives *before* training on the task, for the
-  outputs of earlier tasks (what a frozen copy would give: it is never
-  updated); `joint` concatenates tasks 0..k, each sample carrying its own
-  output slice.
-
-  For a streaming sequence (`tasks.from_datasets`), `x` is the batched
-  `tf.data` pipeline `fit` reads and `y` is None: shuffled in a bounded
-  buffer seeded by `seed`, `lwf`'s targets computed batch by batch by
-  `frozen` (a copy of `net` made before the task, required then), `joint`
-  sampling every task so far.
-  """
-  task = sequence.tasks[k]
-  accuracy = heads.TaskAccuracy(task.start, task.stop, task.label_offset)
-  if task.streaming:
-    return _streaming_data(method, sequence, k, batch_size, temperature,
-                           seed, frozen, accuracy)
-  if method.rehearse and k > 0:
-    seen = sequence.tasks[:k + 1]
-    x = np.concatenate([t.x_train for t in seen])
-    # Class-incremental: every sample competes with every class seen so far,
-    # as it is scored; otherwise each keeps its own task's outputs.
-    widest = sequence.scenario == "class"
-    y = np.concatenate([
-        np.stack([t.y_train + t.label_offset + t.start,
-                  np.full(len(t.y_train), t.start),
-                  np.full(len(t.y_train), task.stop if widest else t.stop)],
-                 axis=1)
-        for t in seen]).astype("int64")
-    return x, y, heads.MixedTaskLoss(), []
-  if method.distill and k > 0:
-    old_start, old_stop = _old_outputs(sequence, k)
-    old = evaluation.predict_logits(net, task.x_train,
-                                    batch_size)[:, old_start:old_stop]
-    y = np.concatenate([task.y_train[:, None].astype("float32"), old], axis=1)
-    return task.x_train, y, _distillation_loss(task, old_start, old_stop,
-                                               temperature), [accuracy]
-  return (task.x_train, task.y_train,
-          heads.TaskLoss(task.start, task.stop, task.label_offset),
-          [accuracy])
-
-
-def _streaming_data(method, sequence, k, batch_size, temperature, seed,
-                    frozen, accuracy):
-  task = sequence.tasks[k]
-  if method.rehearse and k > 0:
-    widest = sequence.scenario == "class"
-    parts = [(t.train_data, t.label_offset + t.start, t.start,
-              task.stop if widest else t.stop, t.train_size, t.num_classes,
-              t.name) for t in sequence.tasks[:k + 1]]
-    return (pipelines.rehearsal_batches(parts, batch_size, seed), None,
-            heads.MixedTaskLoss(), [])
-  if method.distill and k > 0:
-    if frozen is None:
-      raise ValueError(
-          "Invalid value for argument `frozen`. Expected a frozen copy of "
-          "the model for `lwf` on a streaming sequence. Received: None")
-    old_start, old_stop = _old_outputs(sequence, k)
-    return (pipelines.distillation_batches(
-        task.train_data, frozen, (old_start, old_stop), batch_size, seed,
-        check=task.label_check), None,
-            _distillation_loss(task, old_start, old_stop, temperature),
-            [accuracy])
-  return (pipelines.training_batches(task.train_data, batch_size, seed,
-                                     check=task.label_check), None,
-          heads.TaskLoss(task.start, task.stop, task.label_offset),
-          [accuracy])
-
-
-def _old_outputs(sequence, k):
-  """The outputs LwF distils while learning task `k`: every earlier one's."""
-  return 0, max(t.stop for t in sequence.tasks[:k])
-
-
-def _distillation_loss(task, old_start, old_stop, temperature):
-  return heads.DistillationLoss(task.start, task.stop, task.label_offset,
-                                old_start, old_stop, temperature=temperature)
+  """`(x, y, loss, metrics)` to fit task `k` with `method` (a `Method`)."""
+  return method.training_data(net, sequence, k, batch_size,
+                              temperature=temperature, seed=seed,
+                              frozen=frozen)

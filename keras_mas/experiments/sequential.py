@@ -351,7 +351,7 @@ def _training_inputs(net, task, batch_size):
 def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
                    seed, lora_rank=None):
   if isinstance(model, keras.Model):
-    copy = _copy_model(model, wrap=False)
+    copy = checkpoints.copy_model(model, wrap=False)
     if lora_rank:
       copy.backbone.enable_lora(lora_rank)
     return models.MASModel.from_model(copy)
@@ -368,11 +368,9 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
   Arrays are batched by `pipelines.array_batches`; a streaming task's
   pipeline comes batched.
   """
-  frozen = (_copy_model(net, wrap=False)
-            if method_spec.distill and k > 0 and sequence.streaming else None)
-  x, y, loss, task_metrics = methods_lib.training_data(
-      method_spec, net, sequence, k, batch_size, temperature=temperature,
-      seed=seed * 1009 + k, frozen=frozen)
+  x, y, loss, task_metrics = method_spec.training_data(
+      net, sequence, k, batch_size, temperature=temperature,
+      seed=seed * 1009 + k)
   compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
       [loss] + task_metrics))
   if net.compiled and _COMPILED_FOR.get(net) == compiled_for:
@@ -622,21 +620,6 @@ def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
                       None if num_samples is None else min(num_samples,
                                                            len(x)),
                       fisher))
-
-
-def _copy_model(model, wrap=True):
-  """A copy of `model` (weights and MAS state, not the object).
-
-  Args:
-    model: the model to copy.
-    wrap: return a `MASModel` (`MASModel.from_model` of the copy).
-  """
-  with tempfile.TemporaryDirectory() as folder:
-    path = os.path.join(folder, "copy.keras")
-    model.save(path)
-    # The user handed this model over in memory: its code is trusted.
-    copy = keras.models.load_model(path, compile=False, safe_mode=False)
-  return models.MASModel.from_model(copy) if wrap else copy
 
 
 def _export(exporter, workdir, sequence, k):
