@@ -87,6 +87,10 @@ class MASModel(keras.Model):
   ```
   """
 
+  # The penalty mode as the traced train step reads it; `penalty_mode`'s
+  # setter and loading keep it in step with the saved variable.
+  _proximal = False
+
   def __new__(cls, *args, **kwargs):
     if _functional_init_arguments(args, kwargs) and not issubclass(
         cls, Functional):
@@ -684,7 +688,7 @@ class MASModel(keras.Model):
     # A subclassed model that `fit` builds is built by the forward pass,
     # inside the trace; its MAS state is then created here, once.
     self._ensure_mas_state()
-    terms = [penalty_lib.PenaltyTerm(self._mas, self._proximal_step,
+    terms = [penalty_lib.PenaltyTerm(self._mas, self._proximal,
                                      self._penalty_log_interval,
                                      self.penalty_tracker)]
     if self._si_path is not None:
@@ -696,12 +700,6 @@ class MASModel(keras.Model):
 
   def _replica_logs(self, logs):
     return multi_worker.replica_logs(self._distribute_strategy, logs)
-
-  @property
-  def _proximal_step(self):
-    # Read while tracing; `penalty_mode`'s setter and loading keep it in
-    # step with the saved variable and discard traced functions.
-    return getattr(self, "_proximal", False)
 
   def make_train_function(self, force=False):
     # Subclassed models may first be built inside `fit`: create Ω and θ*
