@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apps import app_startup  # First: log level, a faster Keras import.
 from keras_mas.data import sources
 from keras_mas.data import tasks
+from keras_mas.experiments import checkpoints
 from keras_mas.experiments import cli
 from keras_mas.experiments import methods
 from keras_mas.experiments import sequential as training
@@ -169,6 +170,7 @@ def _main():
       "multi_worker": tf.distribute.MultiWorkerMirroredStrategy,
   }[_DISTRIBUTION.value]()
   tf.config.experimental.enable_op_determinism()
+  _check_workdir()
   init_model = None
   if _INIT_MODEL.value:
     init_model = sources.load_model(_INIT_MODEL.value)
@@ -252,6 +254,24 @@ def _stream(sequence):
       verbose=_VERBOSE.value)
   if _VERBOSE.value:
     print(training.format_matrix(results))
+
+
+def _check_workdir():
+  """A workdir holding a run needs --resume: say so in the flags' words."""
+  if _RESUME.value or _TASK_BOUNDARIES.value == "none":
+    return
+  checkpoint = checkpoints.latest(_WORKDIR.value)
+  if checkpoint is None:
+    return
+  finished = os.path.isfile(os.path.join(_WORKDIR.value, "results.json"))
+  raise ValueError(
+      "Invalid value for argument `workdir`. Expected a new directory, or "
+      "--resume to continue the run in it. Received: "
+      f"--workdir={_WORKDIR.value} holding "
+      + ("a finished run: add --resume to see its results, or choose a new "
+         "--workdir" if finished else
+         f"a run stopped after task {checkpoint[0]}: add --resume to continue "
+         "it, or choose a new --workdir"))
 
 
 def _image_size(init_model):

@@ -80,3 +80,36 @@ def test_unwritable_workdir_is_named(tmp_path):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+_HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from keras_mas.experiments import checkpoints
+with checkpoints.workdir_lock({workdir!r}):
+  print("held", flush=True)
+  time.sleep(60)
+"""
+
+
+def test_one_run_per_workdir_and_a_killed_run_frees_it(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", _HOLD.format(root=root, workdir=workdir)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match=(
+        rf"argument `workdir`.*in use by process {holder.pid}")):
+      with checkpoints.workdir_lock(workdir):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  with checkpoints.workdir_lock(workdir):  # The OS released it.
+    with open(os.path.join(workdir, ".lock")) as f:
+      assert f.read() == str(os.getpid())

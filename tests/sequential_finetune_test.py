@@ -32,7 +32,19 @@ def test_app_runs_and_resumes(tmp_path):
   again = _run(f"--workdir={workdir}", "--method=mas", "--strength=0.5",
                "--resume", *_FAST, "--verbose=1")
   assert again.returncode == 0, again.stderr
-  assert "Resuming after task 1" in again.stdout
+  assert "is complete: all 2 tasks were trained" in again.stdout
+  assert "ACC" in again.stdout  # Its table.
+  # The same command again, without --resume: refused in the flags' words.
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  refused = _run(f"--workdir={workdir}", "--method=mas", "--strength=0.5",
+                 *_FAST)
+  assert refused.returncode == 1
+  lines = [l for l in refused.stderr.splitlines() if "--resume" in l]
+  assert len(lines) == 1 and "finished run" in lines[0], refused.stderr
+  assert "new --workdir" in lines[0]
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == saved  # Nothing already saved changed.
 
 
 def test_app_learns_task_free_on_a_stream(tmp_path):

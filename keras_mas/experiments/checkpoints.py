@@ -7,6 +7,8 @@ interrupted run leaves either a complete checkpoint or a `.partial-` one that
 is never loaded; `latest` finds where a resumed run continues.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -19,10 +21,11 @@ from keras_mas.core import models
 
 __all__ = ["check_config", "check_writable", "copy_model", "is_chief",
            "latest", "load_model", "read_json", "read_state",
-           "remove_partial_writes", "replace_directory", "write",
-           "write_json"]
+           "remove_partial_writes", "replace_directory", "workdir_lock",
+           "write", "write_json"]
 
 _CHECKPOINTS = "checkpoints"
+_LOCK = ".lock"
 _STATE = "state.json"
 _MODEL = "model.keras"
 
@@ -182,3 +185,37 @@ def copy_model(model, wrap=True):
     # The user handed this model over in memory: its code is trusted.
     copy = keras.models.load_model(path, compile=False, safe_mode=False)
   return models.MASModel.from_model(copy) if wrap else copy
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds `workdir` for one run: a second run on it is refused at once.
+
+  An exclusive `flock` on `workdir/.lock`, which the OS releases when the
+  process ends however it ends (a killed run never blocks its own resume).
+  The file records the holder's process id for the error message.
+
+  Raises:
+    ValueError: naming `workdir`, if another run holds it.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, _LOCK)
+  # pylint: disable-next=consider-using-with
+  handle = open(path, "a+", encoding="utf-8")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise ValueError(
+          "Invalid value for argument `workdir`. Expected a directory no "
+          f"other run is using. Received: workdir={workdir!r}, in use by "
+          f"process {holder}; wait for it, or choose another workdir") from e
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # Releases the lock.

@@ -189,91 +189,96 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
   write_dir = (workdir if checkpoints.is_chief(strategy)
                else tempfile.mkdtemp(prefix="keras_mas_worker_"))
-  checkpoint = checkpoints.latest(workdir)
-  if checkpoint is not None and not resume:
-    raise ValueError(
-        f"Invalid value for argument `workdir`. Expected a directory without "
-        f"checkpoints, or resume=True to continue the run in it. Received: "
-        f"workdir={workdir!r} holding {checkpoint[1]}")
-  if checkpoint is not None:
-    net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
-                            scope, verbose)
-    statistics.tasks_done += progress.first_task
-  else:
-    with scope():
-      net = _initial_model(model, sequence, hidden_units, weights,
-                           freeze_backbone, seed, lora_rank)
-    progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
-    if old_x is not None:
-      _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
-                            importance_samples, fisher)
+  # One run per workdir: a second one is refused at once; the OS frees the
+  # lock when the process ends, however it ends.
+  with checkpoints.workdir_lock(write_dir):
+    checkpoint = checkpoints.latest(workdir)
+    if checkpoint is not None and not resume:
+      raise ValueError(
+          f"Invalid value for argument `workdir`. Expected a directory without "
+          f"checkpoints, or resume=True to continue the run in it. Received: "
+          f"workdir={workdir!r} holding {checkpoint[1]}")
+    if checkpoint is not None:
+      net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
+                              scope, verbose)
+      statistics.tasks_done += progress.first_task
+    else:
+      with scope():
+        net = _initial_model(model, sequence, hidden_units, weights,
+                             freeze_backbone, seed, lora_rank)
+      progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
+      if old_x is not None:
+        _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
+                              importance_samples, fisher)
 
-  net.penalty_mode = penalty_mode
-  if method_spec.tracks_path:
-    net.track_path_integral()
-  writer = tf.summary.create_file_writer(
-      os.path.join(write_dir, "tensorboard"))
-  exporter = export_lib.ServingExport(net, sequence.input_shape,
-                                      text=sequence.text)
-  setup_s = time.perf_counter() - entered
-  for k in range(progress.first_task, len(sequence)):
-    task = sequence.tasks[k]
-    started = time.perf_counter()
-    keras.utils.set_random_seed(seed * 1009 + k)
-    statistics.before_task(net)
-    _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
-         epochs, batch_size, temperature, seed, write_dir, writer, verbose)
-    statistics.after_task(net, _training_inputs(net, task, batch_size),
-                          importance_samples)
-    trained = time.perf_counter()
-    progress.matrix[k] = evaluation.task_accuracies(net, sequence, batch_size, trained=k)
-    evaluated = time.perf_counter()
-    if method_spec.estimator is not None:
-      net.consolidate(
-          method_spec.consolidation_data(task, sequence.input_shape),
-          **method_spec.consolidation(task, strength, alpha,
-                                      importance_samples, fisher))
-      callbacks_lib.log_importance(writer, net, step=k)
-    consolidated = time.perf_counter()
-    progress.record(k, net, old_x, old_y, batch_size,
-                    fit_s=trained - started,
-                    evaluate_s=evaluated - trained,
-                    consolidate_s=consolidated - evaluated)
-    so_far = progress.summary(k)
-    callbacks_lib.log_accuracy_matrix(writer, progress.matrix, so_far, step=k,
-                                      image=k == len(sequence) - 1)
-    writer.flush()
-    checkpoints.write(write_dir, k, net, {"config": config,
-                                          **progress.state()})
-    _export(exporter, write_dir, sequence, k)
-    # Known only once the checkpoint holding this task's timings is written.
-    progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
+    net.penalty_mode = penalty_mode
+    if method_spec.tracks_path:
+      net.track_path_integral()
+    writer = tf.summary.create_file_writer(
+        os.path.join(write_dir, "tensorboard"))
+    exporter = export_lib.ServingExport(net, sequence.input_shape,
+                                        text=sequence.text)
+    setup_s = time.perf_counter() - entered
+    for k in range(progress.first_task, len(sequence)):
+      task = sequence.tasks[k]
+      started = time.perf_counter()
+      keras.utils.set_random_seed(seed * 1009 + k)
+      statistics.before_task(net)
+      _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
+           epochs, batch_size, temperature, seed, write_dir, writer, verbose)
+      statistics.after_task(net, _training_inputs(net, task, batch_size),
+                            importance_samples)
+      trained = time.perf_counter()
+      progress.matrix[k] = evaluation.task_accuracies(net, sequence,
+                                                      batch_size, trained=k)
+      evaluated = time.perf_counter()
+      if method_spec.estimator is not None:
+        net.consolidate(
+            method_spec.consolidation_data(task, sequence.input_shape),
+            **method_spec.consolidation(task, strength, alpha,
+                                        importance_samples, fisher))
+        callbacks_lib.log_importance(writer, net, step=k)
+      consolidated = time.perf_counter()
+      progress.record(k, net, old_x, old_y, batch_size,
+                      fit_s=trained - started,
+                      evaluate_s=evaluated - trained,
+                      consolidate_s=consolidated - evaluated)
+      so_far = progress.summary(k)
+      callbacks_lib.log_accuracy_matrix(writer, progress.matrix, so_far, step=k,
+                                        image=k == len(sequence) - 1)
+      writer.flush()
+      checkpoints.write(write_dir, k, net, {"config": config,
+                                            **progress.state()})
+      _export(exporter, write_dir, sequence, k)
+      # Known only once the checkpoint holding this task's timings is written.
+      progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
+      if verbose:
+        seen = " ".join(f"{a:.3f}" for a in progress.matrix[k, :k + 1])
+        print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
+              f"ACC {so_far['acc']:.3f}  "
+              f"forgetting {so_far['forgetting']:.3f}  "
+              f"fit {trained - started:.1f}s  consolidate "
+              f"{consolidated - evaluated:.1f}s")
+    writer.close()
+
+    results = {
+        "method": method, "dataset": sequence.dataset,
+        "recipe": sequence.recipe, "scenario": sequence.scenario,
+        "tasks": [t.name for t in sequence.tasks],
+        "accuracy_matrix": progress.matrix.tolist(),
+        "baseline": progress.baseline,
+        **metrics_lib.summarize(progress.matrix, progress.baseline),
+        "config": config, "extra": extra or {}, "timings": progress.timings,
+        "setup_s": setup_s,
+    }
+    if progress.old_accuracy is not None:
+      results["importance_data_accuracy"] = progress.old_accuracy
+    checkpoints.write_json(os.path.join(write_dir, "results.json"), results)
+    if write_dir != workdir:
+      shutil.rmtree(write_dir, ignore_errors=True)
     if verbose:
-      seen = " ".join(f"{a:.3f}" for a in progress.matrix[k, :k + 1])
-      print(f"task {k} ({task.name}): accuracy on tasks 0..{k}: {seen}  "
-            f"ACC {so_far['acc']:.3f}  forgetting {so_far['forgetting']:.3f}  "
-            f"fit {trained - started:.1f}s  consolidate "
-            f"{consolidated - evaluated:.1f}s")
-  writer.close()
-
-  results = {
-      "method": method, "dataset": sequence.dataset,
-      "recipe": sequence.recipe, "scenario": sequence.scenario,
-      "tasks": [t.name for t in sequence.tasks],
-      "accuracy_matrix": progress.matrix.tolist(),
-      "baseline": progress.baseline,
-      **metrics_lib.summarize(progress.matrix, progress.baseline),
-      "config": config, "extra": extra or {}, "timings": progress.timings,
-      "setup_s": setup_s,
-  }
-  if progress.old_accuracy is not None:
-    results["importance_data_accuracy"] = progress.old_accuracy
-  checkpoints.write_json(os.path.join(write_dir, "results.json"), results)
-  if write_dir != workdir:
-    shutil.rmtree(write_dir, ignore_errors=True)
-  if verbose:
-    print(format_matrix(results))
-  return results
+      print(format_matrix(results))
+    return results
 
 
 @dataclasses.dataclass
@@ -330,7 +335,9 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
                                      text=sequence.text),
             write_dir, sequence, k)
   if verbose:
-    print(f"Resuming after task {k} from {path}")
+    print(f"The run in {workdir} is complete: all {len(sequence)} tasks "
+          "were trained. Its results:" if k == len(sequence) - 1 else
+          f"Resuming after task {k} from {path}")
   return net, _Progress.from_state(k, state)
 
 

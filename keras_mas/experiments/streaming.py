@@ -7,6 +7,7 @@ hidden boundaries against online fine-tuning, experience replay and MAS
 told the true boundaries.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -183,83 +184,87 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   if checkpoint_every is not None:
     checkpoint_every = _checks.positive_int("checkpoint_every",
                                            checkpoint_every)
-  checkpoint_dir = (None if workdir is None
-                    else os.path.join(workdir, _CHECKPOINT))
-  if checkpoint_dir is not None and not resume and os.path.isdir(
-      checkpoint_dir):
-    raise ValueError(
-        "Invalid value for argument `workdir`. Expected a directory without "
-        "a stream checkpoint, or resume=True to continue it. Received: "
-        f"workdir={workdir!r} holding {checkpoint_dir}")
-  net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
-                            hidden_units=hidden_units, seed=seed)
-  opt = options.check_optimizer(optimizer, learning_rate)
-  # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
-  # no XLA: the joined batch grows while the buffer fills.
-  net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
-      from_logits=True), metrics=["accuracy"], jit_compile=False)
-  net.strength = strength
-  config = {"method": method, "batch_size": int(batch_size),
-            "transition_steps": int(transition_steps),
-            "buffer_size": int(buffer_size), "strength": float(strength),
-            "learning_rate": float(learning_rate), "optimizer": optimizer,
-            "model": model, "hidden_units": int(hidden_units),
-            "updates_per_batch": int(updates_per_batch),
-            "window": window.get_config(), "seed": int(seed)}
-  evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
-                                 log_dir)
-  first_step, seconds_before = 0, 0.0
-  if resume:
-    net, state = _read_checkpoint(checkpoint_dir, config)
-    task_free.set_state(state)
-    baseline = state["baseline"]
-    evaluation.matrix = np.array(
-        [[np.nan if v is None else v for v in row] for row in state["matrix"]],
-        dtype="float64")
-    first_step, seconds_before = task_free.step, state["seconds"]
-  else:
-    baseline = accuracies(net, sequence)
-  evaluation.baseline = baseline
-  listed = [evaluation] + list(callbacks or [])
-  if checkpoint_every is not None:
-    listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,
-                                    task_free, evaluation, baseline,
-                                    stream.num_steps, seconds_before))
-  keras.utils.set_random_seed(seed)
-  started = time.perf_counter()
-  fit_stream(net, stream.as_dataset().skip(first_step), task_free,
-             callbacks=listed)
-  seconds = seconds_before + time.perf_counter() - started
-  matrix = evaluation.matrix
-  starts = [0] + stream.boundaries[:-1]
-  per_task = []
-  for start, stop in zip(starts, stream.boundaries):
-    part = task_free.online_correct[start:stop]
-    per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
-  results = {
-      "method": method, "dataset": sequence.dataset,
-      "recipe": sequence.recipe, "scenario": sequence.scenario,
-      "tasks": [t.name for t in sequence.tasks],
-      "accuracy_matrix": matrix.tolist(), "baseline": baseline,
-      **metrics_lib.summarize(matrix, baseline),
-      "boundaries": list(stream.boundaries),
-      "consolidations": list(task_free.consolidations),
-      "peaks": list(task_free.window.peaks[1:]),
-      "plateaus": list(task_free.window.plateaus),
-      "online_accuracy": task_free.online_accuracy,
-      "online_accuracy_per_task": per_task,
-      "num_steps": stream.num_steps, "config": config, "seconds": seconds,
-  }
-  if workdir is not None:
-    os.makedirs(workdir, exist_ok=True)
-    heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
-             if sequence.scenario == "class" else None)
-    export_lib.export_serving(net, os.path.join(workdir, "export"),
-                              sequence.input_shape, heads=heads)
-    checkpoints.write_json(os.path.join(workdir, "results.json"), results)
-  if verbose:
-    print(format_results([results]))
-  return results
+  # One run per workdir (see `checkpoints.workdir_lock`).
+  with (contextlib.nullcontext() if workdir is None else
+        checkpoints.workdir_lock(workdir)):
+    checkpoint_dir = (None if workdir is None
+                      else os.path.join(workdir, _CHECKPOINT))
+    if checkpoint_dir is not None and not resume and os.path.isdir(
+        checkpoint_dir):
+      raise ValueError(
+          "Invalid value for argument `workdir`. Expected a directory without "
+          "a stream checkpoint, or resume=True to continue it. Received: "
+          f"workdir={workdir!r} holding {checkpoint_dir}")
+    net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
+                              hidden_units=hidden_units, seed=seed)
+    opt = options.check_optimizer(optimizer, learning_rate)
+    # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
+    # no XLA: the joined batch grows while the buffer fills.
+    net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=["accuracy"], jit_compile=False)
+    net.strength = strength
+    config = {"method": method, "batch_size": int(batch_size),
+              "transition_steps": int(transition_steps),
+              "buffer_size": int(buffer_size), "strength": float(strength),
+              "learning_rate": float(learning_rate), "optimizer": optimizer,
+              "model": model, "hidden_units": int(hidden_units),
+              "updates_per_batch": int(updates_per_batch),
+              "window": window.get_config(), "seed": int(seed)}
+    evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
+                                   log_dir)
+    first_step, seconds_before = 0, 0.0
+    if resume:
+      net, state = _read_checkpoint(checkpoint_dir, config)
+      task_free.set_state(state)
+      baseline = state["baseline"]
+      evaluation.matrix = np.array(
+          [[np.nan if v is None else v for v in row]
+           for row in state["matrix"]],
+          dtype="float64")
+      first_step, seconds_before = task_free.step, state["seconds"]
+    else:
+      baseline = accuracies(net, sequence)
+    evaluation.baseline = baseline
+    listed = [evaluation] + list(callbacks or [])
+    if checkpoint_every is not None:
+      listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,
+                                      task_free, evaluation, baseline,
+                                      stream.num_steps, seconds_before))
+    keras.utils.set_random_seed(seed)
+    started = time.perf_counter()
+    fit_stream(net, stream.as_dataset().skip(first_step), task_free,
+               callbacks=listed)
+    seconds = seconds_before + time.perf_counter() - started
+    matrix = evaluation.matrix
+    starts = [0] + stream.boundaries[:-1]
+    per_task = []
+    for start, stop in zip(starts, stream.boundaries):
+      part = task_free.online_correct[start:stop]
+      per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
+    results = {
+        "method": method, "dataset": sequence.dataset,
+        "recipe": sequence.recipe, "scenario": sequence.scenario,
+        "tasks": [t.name for t in sequence.tasks],
+        "accuracy_matrix": matrix.tolist(), "baseline": baseline,
+        **metrics_lib.summarize(matrix, baseline),
+        "boundaries": list(stream.boundaries),
+        "consolidations": list(task_free.consolidations),
+        "peaks": list(task_free.window.peaks[1:]),
+        "plateaus": list(task_free.window.plateaus),
+        "online_accuracy": task_free.online_accuracy,
+        "online_accuracy_per_task": per_task,
+        "num_steps": stream.num_steps, "config": config, "seconds": seconds,
+    }
+    if workdir is not None:
+      os.makedirs(workdir, exist_ok=True)
+      heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
+               if sequence.scenario == "class" else None)
+      export_lib.export_serving(net, os.path.join(workdir, "export"),
+                                sequence.input_shape, heads=heads)
+      checkpoints.write_json(os.path.join(workdir, "results.json"), results)
+    if verbose:
+      print(format_results([results]))
+    return results
 
 
 _CHECKPOINT = "checkpoint"
