@@ -8,7 +8,9 @@ r"""Learns a sequence of tasks one after another, with MAS or without.
 
 Writes results.json, TensorBoard logs, a checkpoint and a SavedModel per
 task into --workdir; --resume continues an interrupted run. A bad flag stops
-the app before training with one line naming it (exit status 1).
+the app before training with one line naming it (exit status 1). SIGTERM or
+SIGINT stops it after the training step under way, keeping its last
+checkpoint (exit status 75; --resume continues).
 """
 
 import os
@@ -26,6 +28,7 @@ from keras_mas.data import tasks
 from keras_mas.experiments import checkpoints
 from keras_mas.experiments import cli
 from keras_mas.experiments import methods
+from keras_mas.experiments import preemption
 from keras_mas.experiments import sequential as training
 from keras_mas.experiments import streaming
 
@@ -145,6 +148,10 @@ _TFDS_SPLITS = flags.DEFINE_list(
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0)
 _RESUME = flags.DEFINE_bool("resume", False,
                             "Continue the run in --workdir.")
+_CHECKPOINT_SECONDS = flags.DEFINE_float(
+    "checkpoint_seconds", 60.0, "Inside a task, checkpoint at the first epoch "
+    "end at least this many seconds after the last checkpoint (0: every "
+    "epoch end); --resume continues from it.", lower_bound=0.0)
 _DISTRIBUTION = flags.DEFINE_enum(
     "distribution", "none", ["none", "mirrored", "multi_worker"],
     "tf.distribute strategy: 'mirrored' over this machine's devices, or "
@@ -199,8 +206,14 @@ def _main():
     importance_data = sources.load_importance_data(
         _IMPORTANCE_DATA.value, sequence.input_shape, seed=_SEED.value,
         data_dir=_DATA_DIR.value)
+  stop = preemption.StopRequest()
   try:
-    _run_sequence(sequence, init_model, importance_data, strategy)
+    with preemption.on_signals(stop):
+      _run_sequence(sequence, init_model, importance_data, strategy, stop)
+  except preemption.Preempted as e:
+    # Asked to stop (SIGTERM, SIGINT): one line, the documented exit code.
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
   except ValueError as e:
     if init_model is None or "argument `model`" not in str(e):
       raise
@@ -209,7 +222,7 @@ def _main():
                                     "argument `init_model`")) from e
 
 
-def _run_sequence(sequence, init_model, importance_data, strategy):
+def _run_sequence(sequence, init_model, importance_data, strategy, stop):
   training.run_sequence(
       sequence, _WORKDIR.value, method=_METHOD.value,
       strength=_STRENGTH.value, penalty_mode=_PENALTY.value,
@@ -224,6 +237,7 @@ def _run_sequence(sequence, init_model, importance_data, strategy):
       resume=_RESUME.value, strategy=strategy,
       importance_data=importance_data, batch_norm=_BATCH_NORM.value,
       lora_rank=_LORA_RANK.value,
+      checkpoint_seconds=_CHECKPOINT_SECONDS.value, stop=stop,
       verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
@@ -261,7 +275,8 @@ def _check_workdir():
   if _RESUME.value or _TASK_BOUNDARIES.value == "none":
     return
   checkpoint = checkpoints.latest(_WORKDIR.value)
-  if checkpoint is None:
+  in_task = checkpoints.latest_in_task(_WORKDIR.value)
+  if checkpoint is None and in_task is None:
     return
   finished = os.path.isfile(os.path.join(_WORKDIR.value, "results.json"))
   raise ValueError(
@@ -270,8 +285,9 @@ def _check_workdir():
       f"--workdir={_WORKDIR.value} holding "
       + ("a finished run: add --resume to see its results, or choose a new "
          "--workdir" if finished else
-         f"a run stopped after task {checkpoint[0]}: add --resume to continue "
-         "it, or choose a new --workdir"))
+         "a run stopped " + (f"inside task {in_task[0]}" if in_task else
+                             f"after task {checkpoint[0]}")
+         + ": add --resume to continue it, or choose a new --workdir"))
 
 
 def _image_size(init_model):

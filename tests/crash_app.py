@@ -7,7 +7,10 @@ picks the point, counted from the start of a fresh run:
                only every k-th batch);
   consolidate  mid-consolidation: importance measured, not yet stored;
   checkpoint   mid-checkpoint-write: model.keras staged, state.json not;
-  export       mid-export: the SavedModel staged, not renamed into place.
+  export       mid-export: the SavedModel staged, not renamed into place;
+  in_task      mid-epoch, after the task's first checkpoint inside it;
+  sigterm      the same moment, but a SIGTERM to itself instead (the app
+               stops after the step under way and exits 75).
 """
 
 import os
@@ -82,6 +85,25 @@ elif _POINT == "export":
       _die()
 
   archive_class.write_out = write_out_then_die
+elif _POINT in ("in_task", "sigterm"):
+  write_in_task = checkpoints.write_in_task
+  _STATE = {"written": False, "signalled": False}
+
+  def write_in_task_and_arm(workdir, k, epoch, net, state):
+    write_in_task(workdir, k, epoch, net, state)
+    if k == _TASK:
+      _STATE["written"] = True
+
+  def on_train_batch_end(self, batch, logs=None):
+    del self, logs
+    if _STATE["written"] and batch >= 2 and not _STATE["signalled"]:
+      if _POINT == "in_task":
+        _die()
+      _STATE["signalled"] = True
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  checkpoints.write_in_task = write_in_task_and_arm
+  callbacks.DivergenceGuard.on_train_batch_end = on_train_batch_end
 else:
   raise ValueError(f"Unknown crash point {_POINT!r}")
 

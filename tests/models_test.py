@@ -559,3 +559,42 @@ def test_invalid_rehearsal_is_named():
   with pytest.raises(ValueError, match="argument `rehearsal`"):
     model.rehearsal = object()
   assert model.rehearsal is None
+
+
+def test_mas_state_survives_keras_backup_and_restore(tmp_path):
+  # Plain `fit` users' preemption answer: Keras's BackupAndRestore brings
+  # back Ω, θ*, λ and the task count with the weights.
+  rng = np.random.default_rng(0)
+  x, y = rng.random((64, 6)).astype("float32"), rng.integers(0, 3, 64)
+
+  def make():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    net = keras_mas.MASModel(inputs, keras.layers.Dense(3)(inputs))
+    net.compile("adam",
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return net
+
+  class Interrupt(keras.callbacks.Callback):
+
+    def on_epoch_end(self, epoch, logs=None):
+      if epoch == 1:
+        raise RuntimeError("preempted")
+
+  backup = str(tmp_path / "backup")
+  first = make()
+  first.fit(x, y, epochs=1, verbose=0)
+  first.consolidate(x, strength=0.7)
+  with pytest.raises(RuntimeError, match="preempted"):
+    first.fit(x, y, epochs=4, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(backup), Interrupt()])
+  state = [np.array(v) for v in first.importances + first.anchors]
+  second = make()  # A new process would start from scratch like this.
+  assert second.consolidated_tasks == 0
+  history = second.fit(x, y, epochs=4, verbose=0, callbacks=[
+      keras.callbacks.BackupAndRestore(backup)])
+  assert len(history.epoch) == 2  # Epochs 2 and 3: it continued.
+  assert second.strength == pytest.approx(0.7)
+  assert second.consolidated_tasks == 1
+  for got, want in zip(second.importances + second.anchors, state):
+    np.testing.assert_array_equal(np.array(got), want)

@@ -78,6 +78,47 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
       "task_0", "task_1", "task_2"]
 
 
+_IN_TASK = ["--epochs=3", "--checkpoint_seconds=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_3_epochs(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("whole3") / "run")
+  done = _app(workdir, *_IN_TASK)
+  assert done.returncode == 0, done.stderr
+  return _final_state(workdir)
+
+
+@pytest.mark.parametrize("point", ["in_task", "sigterm"])
+def test_stopped_inside_a_task_then_resumed_equals_an_uninterrupted_run(
+    point, uninterrupted_3_epochs, tmp_path):
+  workdir = str(tmp_path / "run")
+  stopped = _app(workdir, *_IN_TASK, crash_at=f"{point}:1")
+  if point == "in_task":
+    assert stopped.returncode == -9, stopped.stderr[-3000:]
+  else:  # Finished the step, kept its checkpoint, said so, exited 75.
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    lines = [l for l in stopped.stderr.splitlines() if "SIGTERM" in l]
+    assert len(lines) == 1 and "inside task 1 after its epoch 0" in lines[0]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  in_task = os.path.join(workdir, "checkpoints", "in_task")
+  with open(os.path.join(in_task, "state.json")) as f:
+    assert (json.load(f)["task"], 1) == (1, 1)
+  refused = _app(workdir, *_IN_TASK)  # The same command without --resume.
+  assert refused.returncode == 1 and "inside task 1" in refused.stderr
+  resumed = _app(workdir, *_IN_TASK, "--resume")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  results, state = _final_state(workdir)
+  expected_results, expected_state = uninterrupted_3_epochs
+  assert results["resumes"] == [{"task": 1, "epoch": 1}]
+  for key in _METRICS:
+    np.testing.assert_allclose(results[key], expected_results[key],
+                               atol=1e-6, err_msg=key)
+  for got, want in zip(state, expected_state):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert not os.path.exists(in_task)  # Gone once the task's own was written.
+
+
 # --- Large λ. ---------------------------------------------------------------
 
 

@@ -1,10 +1,13 @@
 """Checkpoints of a task sequence: one directory per completed task.
 
 `checkpoints/task_<k>/` holds `model.keras` (weights, Ω, θ*, λ, the task
-count) and `state.json` (configuration, accuracy matrix so far, timings). A
+count) and `state.json` (configuration, accuracy matrix so far, timings).
+`checkpoints/in_task/` holds the same inside the task under way, at an
+epoch end (the optimizer's state included), with the task and the epoch. A
 checkpoint is written beside its place and renamed into it whole, so an
 interrupted run leaves either a complete checkpoint or a `.partial-` one that
-is never loaded; `latest` finds where a resumed run continues.
+is never loaded; `latest` and `latest_in_task` find where a resumed run
+continues.
 """
 
 import contextlib
@@ -20,12 +23,14 @@ import keras
 from keras_mas.core import models
 
 __all__ = ["check_config", "check_writable", "copy_model", "is_chief",
-           "latest", "load_model", "read_json", "read_state",
-           "remove_partial_writes", "replace_directory", "workdir_lock",
-           "write", "write_json"]
+           "latest", "latest_in_task", "load_model", "read_json",
+           "read_state", "remove_in_task", "remove_partial_writes",
+           "replace_directory", "workdir_lock", "write", "write_in_task",
+           "write_json"]
 
 _CHECKPOINTS = "checkpoints"
 _LOCK = ".lock"
+_IN_TASK = "in_task"
 _STATE = "state.json"
 _MODEL = "model.keras"
 
@@ -62,6 +67,8 @@ def latest(workdir):
   latest = None
   for entry in sorted(os.listdir(root)):
     path = os.path.join(root, entry)
+    if entry == _IN_TASK or entry.endswith(".old"):
+      continue  # `latest_in_task`'s; an old one kept during a replace.
     if entry.startswith("task_") and entry[5:].isdigit():
       if not all(os.path.isfile(os.path.join(path, f))
                  for f in (_MODEL, _STATE)):
@@ -219,3 +226,33 @@ def workdir_lock(workdir):
     yield
   finally:
     handle.close()  # Releases the lock.
+
+
+def write_in_task(workdir, k, epoch, net, state):
+  """Writes the checkpoint inside task `k` after its epoch `epoch` (counted
+  from 0 within the task), replacing the last one, atomically."""
+  root = os.path.join(workdir, _CHECKPOINTS)
+  os.makedirs(root, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f".{_IN_TASK}.partial-", dir=root)
+  net.save(os.path.join(staging, _MODEL))
+  write_json(os.path.join(staging, _STATE),
+             {**state, "task": int(k), "epoch": int(epoch)})
+  replace_directory(staging, os.path.join(root, _IN_TASK))
+
+
+def latest_in_task(workdir):
+  """`(k, epoch, path)` of the checkpoint inside a task, or None."""
+  path = os.path.join(workdir, _CHECKPOINTS, _IN_TASK)
+  if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+    path += ".old"  # Stopped between the two renames of a replace.
+  if not all(os.path.isfile(os.path.join(path, f)) for f in (_MODEL, _STATE)):
+    return None
+  state = read_state(path)
+  return int(state["task"]), int(state["epoch"]), path
+
+
+def remove_in_task(workdir):
+  """Deletes the checkpoint inside a task, once the task's own is written."""
+  path = os.path.join(workdir, _CHECKPOINTS, _IN_TASK)
+  for folder in (path, path + ".old"):
+    shutil.rmtree(folder, ignore_errors=True)

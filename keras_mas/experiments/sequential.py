@@ -37,6 +37,7 @@ from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
 from keras_mas.experiments import options
+from keras_mas.experiments import preemption
 
 __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
            "validate_learning_rate"]
@@ -64,7 +65,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
                  strategy=None, importance_data=None, batch_norm="recompute",
-                 lora_rank=None, extra=None, verbose=1):
+                 lora_rank=None, checkpoint_seconds=60.0, stop=None,
+                 extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -137,6 +139,14 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       this rank on its backbone (`backbone.enable_lora`) before the first
       task: only the LoRA factors and the head train, and Ω and θ* are
       made for them alone. None: no LoRA.
+    checkpoint_seconds: inside a task, write a checkpoint at the first epoch
+      end at least this many seconds after the last one (0: every epoch
+      end); `resume` continues from it, with the same results as an
+      uninterrupted run. The default costs nothing on short tasks.
+    stop: a `preemption.StopRequest` (set by SIGTERM or SIGINT under
+      `preemption.on_signals`): once set, training ends after the step
+      under way and `preemption.Preempted` is raised; the last checkpoint
+      is intact.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -149,6 +159,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       `resume` on a run of a different configuration.
     keras_mas.core.callbacks.TrainingDivergedError: if a task's training stops
       being finite; the checkpoints of the completed tasks are intact.
+    keras_mas.experiments.preemption.Preempted: when `stop` was set.
   """
   entered = time.perf_counter()
   method_spec = methods_lib.get(method)
@@ -163,6 +174,12 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  learning_rate=learning_rate, optimizer=optimizer)
   model_name = _check_model(model, weights, freeze_backbone, sequence)
   _check_lora_rank(lora_rank, model)
+  if (isinstance(checkpoint_seconds, bool)
+      or not isinstance(checkpoint_seconds, (int, float, np.number))
+      or not checkpoint_seconds >= 0):
+    raise ValueError(
+        "Invalid value for argument `checkpoint_seconds`. Expected a number "
+        f">= 0. Received: checkpoint_seconds={checkpoint_seconds!r}")
   _check_labels(sequence)
   _check_importance_samples(importance_samples, sequence)
   old_x, old_y = _check_importance_data(importance_data, sequence,
@@ -193,15 +210,30 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   # lock when the process ends, however it ends.
   with checkpoints.workdir_lock(write_dir):
     checkpoint = checkpoints.latest(workdir)
-    if checkpoint is not None and not resume:
+    in_task = checkpoints.latest_in_task(workdir)
+    if in_task is not None and in_task[0] != (
+        checkpoint[0] + 1 if checkpoint is not None else 0):
+      in_task = None  # Left from before the last task's own checkpoint.
+    if (checkpoint or in_task) is not None and not resume:
       raise ValueError(
           f"Invalid value for argument `workdir`. Expected a directory without "
           f"checkpoints, or resume=True to continue the run in it. Received: "
-          f"workdir={workdir!r} holding {checkpoint[1]}")
-    if checkpoint is not None:
+          f"workdir={workdir!r} holding {(in_task or checkpoint)[-1]}")
+    start_epoch = 0
+    if in_task is not None:
+      k_in, epoch_in, path_in = in_task
+      net, progress = _resume((k_in - 1, path_in), config, workdir,
+                              write_dir, sequence, scope, verbose,
+                              in_task_epoch=epoch_in)
+      start_epoch = epoch_in + 1
+    elif checkpoint is not None:
       net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
                               scope, verbose)
+    if (checkpoint or in_task) is not None:
       statistics.tasks_done += progress.first_task
+      if progress.first_task < len(sequence):
+        progress.resumes.append({"task": progress.first_task,
+                                 "epoch": start_epoch})
     else:
       with scope():
         net = _initial_model(model, sequence, hidden_units, weights,
@@ -221,11 +253,23 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     setup_s = time.perf_counter() - entered
     for k in range(progress.first_task, len(sequence)):
       task = sequence.tasks[k]
+      first_epoch = start_epoch if k == progress.first_task else 0
+      if stop is not None and stop.is_set():
+        raise preemption.Preempted(stop.reason, k, _resumes_from(k, None))
       started = time.perf_counter()
       keras.utils.set_random_seed(seed * 1009 + k)
       statistics.before_task(net)
+      in_task_checkpoints = _InTaskCheckpoint(
+          write_dir, k, epochs, first_epoch, checkpoint_seconds, stop,
+          lambda: {"config": config, **progress.state()})
       _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
-           epochs, batch_size, temperature, seed, write_dir, writer, verbose)
+           epochs, batch_size, temperature, seed, write_dir, writer, verbose,
+           first_epoch=first_epoch,
+           extra_callbacks=[in_task_checkpoints] + (
+               [preemption.StopTraining(stop)] if stop is not None else []))
+      if stop is not None and stop.is_set():
+        raise preemption.Preempted(
+            stop.reason, k, _resumes_from(k, in_task_checkpoints.last_epoch))
       statistics.after_task(net, _training_inputs(net, task, batch_size),
                             importance_samples)
       trained = time.perf_counter()
@@ -249,6 +293,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       writer.flush()
       checkpoints.write(write_dir, k, net, {"config": config,
                                             **progress.state()})
+      checkpoints.remove_in_task(write_dir)
       _export(exporter, write_dir, sequence, k)
       # Known only once the checkpoint holding this task's timings is written.
       progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
@@ -269,6 +314,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         "baseline": progress.baseline,
         **metrics_lib.summarize(progress.matrix, progress.baseline),
         "config": config, "extra": extra or {}, "timings": progress.timings,
+        "resumes": progress.resumes,
         "setup_s": setup_s,
     }
     if progress.old_accuracy is not None:
@@ -289,6 +335,7 @@ class _Progress:
   baseline: list
   timings: list
   old_accuracy: list = None
+  resumes: list = dataclasses.field(default_factory=list)
 
   @classmethod
   def start(cls, net, sequence, batch_size, old_x=None, old_y=None):
@@ -301,7 +348,8 @@ class _Progress:
   def from_state(cls, k, state):
     return cls(k + 1, np.array(state["accuracy_matrix"], dtype="float64"),
                state["baseline"], state["timings"],
-               state.get("importance_data_accuracy"))
+               state.get("importance_data_accuracy"),
+               list(state.get("resumes", [])))
 
   def record(self, k, net, old_x, old_y, batch_size, **timings):
     self.timings.append({"task": k, **timings})
@@ -315,11 +363,12 @@ class _Progress:
   def state(self):
     return {"accuracy_matrix": self.matrix.tolist(),
             "baseline": self.baseline, "timings": self.timings,
-            "importance_data_accuracy": self.old_accuracy}
+            "importance_data_accuracy": self.old_accuracy,
+            "resumes": self.resumes}
 
 
 def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
-            verbose):
+            verbose, in_task_epoch=None):
   """The model and progress of the run in `workdir`, checked against `config`."""
   k, path = checkpoint
   state = checkpoints.read_state(path)
@@ -329,16 +378,52 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   with scope():
     net = checkpoints.load_model(path)
   checkpoints.remove_partial_writes(write_dir)
-  if not os.path.isdir(os.path.join(write_dir, "export", f"task_{k}")):
+  if k >= 0 and not os.path.isdir(
+      os.path.join(write_dir, "export", f"task_{k}")):
     # Stopped mid-export.
     _export(export_lib.ServingExport(net, sequence.input_shape,
                                      text=sequence.text),
             write_dir, sequence, k)
   if verbose:
-    print(f"The run in {workdir} is complete: all {len(sequence)} tasks "
-          "were trained. Its results:" if k == len(sequence) - 1 else
-          f"Resuming after task {k} from {path}")
+    if in_task_epoch is not None:
+      print(f"Resuming inside task {k + 1} after its epoch {in_task_epoch} "
+            f"from {path}")
+    elif k == len(sequence) - 1:
+      print(f"The run in {workdir} is complete: all {len(sequence)} tasks "
+            "were trained. Its results:")
+    else:
+      print(f"Resuming after task {k} from {path}")
   return net, _Progress.from_state(k, state)
+
+
+class _InTaskCheckpoint(keras.callbacks.Callback):
+  """Checkpoints inside task `k` at epoch ends, at most every `seconds`."""
+
+  def __init__(self, write_dir, k, epochs, first_epoch, seconds, stop,
+               state):
+    super().__init__()
+    self.write_dir, self.k, self.epochs = write_dir, k, epochs
+    self.seconds, self.stop, self.state = seconds, stop, state
+    self.last_epoch = first_epoch - 1 if first_epoch else None
+    self._last_time = time.monotonic()
+
+  def on_epoch_end(self, epoch, logs=None):
+    within = epoch - self.k * self.epochs
+    if (within >= self.epochs - 1  # The task's own checkpoint follows.
+        or (self.stop is not None and self.stop.is_set())  # A partial epoch.
+        or time.monotonic() - self._last_time < self.seconds):
+      return
+    checkpoints.write_in_task(self.write_dir, self.k, within, self.model,
+                              self.state())
+    self.last_epoch, self._last_time = within, time.monotonic()
+
+
+def _resumes_from(k, epoch):
+  """Where a run stopped in task `k` continues (`epoch` None: no checkpoint
+  inside the task)."""
+  if epoch is not None:
+    return f"the checkpoint inside task {k} after its epoch {epoch}"
+  return f"the checkpoint after task {k - 1}" if k else "the start"
 
 
 def _training_inputs(net, task, batch_size):
@@ -369,18 +454,25 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
 
 
 def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
-         batch_size, temperature, seed, write_dir, writer, verbose):
+         batch_size, temperature, seed, write_dir, writer, verbose,
+         first_epoch=0, extra_callbacks=()):
   """One `fit` call for task `k`, with a fresh optimizer state.
 
   Arrays are batched by `pipelines.array_batches`; a streaming task's
-  pipeline comes batched.
+  pipeline comes batched. From `first_epoch` > 0 (resumed inside the task)
+  the model keeps the optimizer state it was loaded with, and the data
+  orders of the epochs done are drawn and skipped, so that the rest of the
+  task sees the orders an uninterrupted run sees (array tasks; a streamed
+  task of unknown size sees them for its first resumed epoch only).
   """
   x, y, loss, task_metrics = method_spec.training_data(
       net, sequence, k, batch_size, temperature=temperature,
       seed=seed * 1009 + k)
   compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
       [loss] + task_metrics))
-  if net.compiled and _COMPILED_FOR.get(net) == compiled_for:
+  if first_epoch:
+    pass  # Loaded with its optimizer's state, mid-task.
+  elif net.compiled and _COMPILED_FOR.get(net) == compiled_for:
     # The same loss and metrics as the last task's: fresh optimizer state
     # without `compile`, which would retrace train, test and predict.
     net.reset_optimizer()
@@ -400,16 +492,23 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
           steps_per_execution=(
               1 if getattr(net, "_distribute_strategy", None) is not None
               else _STEPS_PER_EXECUTION))
-    _COMPILED_FOR[net] = compiled_for
+  _COMPILED_FOR[net] = compiled_for
   if y is not None:
     x = pipelines.array_batches(x, y, batch_size, seed * 1009 + k)
+  # Each new iterator of the dataset draws the next order. Keras's `fit`
+  # makes two per epoch of a dataset of known size (one to start the epoch,
+  # one at its end that the next epoch does not use); one for the first
+  # epoch of a dataset of unknown size. Draw those of the epochs trained.
+  known = int(x.cardinality()) > 0
+  for _ in range(2 * first_epoch if known else max(0, 2 * first_epoch - 1)):
+    iter(x)
   with warnings.catch_warnings():
     # A pipeline of unknown size ends its epoch where its data end, as it
     # should: Keras warns about that.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     net.fit(x,  # batched and shuffled
             shuffle=False,  # Keras warns that it cannot shuffle a pipeline.
-            initial_epoch=k * epochs, epochs=(k + 1) * epochs,
+            initial_epoch=k * epochs + first_epoch, epochs=(k + 1) * epochs,
             # Progress bars only on a terminal: in a log file they are a
             # flood (the line per task says how the task went).
             verbose=verbose if sys.stdout.isatty() else 0,
@@ -419,7 +518,7 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
                     write_graph=False),
                 callbacks_lib.DriftLogger(writer),
                 # MASModel.fit adds DivergenceGuard itself (first).
-            ])
+            ] + list(extra_callbacks))
 
 
 def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
