@@ -113,3 +113,31 @@ def test_one_run_per_workdir_and_a_killed_run_frees_it(tmp_path):
   with checkpoints.workdir_lock(workdir):  # The OS released it.
     with open(os.path.join(workdir, ".lock")) as f:
       assert f.read() == str(os.getpid())
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path,
+                                                                monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  inputs = keras.Input((3,))
+  net = keras_mas.MASModel(inputs, keras.layers.Dense(2)(inputs))
+  workdir = str(tmp_path / "run")
+  state = {"config": {}, "accuracy_matrix": [], "baseline": [],
+           "timings": []}
+  checkpoints.write(workdir, 0, net, state)
+
+  def full_disk(path, value):
+    del path, value
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(checkpoints, "write_json", full_disk)
+  for write in (lambda: checkpoints.write(workdir, 1, net, state),
+                lambda: checkpoints.write_in_task(workdir, 1, 0, net, state)):
+    with pytest.raises(OSError, match=(
+        r"Could not write the checkpoint .*task 1.*No space left on device"
+        r".*written before are intact")):
+      write()
+  k, path = checkpoints.latest(workdir)
+  assert k == 0 and checkpoints.load_model(path) is not None
+  assert checkpoints.latest_in_task(workdir) is None
+  assert not [e for e in os.listdir(os.path.join(workdir, "checkpoints"))
+              if ".partial-" in e]

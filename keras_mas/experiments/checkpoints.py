@@ -128,9 +128,23 @@ def write(workdir, k, net, state):
   root = os.path.join(workdir, _CHECKPOINTS)
   os.makedirs(root, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
-  net.save(os.path.join(staging, _MODEL))
-  write_json(os.path.join(staging, _STATE), state)
+  with _staged(staging, f"the checkpoint of task {k}"):
+    net.save(os.path.join(staging, _MODEL))
+    write_json(os.path.join(staging, _STATE), state)
   replace_directory(staging, os.path.join(root, f"task_{k}"))
+
+
+@contextlib.contextmanager
+def _staged(staging, what):
+  """Removes `staging` if writing it fails, and says what was kept."""
+  try:
+    yield
+  except OSError as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise OSError(
+        e.errno, f"Could not write {what} into {os.path.dirname(staging)} "
+        f"({e.strerror or e}); the checkpoints written before are intact, "
+        "and --resume continues from the last of them") from e
 
 
 def replace_directory(staging, target):
@@ -234,9 +248,10 @@ def write_in_task(workdir, k, epoch, net, state):
   root = os.path.join(workdir, _CHECKPOINTS)
   os.makedirs(root, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{_IN_TASK}.partial-", dir=root)
-  net.save(os.path.join(staging, _MODEL))
-  write_json(os.path.join(staging, _STATE),
-             {**state, "task": int(k), "epoch": int(epoch)})
+  with _staged(staging, f"the checkpoint inside task {k}"):
+    net.save(os.path.join(staging, _MODEL))
+    write_json(os.path.join(staging, _STATE),
+               {**state, "task": int(k), "epoch": int(epoch)})
   replace_directory(staging, os.path.join(root, _IN_TASK))
 
 
