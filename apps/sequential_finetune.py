@@ -206,20 +206,27 @@ def _main():
     importance_data = sources.load_importance_data(
         _IMPORTANCE_DATA.value, sequence.input_shape, seed=_SEED.value,
         data_dir=_DATA_DIR.value)
-  stop = preemption.StopRequest()
   try:
-    with preemption.on_signals(stop):
-      _run_sequence(sequence, init_model, importance_data, strategy, stop)
-  except preemption.Preempted as e:
-    # Asked to stop (SIGTERM, SIGINT): one line, the documented exit code.
-    print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(preemption.EXIT_CODE)
+    _stoppable(lambda stop: _run_sequence(
+        sequence, init_model, importance_data, strategy, stop))
   except ValueError as e:
     if init_model is None or "argument `model`" not in str(e):
       raise
     # The library's `model` is the user's --init_model here.
     raise ValueError(str(e).replace("argument `model`",
                                     "argument `init_model`")) from e
+
+
+def _stoppable(run):
+  """`run(stop)` under SIGTERM/SIGINT handling: a stop is one line and the
+  documented exit status."""
+  stop = preemption.StopRequest()
+  try:
+    with preemption.on_signals(stop):
+      run(stop)
+  except preemption.Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
 
 
 def _run_sequence(sequence, init_model, importance_data, strategy, stop):
@@ -257,15 +264,16 @@ def _stream(sequence):
         "Invalid value for argument `task_boundaries`. Expected given task "
         f"boundaries with {unsupported}. Received: task_boundaries='none'")
   methods.get(_METHOD.value, task_free=True)  # Raises, naming the flag.
-  results = streaming.run_stream(
-      sequence, method=_METHOD.value, workdir=_WORKDIR.value,
+  results = {}
+  _stoppable(lambda stop: results.update(streaming.run_stream(
+      sequence, method=_METHOD.value, workdir=_WORKDIR.value, stop=stop,
       batch_size=_STREAM_BATCH_SIZE.value,
       transition_steps=_TRANSITION_STEPS.value,
       buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
       learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
       model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value, seed=_SEED.value,
       checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
-      verbose=_VERBOSE.value)
+      verbose=_VERBOSE.value)))
   if _VERBOSE.value:
     print(training.format_matrix(results))
 

@@ -326,3 +326,32 @@ class TestApp:
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     with open(tmp_path / "results.json") as f:
       assert json.load(f) == results
+
+
+def test_a_stop_request_checkpoints_the_stream_and_resume_finishes_it(
+    tmp_path):
+  import keras  # pylint: disable=g-import-not-at-top
+  from keras_mas import tasks  # pylint: disable=g-import-not-at-top
+  from keras_mas.experiments import preemption  # pylint: disable=g-import-not-at-top
+  stop = preemption.StopRequest()
+
+  class AskToStop(keras.callbacks.Callback):  # As SIGTERM's handler does.
+
+    def on_train_batch_end(self, batch, logs=None):
+      if batch + 1 == 3 * 35:  # Three train steps per incoming batch.
+        stop.set("SIGTERM")
+
+  sequence = tasks.make_sequence("digits", "split", "domain", 2)
+  whole = task_free.run_stream(sequence, "mas")
+  workdir = str(tmp_path / "run")
+  with pytest.raises(preemption.Preempted,
+                     match="SIGTERM during task 0.*incoming batch 3[56]"):
+    task_free.run_stream(sequence, "mas", workdir=workdir,
+                         callbacks=[AskToStop()], stop=stop)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  resumed = task_free.run_stream(sequence, "mas", workdir=workdir,
+                                 resume=True)
+  for key in ("consolidations", "online_accuracy", "peaks", "plateaus"):
+    assert resumed[key] == whole[key], key
+  np.testing.assert_allclose(resumed["accuracy_matrix"],
+                             whole["accuracy_matrix"], atol=1e-9)

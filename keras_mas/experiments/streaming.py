@@ -26,6 +26,7 @@ from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
 from keras_mas.experiments import options
+from keras_mas.experiments import preemption
 from keras_mas.task_free import _checks
 from keras_mas.task_free import consolidation
 from keras_mas.task_free import hard_buffer
@@ -102,6 +103,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
                strength=1.0, learning_rate=1e-3, optimizer="adam",
                model="mlp", hidden_units=128, updates_per_batch=3,
                window=None, seed=0, callbacks=None, checkpoint_every=None,
+               stop=None,
                resume=False, verbose=0):
   """Learns `sequence` as one stream with hidden boundaries; scores it.
 
@@ -143,6 +145,10 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     seed: seeds the model, the stream's blur and training.
     callbacks: more Keras callbacks for the `fit` (their batch index
       counts train steps, `updates_per_batch` per incoming batch).
+    stop: a `preemption.StopRequest`: once set (SIGTERM, SIGINT under
+      `preemption.on_signals`), the stream stops at the end of the incoming
+      batch under way, a checkpoint is written there (with `workdir`) and
+      `preemption.Preempted` is raised; `resume` continues from it.
     checkpoint_every: with `workdir`, write a checkpoint every this many
       incoming batches into `workdir/checkpoint/` (the model with its
       optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
@@ -226,14 +232,24 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
       baseline = accuracies(net, sequence)
     evaluation.baseline = baseline
     listed = [evaluation] + list(callbacks or [])
-    if checkpoint_every is not None:
-      listed.append(_StreamCheckpoint(checkpoint_dir, checkpoint_every, config,
-                                      task_free, evaluation, baseline,
-                                      stream.num_steps, seconds_before))
+    stream_checkpoint = None
+    if checkpoint_dir is not None or stop is not None:
+      stream_checkpoint = _StreamCheckpoint(
+          checkpoint_dir, checkpoint_every, config, task_free, evaluation,
+          baseline, stream.num_steps, seconds_before, stop)
+      listed.append(stream_checkpoint)
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
     fit_stream(net, stream.as_dataset().skip(first_step), task_free,
                callbacks=listed)
+    if stream_checkpoint is not None and (
+        stream_checkpoint.stopped_at is not None):
+      step = stream_checkpoint.stopped_at
+      task = sum(b <= step for b in stream.boundaries[:-1])
+      raise preemption.Preempted(
+          stop.reason, task,
+          f"the stream checkpoint at incoming batch {step}"
+          if checkpoint_dir is not None else "the start (no workdir)")
     seconds = seconds_before + time.perf_counter() - started
     matrix = evaluation.matrix
     starts = [0] + stream.boundaries[:-1]
@@ -271,18 +287,27 @@ _CHECKPOINT = "checkpoint"
 
 
 class _StreamCheckpoint(_EachIncomingBatch):
-  """Every `every` incoming batches: the model and the stream's state."""
+  """Every `every` incoming batches (None: never), and when `stop` is set:
+  the model and the stream's state; then, on a stop, `fit` ends."""
 
   def __init__(self, directory, every, config, task_free, evaluation,
-               baseline, num_steps, seconds_before):
+               baseline, num_steps, seconds_before, stop=None):
     super().__init__(task_free)
     self.directory, self.every, self.config = directory, every, config
     self.evaluation = evaluation
     self.baseline, self.num_steps = baseline, num_steps
     self.started = time.perf_counter() - seconds_before
+    self.stop, self.stopped_at = stop, None
 
   def on_step(self, step):
-    if step % self.every or step >= self.num_steps:
+    stopping = (self.stop is not None and self.stop.is_set()
+                and step < self.num_steps)
+    if stopping:
+      # At an incoming batch's end, whole: its checkpoint, then `fit` ends.
+      self.stopped_at = step
+      self.model.stop_training = True
+    if step >= self.num_steps or self.directory is None or not stopping and (
+        self.every is None or step % self.every):
       return
     state = self.task_free.get_state()
     parent = os.path.dirname(self.directory)
