@@ -124,8 +124,8 @@ def test_app_multi_worker_matches_one_device(single_device_run, tmp_path):
   results = _results(workdir)  # written by the chief alone
   np.testing.assert_allclose(results["accuracy_matrix"],
                              single_device_run["accuracy_matrix"], atol=0.05)
-  assert sorted(os.listdir(workdir)) == [
-      "checkpoints", "export", "results.json", "tensorboard"]
+  assert sorted(os.listdir(workdir)) == [  # .lock: the chief's run lock.
+      ".lock", "checkpoints", "export", "results.json", "tensorboard"]
 
 
 @pytest.fixture(scope="module")

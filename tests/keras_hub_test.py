@@ -212,30 +212,20 @@ def test_app_bad_hub_input_fails_before_training(preset, text_data, change,
 
 # --- A causal language model learns a second domain. -----------------------
 
-_CHARACTERS = "abcdefghijklmnopqrstuvwxyz"
-_DOMAIN_A = np.array(["the cat sat on the mat", "a cat ran to the mat",
-                      "the cat is on a mat", "my cat sat"] * 8)
-_DOMAIN_B = np.array(["buy stock now", "sell the market", "stock market up",
-                      "buy low sell high"] * 8)
+def _example():
+  """examples/causal_lm_domains.py: its model builder and its two domains."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "causal_lm_domains",
+      os.path.join(_ROOT, "examples", "causal_lm_domains.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
-def _causal_lm():
-  """A GPT-2 causal LM from a config: characters as tokens, random weights."""
-  keras.utils.set_random_seed(0)
-  vocabulary = {"<|endoftext|>": 0}
-  for c in _CHARACTERS:
-    vocabulary[c] = len(vocabulary)
-  for c in _CHARACTERS:
-    vocabulary["Ġ" + c] = len(vocabulary)
-  vocabulary["Ġ"] = len(vocabulary)
-  tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary,
-                                             merges=["Ġ c"])
-  backbone = keras_hub.models.GPT2Backbone(
-      vocabulary_size=len(vocabulary), num_layers=2, num_heads=2,
-      hidden_dim=32, intermediate_dim=64, max_sequence_length=16)
-  return keras_hub.models.GPT2CausalLM(
-      backbone, preprocessor=keras_hub.models.GPT2CausalLMPreprocessor(
-          tokenizer, sequence_length=16))
+_EXAMPLE = _example()
+_DOMAIN_A, _DOMAIN_B = _EXAMPLE.DOMAIN_A, _EXAMPLE.DOMAIN_B
+_causal_lm = _EXAMPLE.causal_lm
 
 
 def test_causal_lm_importance_sums_the_real_tokens_logits():
