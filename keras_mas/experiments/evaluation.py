@@ -11,8 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mas.data import pipelines
+from keras_mas.experiments import metrics as metrics_lib
 
-__all__ = ["format_matrix", "predict_logits", "task_accuracies"]
+__all__ = ["format_matrix", "predict_logits", "results", "task_accuracies"]
 
 # Per model, its traced inference function (`predict_logits`).
 _INFER = weakref.WeakKeyDictionary()
@@ -117,3 +118,25 @@ def _prediction_batch(input_shape, batch_size):
   # About 4M input values a call (16 MiB of float32), at least the
   # training batch.
   return max(batch_size, (1 << 22) // max(1, int(np.prod(input_shape))))
+
+
+def results(method, sequence, matrix, baseline, config, **extra):
+  """The `results.json` of a run: what both runners report, then `extra`.
+
+  Args:
+    method: the method's name.
+    sequence: the `TaskSequence` learned.
+    matrix: the accuracy matrix `R[i][j]`.
+    baseline: the untrained model's accuracy per task.
+    config: the run's configuration.
+    **extra: the runner's own entries (timings, consolidations, ...).
+  """
+  matrix = np.asarray(matrix, dtype="float64")
+  return {
+      "method": method, "dataset": sequence.dataset,
+      "recipe": sequence.recipe, "scenario": sequence.scenario,
+      "tasks": [t.name for t in sequence.tasks],
+      "accuracy_matrix": matrix.tolist(), "baseline": list(baseline),
+      **metrics_lib.summarize(matrix, baseline),
+      "config": config, **extra,
+  }

@@ -306,17 +306,10 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
               f"{consolidated - evaluated:.1f}s")
     writer.close()
 
-    results = {
-        "method": method, "dataset": sequence.dataset,
-        "recipe": sequence.recipe, "scenario": sequence.scenario,
-        "tasks": [t.name for t in sequence.tasks],
-        "accuracy_matrix": progress.matrix.tolist(),
-        "baseline": progress.baseline,
-        **metrics_lib.summarize(progress.matrix, progress.baseline),
-        "config": config, "extra": extra or {}, "timings": progress.timings,
-        "resumes": progress.resumes,
-        "setup_s": setup_s,
-    }
+    results = evaluation.results(
+        method, sequence, progress.matrix, progress.baseline, config,
+        extra=extra or {}, timings=progress.timings,
+        resumes=progress.resumes, setup_s=setup_s)
     if progress.old_accuracy is not None:
       results["importance_data_accuracy"] = progress.old_accuracy
     checkpoints.write_json(os.path.join(write_dir, "results.json"), results)

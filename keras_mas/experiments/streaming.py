@@ -21,7 +21,7 @@ from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.data import streams as streams_lib
 from keras_mas.experiments import architectures
 from keras_mas.experiments import checkpoints
-from keras_mas.experiments import evaluation
+from keras_mas.experiments import evaluation as evaluation_lib
 from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
@@ -48,7 +48,7 @@ DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
 def accuracies(model, sequence, trained=None, batch_size=256):
   """Test accuracy on every task of `sequence`, as a task-aware run scores
   it (`evaluation.task_accuracies`)."""
-  return evaluation.task_accuracies(model, sequence, batch_size, trained)
+  return evaluation_lib.task_accuracies(model, sequence, batch_size, trained)
 
 
 class _EachIncomingBatch(keras.callbacks.Callback):
@@ -257,20 +257,15 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     for start, stop in zip(starts, stream.boundaries):
       part = task_free.online_correct[start:stop]
       per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
-    results = {
-        "method": method, "dataset": sequence.dataset,
-        "recipe": sequence.recipe, "scenario": sequence.scenario,
-        "tasks": [t.name for t in sequence.tasks],
-        "accuracy_matrix": matrix.tolist(), "baseline": baseline,
-        **metrics_lib.summarize(matrix, baseline),
-        "boundaries": list(stream.boundaries),
-        "consolidations": list(task_free.consolidations),
-        "peaks": list(task_free.window.peaks[1:]),
-        "plateaus": list(task_free.window.plateaus),
-        "online_accuracy": task_free.online_accuracy,
-        "online_accuracy_per_task": per_task,
-        "num_steps": stream.num_steps, "config": config, "seconds": seconds,
-    }
+    results = evaluation_lib.results(
+        method, sequence, matrix, baseline, config,
+        boundaries=list(stream.boundaries),
+        consolidations=list(task_free.consolidations),
+        peaks=list(task_free.window.peaks[1:]),
+        plateaus=list(task_free.window.plateaus),
+        online_accuracy=task_free.online_accuracy,
+        online_accuracy_per_task=per_task,
+        num_steps=stream.num_steps, seconds=seconds)
     if workdir is not None:
       os.makedirs(workdir, exist_ok=True)
       heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
