@@ -397,23 +397,24 @@ class MASModel(keras.Model):
             kwargs.get("validation_batch_size"))
     return (), kwargs
 
-  def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None,
-               **kwargs):
+  def evaluate(self, x=None, y=None, batch_size=None, verbose="auto",
+               sample_weight=None, **kwargs):
     """`keras.Model.evaluate`; raw inputs go through `preprocessor`."""
     if self.preprocessor is not None:
       x = preprocessing.preprocessed(self.preprocessor, x, y, sample_weight,
                                      batch_size)
       y = batch_size = sample_weight = None
-    return super().evaluate(x, y, batch_size=batch_size,
+    return super().evaluate(x, y, batch_size=batch_size, verbose=verbose,
                             sample_weight=sample_weight, **kwargs)
 
-  def predict(self, x, batch_size=None, **kwargs):
+  def predict(self, x, batch_size=None, verbose="auto", **kwargs):
     """`keras.Model.predict`; raw inputs go through `preprocessor`."""
     if self.preprocessor is not None:
       x = preprocessing.preprocessed(self.preprocessor, x,
                                      batch_size=batch_size, inputs_only=True)
       batch_size = None
-    return super().predict(x, batch_size=batch_size, **kwargs)
+    return super().predict(x, batch_size=batch_size, verbose=verbose,
+                           **kwargs)
 
   def _guarded(self, callbacks):
     if not self._stop_on_divergence:
