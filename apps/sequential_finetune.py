@@ -152,6 +152,9 @@ _CHECKPOINT_SECONDS = flags.DEFINE_float(
     "checkpoint_seconds", 60.0, "Inside a task, checkpoint at the first epoch "
     "end at least this many seconds after the last checkpoint (0: every "
     "epoch end); --resume continues from it.", lower_bound=0.0)
+_CHECKPOINT_STEPS = flags.DEFINE_integer(
+    "checkpoint_steps", None, "Inside a task, also checkpoint every this many "
+    "training steps (for long epochs).", lower_bound=1)
 _DISTRIBUTION = flags.DEFINE_enum(
     "distribution", "none", ["none", "mirrored", "multi_worker"],
     "tf.distribute strategy: 'mirrored' over this machine's devices, or "
@@ -244,7 +247,8 @@ def _run_sequence(sequence, init_model, importance_data, strategy, stop):
       resume=_RESUME.value, strategy=strategy,
       importance_data=importance_data, batch_norm=_BATCH_NORM.value,
       lora_rank=_LORA_RANK.value,
-      checkpoint_seconds=_CHECKPOINT_SECONDS.value, stop=stop,
+      checkpoint_seconds=_CHECKPOINT_SECONDS.value,
+      checkpoint_steps=_CHECKPOINT_STEPS.value, stop=stop,
       verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})

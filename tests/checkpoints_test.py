@@ -131,7 +131,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path,
 
   monkeypatch.setattr(checkpoints, "write_json", full_disk)
   for write in (lambda: checkpoints.write(workdir, 1, net, state),
-                lambda: checkpoints.write_in_task(workdir, 1, 0, net, state)):
+                lambda: checkpoints.write_in_task(workdir, 1, 0, 0, net, state)):
     with pytest.raises(OSError, match=(
         r"Could not write the checkpoint .*task 1.*No space left on device"
         r".*written before are intact")):

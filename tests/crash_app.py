@@ -89,8 +89,8 @@ elif _POINT in ("in_task", "sigterm"):
   write_in_task = checkpoints.write_in_task
   _STATE = {"written": False, "signalled": False}
 
-  def write_in_task_and_arm(workdir, k, epoch, net, state):
-    write_in_task(workdir, k, epoch, net, state)
+  def write_in_task_and_arm(workdir, k, *args):
+    write_in_task(workdir, k, *args)
     if k == _TASK:
       _STATE["written"] = True
 

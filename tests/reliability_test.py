@@ -89,34 +89,46 @@ def uninterrupted_3_epochs(tmp_path_factory):
   return _final_state(workdir)
 
 
-@pytest.mark.parametrize("point", ["in_task", "sigterm"])
+@pytest.mark.parametrize("point, every, resumes_at", [
+    # SIGKILL mid-epoch after the epoch-end checkpoint: from epoch 1.
+    ("in_task", [], (1, 0)),
+    # SIGKILL mid-epoch after a checkpoint every 8 steps: inside epoch 0.
+    ("in_task", ["--checkpoint_steps=8", "--checkpoint_seconds=60"],
+     (0, 8)),
+    # SIGTERM: a checkpoint where it stopped, inside epoch 1.
+    ("sigterm", [], None),
+])
 def test_stopped_inside_a_task_then_resumed_equals_an_uninterrupted_run(
-    point, uninterrupted_3_epochs, tmp_path):
+    point, every, resumes_at, uninterrupted_3_epochs, tmp_path):
   workdir = str(tmp_path / "run")
-  stopped = _app(workdir, *_IN_TASK, crash_at=f"{point}:1")
+  flags = _IN_TASK + every
+  stopped = _app(workdir, *flags, crash_at=f"{point}:1")
   if point == "in_task":
     assert stopped.returncode == -9, stopped.stderr[-3000:]
-  else:  # Finished the step, kept its checkpoint, said so, exited 75.
+  else:  # Finished the step, wrote a checkpoint there, said so, exited 75.
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     lines = [l for l in stopped.stderr.splitlines() if "SIGTERM" in l]
-    assert len(lines) == 1 and "inside task 1 after its epoch 0" in lines[0]
+    assert len(lines) == 1 and "inside task 1 at epoch 1, batch" in lines[0]
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  in_task = os.path.join(workdir, "checkpoints", "in_task")
-  with open(os.path.join(in_task, "state.json")) as f:
-    assert (json.load(f)["task"], 1) == (1, 1)
-  refused = _app(workdir, *_IN_TASK)  # The same command without --resume.
+  refused = _app(workdir, *flags)  # The same command without --resume.
   assert refused.returncode == 1 and "inside task 1" in refused.stderr
-  resumed = _app(workdir, *_IN_TASK, "--resume")
+  resumed = _app(workdir, *flags, "--resume")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   results, state = _final_state(workdir)
   expected_results, expected_state = uninterrupted_3_epochs
-  assert results["resumes"] == [{"task": 1, "epoch": 1}]
+  (resume,) = results["resumes"]
+  assert resume["task"] == 1
+  if resumes_at is not None:
+    assert (resume["epoch"], resume["batch"]) == resumes_at
+  else:
+    assert resume["epoch"] == 1 and resume["batch"] > 0
   for key in _METRICS:
     np.testing.assert_allclose(results[key], expected_results[key],
                                atol=1e-6, err_msg=key)
   for got, want in zip(state, expected_state):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  assert not os.path.exists(in_task)  # Gone once the task's own was written.
+  assert not [e for e in os.listdir(os.path.join(workdir, "checkpoints"))
+              if e.startswith("in_task")]  # Gone once the task's own was.
 
 
 # --- Large λ. ---------------------------------------------------------------

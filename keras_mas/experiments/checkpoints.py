@@ -31,6 +31,7 @@ __all__ = ["check_config", "check_writable", "copy_model", "is_chief",
 _CHECKPOINTS = "checkpoints"
 _LOCK = ".lock"
 _IN_TASK = "in_task"
+_IN_TASK_KEPT = 2
 _STATE = "state.json"
 _MODEL = "model.keras"
 
@@ -67,7 +68,7 @@ def latest(workdir):
   latest = None
   for entry in sorted(os.listdir(root)):
     path = os.path.join(root, entry)
-    if entry == _IN_TASK or entry.endswith(".old"):
+    if entry.startswith(_IN_TASK) or entry.endswith(".old"):
       continue  # `latest_in_task`'s; an old one kept during a replace.
     if entry.startswith("task_") and entry[5:].isdigit():
       if not all(os.path.isfile(os.path.join(path, f))
@@ -242,32 +243,53 @@ def workdir_lock(workdir):
     handle.close()  # Releases the lock.
 
 
-def write_in_task(workdir, k, epoch, net, state):
-  """Writes the checkpoint inside task `k` after its epoch `epoch` (counted
-  from 0 within the task), replacing the last one, atomically."""
+def write_in_task(workdir, k, epoch, batch, net, state):
+  """Writes a checkpoint inside task `k`, atomically.
+
+  The run continues from batch `batch` of the task's epoch `epoch` (both
+  counted from 0 within the task; batch 0: the epoch's start). The last
+  `_IN_TASK_KEPT` checkpoints are kept: should the newest be unreadable, a
+  resume falls back to the one before.
+  """
   root = os.path.join(workdir, _CHECKPOINTS)
   os.makedirs(root, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{_IN_TASK}.partial-", dir=root)
   with _staged(staging, f"the checkpoint inside task {k}"):
     net.save(os.path.join(staging, _MODEL))
     write_json(os.path.join(staging, _STATE),
-               {**state, "task": int(k), "epoch": int(epoch)})
-  replace_directory(staging, os.path.join(root, _IN_TASK))
+               {**state, "task": int(k), "epoch": int(epoch),
+                "batch": int(batch)})
+  paths = _in_task_paths(workdir)
+  shutil.rmtree(paths[-1], ignore_errors=True)
+  for older, newer in zip(paths[::-1], paths[-2::-1]):
+    if os.path.isdir(newer):
+      os.rename(newer, older)
+  os.rename(staging, paths[0])
+
+
+def _in_task_paths(workdir):
+  """The checkpoints inside a task, newest first."""
+  root = os.path.join(workdir, _CHECKPOINTS, _IN_TASK)
+  return [root] + [f"{root}.{i}" for i in range(1, _IN_TASK_KEPT)]
 
 
 def latest_in_task(workdir):
-  """`(k, epoch, path)` of the checkpoint inside a task, or None."""
-  path = os.path.join(workdir, _CHECKPOINTS, _IN_TASK)
-  if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-    path += ".old"  # Stopped between the two renames of a replace.
-  if not all(os.path.isfile(os.path.join(path, f)) for f in (_MODEL, _STATE)):
-    return None
-  state = read_state(path)
-  return int(state["task"]), int(state["epoch"]), path
+  """`(k, epoch, batch, path)` of the newest readable checkpoint inside a
+  task, or None."""
+  for path in _in_task_paths(workdir):
+    if not all(os.path.isfile(os.path.join(path, f))
+               for f in (_MODEL, _STATE)):
+      continue
+    try:
+      state = read_state(path)
+      return (int(state["task"]), int(state["epoch"]), int(state["batch"]),
+              path)
+    except (ValueError, KeyError, TypeError):
+      warnings.warn(f"Ignoring unreadable checkpoint {path}.")
+  return None
 
 
 def remove_in_task(workdir):
-  """Deletes the checkpoint inside a task, once the task's own is written."""
-  path = os.path.join(workdir, _CHECKPOINTS, _IN_TASK)
-  for folder in (path, path + ".old"):
-    shutil.rmtree(folder, ignore_errors=True)
+  """Deletes the checkpoints inside a task, once the task's own is written."""
+  for path in _in_task_paths(workdir):
+    shutil.rmtree(path, ignore_errors=True)

@@ -65,8 +65,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  freeze_backbone=False, importance_samples=None, alpha=0.5,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
                  strategy=None, importance_data=None, batch_norm="recompute",
-                 lora_rank=None, checkpoint_seconds=60.0, stop=None,
-                 extra=None, verbose=1):
+                 lora_rank=None, checkpoint_seconds=60.0,
+                 checkpoint_steps=None, stop=None, extra=None, verbose=1):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -143,10 +143,12 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       end at least this many seconds after the last one (0: every epoch
       end); `resume` continues from it, with the same results as an
       uninterrupted run. The default costs nothing on short tasks.
+    checkpoint_steps: also write one every this many training steps, inside
+      an epoch (for long epochs); None: only at epoch ends.
     stop: a `preemption.StopRequest` (set by SIGTERM or SIGINT under
       `preemption.on_signals`): once set, training ends after the step
-      under way and `preemption.Preempted` is raised; the last checkpoint
-      is intact.
+      under way, a checkpoint is written there and
+      `preemption.Preempted` is raised.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
 
@@ -180,6 +182,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     raise ValueError(
         "Invalid value for argument `checkpoint_seconds`. Expected a number "
         f">= 0. Received: checkpoint_seconds={checkpoint_seconds!r}")
+  if checkpoint_steps is not None:
+    options.positive_integers(checkpoint_steps=checkpoint_steps)
   _check_labels(sequence)
   _check_importance_samples(importance_samples, sequence)
   old_x, old_y = _check_importance_data(importance_data, sequence,
@@ -219,13 +223,13 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
           f"Invalid value for argument `workdir`. Expected a directory without "
           f"checkpoints, or resume=True to continue the run in it. Received: "
           f"workdir={workdir!r} holding {(in_task or checkpoint)[-1]}")
-    start_epoch = 0
+    start = (0, 0)  # (epoch, batch) of the first task to train.
     if in_task is not None:
-      k_in, epoch_in, path_in = in_task
+      k_in, epoch_in, batch_in, path_in = in_task
       net, progress = _resume((k_in - 1, path_in), config, workdir,
                               write_dir, sequence, scope, verbose,
-                              in_task_epoch=epoch_in)
-      start_epoch = epoch_in + 1
+                              in_task_at=(epoch_in, batch_in))
+      start = (epoch_in, batch_in)
     elif checkpoint is not None:
       net, progress = _resume(checkpoint, config, workdir, write_dir, sequence,
                               scope, verbose)
@@ -233,7 +237,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       statistics.tasks_done += progress.first_task
       if progress.first_task < len(sequence):
         progress.resumes.append({"task": progress.first_task,
-                                 "epoch": start_epoch})
+                                 "epoch": start[0], "batch": start[1]})
     else:
       with scope():
         net = _initial_model(model, sequence, hidden_units, weights,
@@ -253,23 +257,21 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     setup_s = time.perf_counter() - entered
     for k in range(progress.first_task, len(sequence)):
       task = sequence.tasks[k]
-      first_epoch = start_epoch if k == progress.first_task else 0
+      first = start if k == progress.first_task else (0, 0)
       if stop is not None and stop.is_set():
         raise preemption.Preempted(stop.reason, k, _resumes_from(k, None))
       started = time.perf_counter()
       keras.utils.set_random_seed(seed * 1009 + k)
       statistics.before_task(net)
       in_task_checkpoints = _InTaskCheckpoint(
-          write_dir, k, epochs, first_epoch, checkpoint_seconds, stop,
-          lambda: {"config": config, **progress.state()})
+          write_dir, k, epochs, first, checkpoint_seconds, checkpoint_steps,
+          stop, lambda: {"config": config, **progress.state()})
       _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
            epochs, batch_size, temperature, seed, write_dir, writer, verbose,
-           first_epoch=first_epoch,
-           extra_callbacks=[in_task_checkpoints] + (
-               [preemption.StopTraining(stop)] if stop is not None else []))
+           first=first, extra_callbacks=[in_task_checkpoints])
       if stop is not None and stop.is_set():
         raise preemption.Preempted(
-            stop.reason, k, _resumes_from(k, in_task_checkpoints.last_epoch))
+            stop.reason, k, _resumes_from(k, in_task_checkpoints.last))
       statistics.after_task(net, _training_inputs(net, task, batch_size),
                             importance_samples)
       trained = time.perf_counter()
@@ -361,7 +363,7 @@ class _Progress:
 
 
 def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
-            verbose, in_task_epoch=None):
+            verbose, in_task_at=None):
   """The model and progress of the run in `workdir`, checked against `config`."""
   k, path = checkpoint
   state = checkpoints.read_state(path)
@@ -378,9 +380,9 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
                                      text=sequence.text),
             write_dir, sequence, k)
   if verbose:
-    if in_task_epoch is not None:
-      print(f"Resuming inside task {k + 1} after its epoch {in_task_epoch} "
-            f"from {path}")
+    if in_task_at is not None:
+      print(f"Resuming inside task {k + 1} at epoch {in_task_at[0]}, batch "
+            f"{in_task_at[1]} from {path}")
     elif k == len(sequence) - 1:
       print(f"The run in {workdir} is complete: all {len(sequence)} tasks "
             "were trained. Its results:")
@@ -390,32 +392,61 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
 
 
 class _InTaskCheckpoint(keras.callbacks.Callback):
-  """Checkpoints inside task `k` at epoch ends, at most every `seconds`."""
+  """Checkpoints inside task `k`, and stops on request.
 
-  def __init__(self, write_dir, k, epochs, first_epoch, seconds, stop,
+  At epoch ends, at most every `seconds`; every `steps` training steps
+  inside an epoch if given; and where training stops when `stop` is set
+  (then `fit` ends). `last` is the `(epoch, batch)` of the last one.
+  """
+
+  def __init__(self, write_dir, k, epochs, first, seconds, steps, stop,
                state):
     super().__init__()
     self.write_dir, self.k, self.epochs = write_dir, k, epochs
-    self.seconds, self.stop, self.state = seconds, stop, state
-    self.last_epoch = first_epoch - 1 if first_epoch else None
+    self.seconds, self.steps, self.stop, self.state = seconds, steps, stop, state
+    self.first = first
+    self.last = first if first != (0, 0) else None
     self._last_time = time.monotonic()
+    self._last_step = None
+    self._epoch, self._offset = 0, 0
+
+  def _write(self, epoch, batch):
+    checkpoints.write_in_task(self.write_dir, self.k, epoch, batch,
+                              self.model, self.state())
+    self.last, self._last_time = (epoch, batch), time.monotonic()
+    self._last_step = (epoch, batch)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch - self.k * self.epochs
+    # The rest of a resumed epoch counts its batches from 0 again.
+    self._offset = (self.first[1] if self._epoch == self.first[0]
+                    and self.last == self.first else 0)
+
+  def on_train_batch_end(self, batch, logs=None):
+    done = batch + 1 + self._offset
+    stopping = self.stop is not None and self.stop.is_set()
+    due = self.steps is not None and done - (
+        self._last_step[1] if self._last_step
+        and self._last_step[0] == self._epoch else 0) >= self.steps
+    if stopping or due:
+      self._write(self._epoch, done)
+    if stopping:
+      self.model.stop_training = True
 
   def on_epoch_end(self, epoch, logs=None):
     within = epoch - self.k * self.epochs
     if (within >= self.epochs - 1  # The task's own checkpoint follows.
-        or (self.stop is not None and self.stop.is_set())  # A partial epoch.
+        or self.model.stop_training
         or time.monotonic() - self._last_time < self.seconds):
       return
-    checkpoints.write_in_task(self.write_dir, self.k, within, self.model,
-                              self.state())
-    self.last_epoch, self._last_time = within, time.monotonic()
+    self._write(within + 1, 0)
 
 
-def _resumes_from(k, epoch):
-  """Where a run stopped in task `k` continues (`epoch` None: no checkpoint
-  inside the task)."""
-  if epoch is not None:
-    return f"the checkpoint inside task {k} after its epoch {epoch}"
+def _resumes_from(k, at):
+  """Where a run stopped in task `k` continues (`at`: `(epoch, batch)` of
+  its last checkpoint inside the task, or None)."""
+  if at is not None:
+    return f"the checkpoint inside task {k} at epoch {at[0]}, batch {at[1]}"
   return f"the checkpoint after task {k - 1}" if k else "the start"
 
 
@@ -448,22 +479,23 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
 
 def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose,
-         first_epoch=0, extra_callbacks=()):
+         first=(0, 0), extra_callbacks=()):
   """One `fit` call for task `k`, with a fresh optimizer state.
 
   Arrays are batched by `pipelines.array_batches`; a streaming task's
-  pipeline comes batched. From `first_epoch` > 0 (resumed inside the task)
-  the model keeps the optimizer state it was loaded with, and the data
-  orders of the epochs done are drawn and skipped, so that the rest of the
-  task sees the orders an uninterrupted run sees (array tasks; a streamed
-  task of unknown size sees them for its first resumed epoch only).
+  pipeline comes batched. From `first` = `(epoch, batch)` past the start
+  (resumed inside the task) the model keeps the optimizer state it was
+  loaded with, and the data orders of the epochs done, and the batches of
+  the epoch under way, are drawn and skipped: the rest of the task sees
+  the batches an uninterrupted run sees (array tasks; a streamed task of
+  unknown size sees them for its first resumed epoch only).
   """
   x, y, loss, task_metrics = method_spec.training_data(
       net, sequence, k, batch_size, temperature=temperature,
       seed=seed * 1009 + k)
   compiled_for = (optimizer, learning_rate, keras.saving.serialize_keras_object(
       [loss] + task_metrics))
-  if first_epoch:
+  if first != (0, 0):
     pass  # Loaded with its optimizer's state, mid-task.
   elif net.compiled and _COMPILED_FOR.get(net) == compiled_for:
     # The same loss and metrics as the last task's: fresh optimizer state
@@ -492,26 +524,47 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
   # makes two per epoch of a dataset of known size (one to start the epoch,
   # one at its end that the next epoch does not use); one for the first
   # epoch of a dataset of unknown size. Draw those of the epochs trained.
-  known = int(x.cardinality()) > 0
-  for _ in range(2 * first_epoch if known else max(0, 2 * first_epoch - 1)):
+  size = int(x.cardinality())
+  epoch, batch = first
+  if size > 0 and batch >= size:
+    epoch, batch = epoch + 1, 0
+  for _ in range(2 * epoch if size > 0 else max(0, 2 * epoch - 1)):
     iter(x)
+  options_ = dict(
+      # Progress bars only on a terminal: in a log file they are a flood
+      # (the line per task says how the task went).
+      verbose=verbose if sys.stdout.isatty() else 0,
+      shuffle=False,  # Keras warns that it cannot shuffle a pipeline.
+      callbacks=[
+          keras.callbacks.TensorBoard(
+              os.path.join(write_dir, "tensorboard"), write_graph=False),
+          callbacks_lib.DriftLogger(writer),
+          # MASModel.fit adds DivergenceGuard itself (first).
+      ] + list(extra_callbacks))
   with warnings.catch_warnings():
     # A pipeline of unknown size ends its epoch where its data end, as it
     # should: Keras warns about that.
     warnings.filterwarnings("ignore", message="Your input ran out of data")
-    net.fit(x,  # batched and shuffled
-            shuffle=False,  # Keras warns that it cannot shuffle a pipeline.
-            initial_epoch=k * epochs + first_epoch, epochs=(k + 1) * epochs,
-            # Progress bars only on a terminal: in a log file they are a
-            # flood (the line per task says how the task went).
-            verbose=verbose if sys.stdout.isatty() else 0,
-            callbacks=[
-                keras.callbacks.TensorBoard(
-                    os.path.join(write_dir, "tensorboard"),
-                    write_graph=False),
-                callbacks_lib.DriftLogger(writer),
-                # MASModel.fit adds DivergenceGuard itself (first).
-            ] + list(extra_callbacks))
+    if batch:
+      # The rest of the epoch under way: its iterator, the batches trained
+      # drawn and dropped.
+      iterator = iter(x)
+      for _ in range(batch):
+        next(iterator)
+      net.fit(_rest(iterator), initial_epoch=k * epochs + epoch,
+              epochs=k * epochs + epoch + 1, **options_)
+      if net.stop_training:
+        return
+      iter(x)  # The one an uninterrupted epoch makes at its end.
+      epoch += 1
+    if epoch < epochs:
+      net.fit(x,  # batched and shuffled
+              initial_epoch=k * epochs + epoch, epochs=(k + 1) * epochs,
+              **options_)
+
+
+def _rest(iterator):
+  yield from iterator
 
 
 def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
