@@ -45,7 +45,8 @@ POLICIES = ("recompute", "accumulate", "first_task", "keras")
 
 def batch_norm_layers(model):
   """The model's `BatchNormalization` layers, nested ones included."""
-  layers = model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  layers = model._flatten_layers(include_self=False)
   return [layer for layer in layers
           if isinstance(layer, keras.layers.BatchNormalization)]
 

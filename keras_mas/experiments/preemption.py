@@ -24,10 +24,7 @@ import contextlib
 import signal
 import threading
 
-import keras
-
-__all__ = ["EXIT_CODE", "Preempted", "StopRequest", "StopTraining",
-           "on_signals"]
+__all__ = ["EXIT_CODE", "Preempted", "StopRequest", "on_signals"]
 
 # EX_TEMPFAIL (sysexits.h): a temporary failure, try again (with --resume).
 EXIT_CODE = 75
@@ -63,18 +60,6 @@ class Preempted(Exception):
         f"Stopped by {reason} during task {task}; the run continues from "
         f"{resume_from} when started again with resume (the app's "
         "--resume).")
-
-
-class StopTraining(keras.callbacks.Callback):
-  """Ends `fit` after the step under way once `stop` is set."""
-
-  def __init__(self, stop):
-    super().__init__()
-    self.stop = stop
-
-  def on_train_batch_end(self, batch, logs=None):
-    if self.stop.is_set():
-      self.model.stop_training = True
 
 
 @contextlib.contextmanager

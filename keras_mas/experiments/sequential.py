@@ -403,7 +403,8 @@ class _InTaskCheckpoint(keras.callbacks.Callback):
                state):
     super().__init__()
     self.write_dir, self.k, self.epochs = write_dir, k, epochs
-    self.seconds, self.steps, self.stop, self.state = seconds, steps, stop, state
+    self.seconds, self.steps = seconds, steps
+    self.stop, self.state = stop, state
     self.first = first
     self.last = first if first != (0, 0) else None
     self._last_time = time.monotonic()
@@ -530,7 +531,7 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
     epoch, batch = epoch + 1, 0
   for _ in range(2 * epoch if size > 0 else max(0, 2 * epoch - 1)):
     iter(x)
-  options_ = dict(
+  fit_options = dict(
       # Progress bars only on a terminal: in a log file they are a flood
       # (the line per task says how the task went).
       verbose=verbose if sys.stdout.isatty() else 0,
@@ -552,7 +553,7 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
       for _ in range(batch):
         next(iterator)
       net.fit(_rest(iterator), initial_epoch=k * epochs + epoch,
-              epochs=k * epochs + epoch + 1, **options_)
+              epochs=k * epochs + epoch + 1, **fit_options)
       if net.stop_training:
         return
       iter(x)  # The one an uninterrupted epoch makes at its end.
@@ -560,7 +561,7 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
     if epoch < epochs:
       net.fit(x,  # batched and shuffled
               initial_epoch=k * epochs + epoch, epochs=(k + 1) * epochs,
-              **options_)
+              **fit_options)
 
 
 def _rest(iterator):
