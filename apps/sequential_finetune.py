@@ -96,6 +96,9 @@ _BUFFER_SIZE = flags.DEFINE_integer(
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", None, "--task_boundaries=none: checkpoint the "
     "stream every this many batches (for --resume).", lower_bound=1)
+_EXPORT_CONSOLIDATIONS = flags.DEFINE_bool(
+    "export_consolidations", False, "--task_boundaries=none: also export a "
+    "SavedModel at each consolidation (export_consolidations/step_N/).")
 _STRENGTH = flags.DEFINE_float(
     "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
     "permuted-digits sequence; see README).")
@@ -261,8 +264,6 @@ def _stream(sequence):
       _LORA_RANK)
                  if f.value] + (["--distribution"] if _DISTRIBUTION.value !=
                                 "none" else [])
-  if sequence.streaming:
-    unsupported.append("--task_spec")
   if unsupported:
     raise ValueError(
         "Invalid value for argument `task_boundaries`. Expected given task "
@@ -277,6 +278,7 @@ def _stream(sequence):
       learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
       model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value, seed=_SEED.value,
       checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
+      export_consolidations=_EXPORT_CONSOLIDATIONS.value,
       verbose=_VERBOSE.value)))
   if _VERBOSE.value:
     print(training.format_matrix(results))

@@ -74,3 +74,51 @@ def test_bad_arguments_name_themselves(kwargs, name):
 def test_task_incremental_is_refused():
   with pytest.raises(ValueError, match="task-incremental"):
     streams.from_sequence(_sequence("task"))
+
+
+@pytest.mark.parametrize("transition_steps", [0, 7])
+def test_a_pipeline_stream_is_the_array_stream(transition_steps):
+  # Tasks of tf.data pipelines (a task spec, TFRecords, folders) give the
+  # same batches in the same order, blurred alike, from a bounded heap;
+  # a pipeline that does not know its size is counted once.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  arrays = tasks.make_sequence("digits", "split", "class", 3)
+  data = []
+  for k, t in enumerate(arrays.tasks):
+    train = tf.data.Dataset.from_tensor_slices((t.x_train, t.y_train))
+    if k == 1:
+      train = train.filter(lambda x, y: True)  # Size unknown to tf.data.
+    data.append((train, tf.data.Dataset.from_tensor_slices((t.x_test,
+                                                             t.y_test))))
+  pipelines = tasks.from_datasets(data, [t.num_classes for t in arrays.tasks],
+                                  scenario="class")
+  held = streams.from_sequence(arrays, batch_size=10,
+                               transition_steps=transition_steps, seed=4)
+  streamed = streams.from_sequence(pipelines, batch_size=10,
+                                   transition_steps=transition_steps, seed=4)
+  assert isinstance(streamed, streams.PipelineStream)
+  assert streamed.boundaries == held.boundaries
+  assert streamed.num_steps == held.num_steps
+  dataset = streamed.as_dataset()
+  assert int(dataset.cardinality()) == held.num_steps
+  batches = list(dataset.as_numpy_iterator())
+  assert len(batches) == held.num_steps
+  for (x, y), (x_held, y_held) in zip(batches, held.batches()):
+    np.testing.assert_array_equal(x, x_held)
+    np.testing.assert_array_equal(y, y_held)
+
+
+def test_a_pipeline_label_out_of_range_names_the_task():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  x = np.zeros((2000, 8, 8, 1), "float32")
+  labels = np.zeros(2000, "int64")
+  labels[-1] = 3  # Beyond the first elements, which are checked early.
+  good = tf.data.Dataset.from_tensor_slices((x[:20], labels[:20]))
+  bad = tf.data.Dataset.from_tensor_slices((x, labels))
+  sequence = tasks.from_datasets([(good, good), (bad, good)], 2,
+                                 scenario="domain", names=["a", "b"])
+  # The first elements are checked when the sequence is made; the stream
+  # checks every one.
+  stream = streams.from_sequence(sequence, batch_size=5)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="task b"):
+    list(stream.as_dataset().as_numpy_iterator())

@@ -8,11 +8,18 @@ of the two tasks are mixed, the next task's share rising from 0 to 1.
 """
 
 import dataclasses
+import heapq
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["Stream", "from_sequence"]
+from keras_mas.data import pipelines
+
+__all__ = ["PipelineStream", "Stream", "from_sequence"]
+
+# Elements checked and shifted together in a pipeline stream: the label
+# check costs as much per call as parsing a record, so it runs on chunks.
+_CHECK_CHUNK = 1024
 
 
 @dataclasses.dataclass
@@ -48,6 +55,108 @@ class Stream:
     """The stream as a batched `tf.data.Dataset` of `(x, y)`, in order."""
     return tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(
         self.batch_size)
+
+
+@dataclasses.dataclass
+class PipelineStream:
+  """A stream read from the tasks' `tf.data` pipelines, never held whole.
+
+  The same stream as `Stream` would hold for the same data (the same
+  order, the same blur), for tasks of `tf.data` pipelines
+  (`keras_mas.data.tasks.from_datasets`, `--task_spec`, TFRecords, image
+  folders, TFDS): memory stays flat as the stream grows.
+
+  Attributes:
+    tasks: per task, a dataset of unbatched `(x, y)`: float32 inputs, labels
+      over the model's outputs (checked, each task's `label_offset` and
+      `start` added).
+    sizes: each task's number of training elements.
+    batch_size: samples per incoming batch.
+    boundaries: as `Stream.boundaries`.
+    transition_steps: the blur, as `from_sequence`'s.
+    seed: seeds the blur.
+  """
+  tasks: list
+  sizes: list
+  batch_size: int
+  boundaries: list
+  transition_steps: int = 0
+  seed: int = 0
+
+  @property
+  def num_steps(self):
+    return -(-sum(self.sizes) // self.batch_size)
+
+  def as_dataset(self):
+    """The stream as a batched `tf.data.Dataset` of `(x, y)`, in order."""
+    if not self.transition_steps:
+      stream = self.tasks[0]
+      for task in self.tasks[1:]:
+        stream = stream.concatenate(task)
+    else:
+      spec = self.tasks[0].element_spec
+      stream = tf.data.Dataset.from_generator(self._blurred,
+                                              output_signature=spec)
+    # The size is known (counted when the pipeline did not say): told to
+    # tf.data, Keras's `fit` knows its steps and does not warn at the end.
+    return stream.batch(self.batch_size).apply(
+        tf.data.experimental.assert_cardinality(self.num_steps)).prefetch(
+            tf.data.AUTOTUNE)
+
+  def _blurred(self):
+    """The elements in `Stream`'s blurred order, from a bounded heap.
+
+    Each element's key is its place plus the same uniform jitter
+    `from_sequence` draws for arrays (drawn in chunks: the generator gives
+    the same numbers); a key is never below its place − half, so once the
+    next place to read is beyond a key + half, nothing read later can come
+    before it. The heap holds about `transition_steps · batch_size`
+    elements.
+    """
+    half = self.transition_steps * self.batch_size / 2.0
+    rng = np.random.default_rng(self.seed)
+    heap, place = [], 0
+    for task in self.tasks:
+      for chunk in task.batch(_CHECK_CHUNK).as_numpy_iterator():
+        keys = place + np.arange(len(chunk[1])) + rng.uniform(
+            -half, half, len(chunk[1]))
+        for i, key in enumerate(keys):
+          heapq.heappush(heap, (key, place + i, chunk[0][i], chunk[1][i]))
+        place += len(chunk[1])
+        while heap and heap[0][0] < place - half:
+          yield heapq.heappop(heap)[2:]
+    while heap:
+      yield heapq.heappop(heap)[2:]
+
+
+def _shifted(task):
+  """A function of an `(x, y)` chunk: `label_check`'s, then labels over
+  the model's outputs."""
+  check = pipelines.label_check(task.num_classes, task.name)
+  shift = task.label_offset + task.start
+
+  def shifted(x, y):
+    x, y = check(x, y)
+    return x, y + shift
+  return shifted
+
+
+def _pipeline_stream(sequence, batch_size, transition_steps, seed):
+  """`from_sequence` for tasks of `tf.data` pipelines."""
+  tasks, sizes = [], []
+  for task in sequence.tasks:
+    data = task.dataset("train").batch(_CHECK_CHUNK).map(
+        _shifted(task)).unbatch()
+    size = task.train_size
+    if size is None:
+      # The boundaries are needed before the stream runs: one pass counts.
+      size = int(data.reduce(np.int64(0), lambda n, _: n + 1))
+    tasks.append(data)
+    sizes.append(size)
+  ends = np.cumsum(sizes)
+  boundaries = [int(-(-end // batch_size)) for end in ends]
+  return PipelineStream(tasks, sizes, int(batch_size), boundaries,
+                        int(transition_steps), seed)
 
 
 def from_sequence(sequence, batch_size=10, transition_steps=0, seed=0):
@@ -98,6 +207,8 @@ def from_sequence(sequence, batch_size=10, transition_steps=0, seed=0):
     raise ValueError(
         "Invalid value for argument `transition_steps`. Expected an integer "
         f">= 0. Received: transition_steps={transition_steps!r}")
+  if sequence.streaming:
+    return _pipeline_stream(sequence, batch_size, transition_steps, seed)
   x = np.concatenate([t.x_train for t in sequence.tasks])
   y = np.concatenate([t.y_train.astype("int64") + t.label_offset + t.start
                       for t in sequence.tasks])

@@ -25,13 +25,15 @@ from keras_mas.experiments import evaluation as evaluation_lib
 from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
+from keras_mas.experiments import online_evaluation
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
 from keras_mas.task_free import _checks
 from keras_mas.task_free import consolidation
 from keras_mas.task_free import hard_buffer
 
-__all__ = ["METHODS", "accuracies", "format_results", "run_stream"]
+__all__ = ["DEFAULT_STRENGTH", "METHODS", "accuracies", "format_results",
+           "format_summary", "run_stream", "summarize_seeds"]
 
 # What `run_stream` compares, on the same stream and buffer size:
 # task-free MAS; online fine-tuning (no buffer, no penalty); experience
@@ -43,6 +45,11 @@ TaskFreeConsolidation = consolidation.TaskFreeConsolidation
 LossWindow = consolidation.LossWindow
 fit_stream = consolidation.fit_stream
 DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
+# λ of task-free MAS: the value that met the README's targets on every
+# stream there (permuted and split digits, Fashion-MNIST), with the
+# detector's defaults; 1.0 consolidated as often but held the 10-class
+# permuted tasks too stiffly (benchmarks/CHOICES.md).
+DEFAULT_STRENGTH = 0.1
 
 
 def accuracies(model, sequence, trained=None, batch_size=256):
@@ -51,28 +58,7 @@ def accuracies(model, sequence, trained=None, batch_size=256):
   return evaluation_lib.task_accuracies(model, sequence, batch_size, trained)
 
 
-class _EachIncomingBatch(keras.callbacks.Callback):
-  """Calls `on_step(step)` once per incoming batch, after `task_free`."""
-
-  def __init__(self, task_free):
-    super().__init__()
-    self.task_free = task_free
-    self._last = None
-
-  def on_train_begin(self, logs=None):
-    self._last = self.task_free.step  # Resumed: that step is done.
-
-  def on_train_batch_end(self, batch, logs=None):
-    step = self.task_free.step
-    if step != self._last:
-      self._last = step
-      self.on_step(step)
-
-  def on_step(self, step):
-    raise NotImplementedError
-
-
-class _BoundaryAccuracy(_EachIncomingBatch):
+class _BoundaryAccuracy(online_evaluation.EachIncomingBatch):
   """Row `i` of the accuracy matrix after step `boundaries[i]`; logged as a
   task-aware run logs it when `log_dir` is given."""
 
@@ -100,11 +86,11 @@ class _BoundaryAccuracy(_EachIncomingBatch):
 
 def run_stream(sequence, method="mas", workdir=None, batch_size=10,
                transition_steps=0, buffer_size=DEFAULT_BUFFER_SIZE,
-               strength=1.0, learning_rate=1e-3, optimizer="adam",
-               model="mlp", hidden_units=128, updates_per_batch=3,
-               window=None, seed=0, callbacks=None, checkpoint_every=None,
-               stop=None,
-               resume=False, verbose=0):
+               strength=DEFAULT_STRENGTH, learning_rate=1e-3,
+               optimizer="adam", model="mlp", hidden_units=128,
+               updates_per_batch=3, window=None, seed=0, callbacks=None,
+               checkpoint_every=None, export_consolidations=False,
+               online_every=None, stop=None, resume=False, verbose=0):
   """Learns `sequence` as one stream with hidden boundaries; scores it.
 
   The tasks' training data become one stream of small batches
@@ -126,10 +112,15 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
   ```
 
   Args:
-    sequence: a domain- or class-incremental `keras_mas.data.tasks.TaskSequence`.
+    sequence: a domain- or class-incremental `keras_mas.data.tasks.TaskSequence`,
+      of arrays or of `tf.data` pipelines (`from_datasets`, a task spec,
+      TFRecords, image folders, TFDS): pipelines are streamed, never held
+      whole, and give the same run as arrays of the same data.
     method: one of `METHODS`.
-    workdir: if given, `results.json`, TensorBoard logs (`tensorboard/`,
-      the stream's scalars under `stream/`) and the final model as a
+    workdir: if given, `results.json`, `online_accuracy.png` (the
+      prequential and anytime average accuracy along the stream, changes
+      and consolidations marked), TensorBoard logs (`tensorboard/`, the
+      stream's scalars under `stream/`) and the final model as a
       SavedModel (`export/`) are written there.
     batch_size: samples per incoming batch.
     transition_steps: blur each change over this many batches.
@@ -149,6 +140,11 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
       `preemption.on_signals`), the stream stops at the end of the incoming
       batch under way, a checkpoint is written there (with `workdir`) and
       `preemption.Preempted` is raised; `resume` continues from it.
+    export_consolidations: with `workdir`, also export a SavedModel at each
+      consolidation, to `export_consolidations/step_<incoming batch>/`.
+    online_every: measure the anytime average accuracy every this many
+      incoming batches (default: about 50 points along the stream), on up
+      to 500 test samples a task.
     checkpoint_every: with `workdir`, write a checkpoint every this many
       incoming batches into `workdir/checkpoint/` (the model with its
       optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
@@ -162,7 +158,9 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     `accuracy_matrix`, `baseline`, `acc`, `bwt`, `fwt`, `forgetting`,
     `boundaries` (true steps), `consolidations` (steps), `peaks`,
     `plateaus`, `online_accuracy` (prequential, whole stream),
-    `online_accuracy_per_task` (over each task's stretch), `num_steps`,
+    `online_accuracy_per_task` (over each task's stretch), `online` (the
+    anytime records: `step`, `tasks_seen`, `accuracies`,
+    `anytime_average_accuracy`, `prequential_accuracy`), `num_steps`,
     `config`, `seconds`.
 
   Raises:
@@ -218,6 +216,9 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
               "window": window.get_config(), "seed": int(seed)}
     evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
                                    log_dir)
+    online = online_evaluation.AnytimeAccuracy(
+        task_free, sequence, stream.boundaries, every=online_every,
+        log_dir=log_dir)
     first_step, seconds_before = 0, 0.0
     if resume:
       net, state = _read_checkpoint(checkpoint_dir, config)
@@ -227,16 +228,22 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
           [[np.nan if v is None else v for v in row]
            for row in state["matrix"]],
           dtype="float64")
+      online.records = state["online"]
       first_step, seconds_before = task_free.step, state["seconds"]
     else:
       baseline = accuracies(net, sequence)
     evaluation.baseline = baseline
-    listed = [evaluation] + list(callbacks or [])
+    listed = [evaluation, online]
+    if export_consolidations and workdir is not None:
+      listed.append(_ExportAtConsolidation(
+          task_free, os.path.join(workdir, "export_consolidations"),
+          sequence))
+    listed += list(callbacks or [])
     stream_checkpoint = None
     if checkpoint_dir is not None or stop is not None:
       stream_checkpoint = _StreamCheckpoint(
           checkpoint_dir, checkpoint_every, config, task_free, evaluation,
-          baseline, stream.num_steps, seconds_before, stop)
+          online, baseline, stream.num_steps, seconds_before, stop)
       listed.append(stream_checkpoint)
     keras.utils.set_random_seed(seed)
     started = time.perf_counter()
@@ -254,8 +261,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     matrix = evaluation.matrix
     starts = [0] + stream.boundaries[:-1]
     per_task = []
-    for start, stop in zip(starts, stream.boundaries):
-      part = task_free.online_correct[start:stop]
+    for start, end in zip(starts, stream.boundaries):
+      part = task_free.online_correct[start:end]
       per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
     results = evaluation_lib.results(
         method, sequence, matrix, baseline, config,
@@ -264,14 +271,14 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
         peaks=list(task_free.window.peaks[1:]),
         plateaus=list(task_free.window.plateaus),
         online_accuracy=task_free.online_accuracy,
-        online_accuracy_per_task=per_task,
+        online_accuracy_per_task=per_task, online=list(online.records),
         num_steps=stream.num_steps, seconds=seconds)
     if workdir is not None:
       os.makedirs(workdir, exist_ok=True)
-      heads = ({"seen": (0, max(t.stop for t in sequence.tasks))}
-               if sequence.scenario == "class" else None)
       export_lib.export_serving(net, os.path.join(workdir, "export"),
-                                sequence.input_shape, heads=heads)
+                                sequence.input_shape, heads=_heads(sequence))
+      online_evaluation.plot_stream(
+          results, os.path.join(workdir, "online_accuracy.png"))
       checkpoints.write_json(os.path.join(workdir, "results.json"), results)
     if verbose:
       print(format_results([results]))
@@ -281,15 +288,42 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
 _CHECKPOINT = "checkpoint"
 
 
-class _StreamCheckpoint(_EachIncomingBatch):
+def _heads(sequence):
+  """The export's extra signature: class-incremental, the classes seen."""
+  if sequence.scenario != "class":
+    return None
+  return {"seen": (0, max(t.stop for t in sequence.tasks))}
+
+
+class _ExportAtConsolidation(online_evaluation.EachIncomingBatch):
+  """A SavedModel at each consolidation, `step_<incoming batch>/` under
+  `directory`: the model as deployed from then on."""
+
+  def __init__(self, task_free, directory, sequence):
+    super().__init__(task_free)
+    self.directory, self.sequence = directory, sequence
+    self._exporter = None
+
+  def on_step(self, step):
+    if not self.task_free.consolidations or (
+        self.task_free.consolidations[-1] != step):
+      return
+    if self._exporter is None:
+      self._exporter = export_lib.ServingExport(self.model,
+                                                self.sequence.input_shape)
+    self._exporter.write(os.path.join(self.directory, f"step_{step}"),
+                         _heads(self.sequence))
+
+
+class _StreamCheckpoint(online_evaluation.EachIncomingBatch):
   """Every `every` incoming batches (None: never), and when `stop` is set:
   the model and the stream's state; then, on a stop, `fit` ends."""
 
-  def __init__(self, directory, every, config, task_free, evaluation,
+  def __init__(self, directory, every, config, task_free, evaluation, online,
                baseline, num_steps, seconds_before, stop=None):
     super().__init__(task_free)
     self.directory, self.every, self.config = directory, every, config
-    self.evaluation = evaluation
+    self.evaluation, self.online = evaluation, online
     self.baseline, self.num_steps = baseline, num_steps
     self.started = time.perf_counter() - seconds_before
     self.stop, self.stopped_at = stop, None
@@ -316,6 +350,7 @@ class _StreamCheckpoint(_EachIncomingBatch):
                  "baseline": self.baseline,
                  "matrix": [[None if np.isnan(v) else float(v) for v in row]
                             for row in self.evaluation.matrix],
+                 "online": self.online.records,
                  "seconds": time.perf_counter() - self.started}, f)
     checkpoints.replace_directory(staging, self.directory)
 
@@ -351,4 +386,45 @@ def format_results(results):
         f"{r['method']:<11} {r['acc']:6.3f} {r['bwt']:+7.3f} "
         f"{r['forgetting']:7.3f} {r['online_accuracy']:7.3f}  "
         f"{r['consolidations']} ({r['boundaries'][:-1]})")
+  return "\n".join(lines)
+
+
+def summarize_seeds(runs):
+  """Mean and standard deviation over seeds, per method.
+
+  Args:
+    runs: one list of `run_stream` results per seed, the same methods in
+      each.
+
+  Returns:
+    One dict per method: `method`, `seeds`, the mean and standard deviation
+    (`*_mean`, `*_std`) of `acc`, `forgetting` and `online_accuracy`, the
+    number of `consolidations` of each seed and `hidden_changes` (tasks − 1).
+  """
+  summary = []
+  for k, first in enumerate(runs[0]):
+    per_seed = [run[k] for run in runs]
+    row = {"method": first["method"], "seeds": len(per_seed),
+           "hidden_changes": len(first["boundaries"]) - 1,
+           "consolidations": [len(r["consolidations"]) for r in per_seed]}
+    for key in ("acc", "forgetting", "online_accuracy"):
+      values = np.array([r[key] for r in per_seed], dtype="float64")
+      row[f"{key}_mean"] = float(values.mean())
+      row[f"{key}_std"] = float(values.std())
+    summary.append(row)
+  return summary
+
+
+def format_summary(summary):
+  """`summarize_seeds`'s rows as a Markdown table (the README's)."""
+  lines = ["| method | ACC | forgetting | online accuracy | consolidations |",
+           "|---|---|---|---|---|"]
+  for row in summary:
+    counts = row["consolidations"]
+    lines.append(
+        f"| {row['method']} | {row['acc_mean']:.3f} ± {row['acc_std']:.3f} "
+        f"| {row['forgetting_mean']:.3f} ± {row['forgetting_std']:.3f} "
+        f"| {row['online_accuracy_mean']:.3f} ± "
+        f"{row['online_accuracy_std']:.3f} "
+        f"| {np.mean(counts):.1f} ({', '.join(map(str, counts))}) |")
   return "\n".join(lines)

@@ -10,11 +10,12 @@ scores a stream against its baselines, `run_stream`, lives in
 import importlib
 
 from keras_mas.task_free.consolidation import DEFAULT_BUFFER_SIZE
-from keras_mas.task_free.consolidation import DEFAULT_PEAK_MIN_RISE
-from keras_mas.task_free.consolidation import DEFAULT_PEAK_STDDEVS
-from keras_mas.task_free.consolidation import DEFAULT_PLATEAU_MEAN_BELOW
-from keras_mas.task_free.consolidation import DEFAULT_PLATEAU_VARIANCE_BELOW
-from keras_mas.task_free.consolidation import DEFAULT_WINDOW_SIZE
+from keras_mas.task_free.loss_window import DEFAULT_PEAK_MIN_HIGH
+from keras_mas.task_free.loss_window import DEFAULT_PEAK_MIN_RELATIVE_RISE
+from keras_mas.task_free.loss_window import DEFAULT_PEAK_QUANTILE
+from keras_mas.task_free.loss_window import DEFAULT_PLATEAU_FALL_STDDEVS
+from keras_mas.task_free.loss_window import DEFAULT_PLATEAU_MIN_RELATIVE_DROP
+from keras_mas.task_free.loss_window import DEFAULT_WINDOW_SIZE
 from keras_mas.task_free.consolidation import TaskFreeConsolidation
 from keras_mas.task_free.consolidation import fit_stream
 from keras_mas.task_free.hard_buffer import HardBuffer
@@ -23,13 +24,15 @@ from keras_mas.task_free.loss_window import LossWindow
 
 # The stream experiment, loaded on first use: the library does not import
 # the harness.
-_EXPERIMENT = ("METHODS", "accuracies", "format_results", "run_stream")
+_EXPERIMENT = ("DEFAULT_STRENGTH", "METHODS", "accuracies", "format_results",
+               "format_summary", "run_stream", "summarize_seeds")
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "DEFAULT_PEAK_MIN_RISE",
-           "DEFAULT_PEAK_STDDEVS", "DEFAULT_PLATEAU_MEAN_BELOW",
-           "DEFAULT_PLATEAU_VARIANCE_BELOW", "DEFAULT_WINDOW_SIZE",
-           "HardBuffer", "LossWindow", "TaskFreeConsolidation", "fit_stream",
-           "repeat_updates", *_EXPERIMENT]
+__all__ = ["DEFAULT_BUFFER_SIZE", "DEFAULT_PEAK_MIN_HIGH",
+           "DEFAULT_PEAK_MIN_RELATIVE_RISE", "DEFAULT_PEAK_QUANTILE",
+           "DEFAULT_PLATEAU_FALL_STDDEVS", "DEFAULT_PLATEAU_MIN_RELATIVE_DROP",
+           "DEFAULT_WINDOW_SIZE", "HardBuffer", "LossWindow",
+           "TaskFreeConsolidation", "fit_stream", "repeat_updates",
+           *_EXPERIMENT]
 
 
 def __getattr__(name):

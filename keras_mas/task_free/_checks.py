@@ -24,3 +24,16 @@ def non_negative(name, value):
         f"Invalid value for argument `{name}`. Expected a finite number >= 0. "
         f"Received: {name}={value!r}")
   return number
+
+
+def fraction(name, value):
+  """`value` as a float; raises, naming `name`, unless in [0, 1)."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = float("nan")
+  if isinstance(value, bool) or not 0 <= number < 1:
+    raise ValueError(
+        f"Invalid value for argument `{name}`. Expected a number in [0, 1). "
+        f"Received: {name}={value!r}")
+  return number

@@ -36,20 +36,12 @@ from keras_mas.task_free import _checks
 from keras_mas.task_free import hard_buffer
 from keras_mas.task_free import loss_window
 
-__all__ = ["DEFAULT_BUFFER_SIZE", "DEFAULT_PEAK_MIN_RISE",
-           "DEFAULT_PEAK_STDDEVS", "DEFAULT_PLATEAU_MEAN_BELOW",
-           "DEFAULT_PLATEAU_VARIANCE_BELOW", "DEFAULT_WINDOW_SIZE",
-           "TaskFreeConsolidation", "fit_stream"]
+__all__ = ["DEFAULT_BUFFER_SIZE", "TaskFreeConsolidation", "fit_stream"]
 
 HardBuffer = hard_buffer.HardBuffer
 LossWindow = loss_window.LossWindow
 repeat_updates = hard_buffer.repeat_updates
 DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
-DEFAULT_PEAK_MIN_RISE = loss_window.DEFAULT_PEAK_MIN_RISE
-DEFAULT_PEAK_STDDEVS = loss_window.DEFAULT_PEAK_STDDEVS
-DEFAULT_PLATEAU_MEAN_BELOW = loss_window.DEFAULT_PLATEAU_MEAN_BELOW
-DEFAULT_PLATEAU_VARIANCE_BELOW = loss_window.DEFAULT_PLATEAU_VARIANCE_BELOW
-DEFAULT_WINDOW_SIZE = loss_window.DEFAULT_WINDOW_SIZE
 
 _CONSOLIDATE_AT = ("plateaus",)
 # Keys under which a compiled accuracy metric appears in `fit`'s logs.
