@@ -130,10 +130,11 @@ def test_importance_matches_the_per_sample_reference_on_jax():
          _mlp_references(w1, b1, w2, b2, x[:6], np.arange(6) % 3)["mas"])
 
 
-def test_importance_equals_tensorflow_on_conv_batchnorm_layernorm():
+def test_importance_and_batch_statistics_equal_tensorflow_on_a_conv_net():
   # TensorFlow's closed forms per layer; JAX's vmap of per-sample grads.
   code = """
       from keras_mas import importance
+      from keras_mas.core import batch_statistics
       keras.utils.set_random_seed(0)
       inputs = keras.Input((6, 6, 2))
       h = keras.layers.Conv2D(3, 3, activation="relu")(inputs)
@@ -151,12 +152,19 @@ def test_importance_equals_tensorflow_on_conv_batchnorm_layernorm():
           "fisher": arrays(importance.fisher(model, (x, y), batch_size=4)),
           "fisher_true": arrays(importance.fisher(model, x, empirical=False,
                                                   batch_size=9)),
+          "batch_norm": [arrays(pair) for pair in
+                         batch_statistics.population_statistics(
+                             model, x, batch_size=4)],
       })
   """
   jax_result = _run(code)
   tf_result = _run(code, backend="tensorflow")
   for name in ("mas", "local_mas", "fisher"):
     _close(jax_result[name], tf_result[name], rtol=1e-4, atol=1e-6)
+  # BatchNormalization's population statistics (the app's default policy).
+  for jax_pair, tf_pair in zip(jax_result["batch_norm"],
+                               tf_result["batch_norm"]):
+    _close(jax_pair, tf_pair, rtol=1e-5, atol=1e-6)
   # Sampled labels differ between the backends' generators: only finite.
   assert all(np.all(np.isfinite(a)) for a in jax_result["fisher_true"])
 
