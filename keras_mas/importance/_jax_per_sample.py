@@ -228,7 +228,8 @@ def _recording(units, records):
         _records.append(_Record((args, kwargs), output))
         return output
 
-      stack.enter_context(per_sample_lib._replaced_call(layer, call))  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      stack.enter_context(per_sample_lib._replaced_call(layer, call))
     yield
 
 
@@ -286,7 +287,8 @@ def local_step(model, output_fn):
         total = jnp.zeros((), "float32")
         with keras.StatelessScope(
             state_mapping=others + list(zip(own, own_values))):
-          with per_sample_lib._as_called(layer):  # pylint: disable=protected-access
+          # pylint: disable-next=protected-access
+          with per_sample_lib._as_called(layer):
             for (leaves, tree), marks, sample, is_output in zip(
                 flat, mapped, samples, outputs_of_model):
               it = iter(sample)
