@@ -9,7 +9,8 @@ sudo_if_needed=""
 [ "$(id -u)" -eq 0 ] || sudo_if_needed="sudo"
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# `jax`: tests/backend_jax_test.py runs the library on Keras's JAX backend.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,jax]"
 
 # Fashion-MNIST offline (Debian's IDX files, 30 MB) for the real-data tests;
 # where it cannot be installed those tests skip and say why.

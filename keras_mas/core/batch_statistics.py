@@ -114,19 +114,24 @@ def population_statistics(model, data, num_samples=None, batch_size=256):
     for layer in layers:
       layer.momentum = 0.0
 
-    @tf.function(reduce_retracing=True)
-    def moments(x):
-      model(x, training=True)
-      return [(tf.cast(l.moving_mean, tf.float64),
-               tf.cast(l.moving_variance, tf.float64)) for l in layers]
+    if keras.backend.backend() == "jax":
+      moments = _jax_moments(model, layers)
+    else:
+
+      @tf.function(reduce_retracing=True)
+      def moments(x):
+        model(x, training=True)
+        return [(tf.cast(l.moving_mean, tf.float64),
+                 tf.cast(l.moving_variance, tf.float64)) for l in layers]
 
     sums = [[0.0, 0.0] for _ in layers]
     count = 0
     for (x,) in _data.as_dataset(data, batch_size, num_samples):
       n = int(tf.shape(tf.nest.flatten(x)[0])[0])
       for total, (mean, variance) in zip(sums, moments(x)):
-        total[0] += n * mean.numpy()
-        total[1] += n * (variance.numpy() + mean.numpy() ** 2)
+        mean, variance = np.asarray(mean), np.asarray(variance)
+        total[0] += n * mean
+        total[1] += n * (variance + mean ** 2)
       count += n
     _data.check_count(count, num_samples)
   finally:
@@ -137,6 +142,32 @@ def population_statistics(model, data, num_samples=None, batch_size=256):
   means = [first / count for first, _ in sums]
   return [(mean, np.maximum(second / count - mean ** 2, 0.0))
           for mean, (_, second) in zip(means, sums)]
+
+
+def _jax_moments(model, layers):
+  """`moments` on JAX: the statistics a training-mode `stateless_call`
+  returns (momentum 0: the batch's own), as float64 NumPy arrays. The
+  variables' values are arguments of the compiled call, not constants."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  where = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+  slots = [(where[id(l.moving_mean)], where[id(l.moving_variance)])
+           for l in layers]
+
+  @jax.jit
+  def call(trainable, non_trainable, x):
+    _, updated = model.stateless_call(trainable, non_trainable, x,
+                                      training=True)
+    return [(updated[m], updated[v]) for m, v in slots]
+
+  def moments(x):
+    pairs = call([v.value for v in model.trainable_variables],
+                 [v.value for v in model.non_trainable_variables],
+                 np.asarray(x))
+    return [(np.asarray(m, "float64"), np.asarray(v, "float64"))
+            for m, v in pairs]
+
+  return moments
 
 
 class TaskStatistics:

@@ -23,6 +23,13 @@ ESTIMATORS = importance_lib.ESTIMATORS
 _ACCUMULATE = ("sum", "decay")
 PENALTY_MODES = penalty_lib.PENALTY_MODES
 
+# The backend is fixed when Keras is imported. JAX has its own train step
+# (`keras_mas.core._jax_trainer`); the other paths are TensorFlow's.
+_JAX = keras.backend.backend() == "jax"
+if _JAX:
+  # pylint: disable-next=g-import-not-at-top
+  from keras_mas.core import _jax_trainer
+
 
 class _MASState:
   """Ω, θ* and their regularizers, one each per tracked trainable variable.
@@ -200,7 +207,7 @@ class MASModel(keras.Model):
     was_locked = tracker.locked
     tracker.unlock()
     try:
-      with self.distribute_strategy.scope():
+      with _strategy_scope(self):
         yield
     finally:
       if was_locked:
@@ -464,7 +471,7 @@ class MASModel(keras.Model):
       return  # Built fresh at the next `fit`.
     variables = self.trainable_variables
     built_for = getattr(optimizer, "_trainable_variables", variables)
-    with self.distribute_strategy.scope():
+    with _strategy_scope(self):
       fresh = keras.optimizers.deserialize(
           keras.optimizers.serialize(optimizer))
       fresh.build(variables)
@@ -508,7 +515,7 @@ class MASModel(keras.Model):
           "Invalid value for argument `rehearsal`. Expected None or an "
           "object with `join` and `update` methods. Received: "
           f"rehearsal={buffer!r}")
-    if buffer is not None and self.distribute_strategy.num_replicas_in_sync > 1:
+    if buffer is not None and _replicas(self) > 1:
       raise ValueError(
           "Invalid value for argument `rehearsal`. Expected no distribution "
           "strategy (each replica would keep its own buffer). Received: "
@@ -532,7 +539,7 @@ class MASModel(keras.Model):
     state = self._require_mas_state("track the path integral of")
     if self._si_path is not None:
       return
-    if self.distribute_strategy.num_replicas_in_sync > 1:
+    if _replicas(self) > 1:
       raise ValueError(
           "Invalid value for argument `model`. The path integral is tracked "
           "on one replica only. Received: a model under a strategy with "
@@ -622,7 +629,7 @@ class MASModel(keras.Model):
     measured = ESTIMATORS[method](
         self, data, num_samples=num_samples, batch_size=batch_size, **options)
     by_id = dict(zip((id(v) for v in self.trainable_variables), measured))
-    new = [by_id.get(id(v), tf.zeros(v.shape)) for v in state.targets]
+    new = [by_id.get(id(v), _zeros(v.shape)) for v in state.targets]
     bad = [v.path for v, omega in zip(state.targets, new)
            if not np.all(np.isfinite(keras.ops.convert_to_numpy(omega)))]
     if bad:
@@ -639,7 +646,7 @@ class MASModel(keras.Model):
         omega.assign(omega + omega_new if accumulate == "sum" else omega_new)
       else:
         omega.assign(alpha_value * omega + (1.0 - alpha_value) * omega_new)
-      anchor.assign(tf.cast(v, "float32"))
+      anchor.assign(_float32(v))
     state.tasks.assign_add(1)
     if strength is not None:
       state.strength.assign(strength)
@@ -651,6 +658,8 @@ class MASModel(keras.Model):
     """`λ Σ Ω (θ − θ*)²` over all tracked variables, a float32 scalar."""
     state = self._require_mas_state("compute the penalty of")
     terms = [reg(v) for v, reg in zip(state.targets, state.regularizers)]
+    if _JAX:
+      return _jax_trainer.total(terms)
     return tf.add_n(terms) if terms else tf.zeros((), "float32")
 
   # ------------------------------------------------------------------------
@@ -669,16 +678,23 @@ class MASModel(keras.Model):
     self.penalty_tracker.update_state(penalty)
     # Like a regularization loss: summed, and scaled per replica under
     # tf.distribute.
-    return loss + tf.cast(self._aggregate_additional_loss(penalty), loss.dtype)
+    cast = keras.ops.cast if _JAX else tf.cast
+    return loss + cast(self._aggregate_additional_loss(penalty), loss.dtype)
 
-  def train_step(self, data):
+  def train_step(self, *args):
     """One step on `task loss + λ Σ Ω (θ − θ*)²` (see `keras_mas.core.trainer`).
 
     The task loss is differentiated by the tape; the penalty's gradient
     `2λΩ(θ − θ*)` is added in closed form (`keras_mas.core.penalty`), or in
     proximal mode applied as a proximal step after the optimizer's update;
     Synaptic Intelligence's path integral, when tracked, reads each update.
+
+    On JAX, Keras calls it as `train_step(state, data)` and it returns
+    `(logs, state)`: the same step, stateless (`keras_mas.core._jax_trainer`).
     """
+    if _JAX:
+      return _jax_trainer.train_step(self, *args)
+    data, = args
     return self._replica_logs(trainer.train_step(
         self, data,
         lambda x, y, y_pred, sample_weight: super(MASModel, self).compute_loss(
@@ -696,8 +712,11 @@ class MASModel(keras.Model):
       terms.append(self._si_path)
     return terms
 
-  def test_step(self, data):
-    return self._replica_logs(super().test_step(data))
+  def test_step(self, *args):
+    if _JAX:
+      # JAX: `test_step(state, data)`; the penalty is in `compute_loss`.
+      return super().test_step(*args)
+    return self._replica_logs(super().test_step(*args))
 
   def _replica_logs(self, logs):
     return multi_worker.replica_logs(self._distribute_strategy, logs)
@@ -709,7 +728,8 @@ class MASModel(keras.Model):
     return super().make_train_function(force=force)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    strategy = self._distribute_strategy
+    # Keras's JAX trainer has no strategy (nor calls this hook).
+    strategy = getattr(self, "_distribute_strategy", None)
     spec = (multi_worker.element_spec(iterator)
             if strategy is not None and data_batch is None else None)
     if spec is not None:
@@ -804,7 +824,37 @@ def _with_path_flag(model, config):
 
 def _value(variable):
   """A variable's value as NumPy, distributed (mirrored) variables included."""
+  if _JAX:
+    return keras.ops.convert_to_numpy(variable.value)
   return keras.ops.convert_to_numpy(tf.convert_to_tensor(variable.value))
+
+
+def _zeros(shape):
+  return keras.ops.zeros(shape) if _JAX else tf.zeros(shape)
+
+
+def _float32(variable):
+  """A variable's value cast to float32, as a tensor of the backend."""
+  if _JAX:
+    # A copy: JAX variables assigned the same array would share a buffer,
+    # which the compiled train step, donating its state, refuses.
+    return keras.ops.copy(keras.ops.cast(variable.value, "float32"))
+  return tf.cast(variable, "float32")
+
+
+def _strategy_scope(model):
+  """The model's `tf.distribute` scope; no scope on other backends, whose
+  trainers have no strategy (JAX distributes with `keras.distribution`)."""
+  if _JAX:
+    return contextlib.nullcontext()
+  return model.distribute_strategy.scope()
+
+
+def _replicas(model):
+  """The number of replicas the model trains on in sync (1 off TensorFlow)."""
+  if _JAX:
+    return 1
+  return model.distribute_strategy.num_replicas_in_sync
 
 
 def _functional_init_arguments(args, kwargs):

@@ -9,9 +9,14 @@ train step (`keras_mas.core.trainer`) around the optimizer's update. The
 variables are weights of the model, so saving keeps them.
 """
 
+import keras
 import tensorflow as tf
 
 __all__ = ["PathIntegral"]
+
+# On JAX, `keras_mas.core._jax_trainer` accumulates ω inside its own step;
+# only `restart` runs here.
+_JAX = keras.backend.backend() == "jax"
 
 
 class PathIntegral:
@@ -55,8 +60,14 @@ class PathIntegral:
   def restart(self):
     """A new task: ω ← 0, start ← θ."""
     for w, start, v in zip(self.integrals, self.starts, self.targets):
-      w.assign(tf.zeros_like(w))
-      start.assign(tf.cast(v, "float32"))
+      if _JAX:
+        # A copy of θ: a shared buffer would be donated twice by the
+        # compiled train step.
+        w.assign(keras.ops.zeros(w.shape, "float32"))
+        start.assign(keras.ops.copy(keras.ops.cast(v.value, "float32")))
+      else:
+        w.assign(tf.zeros_like(w))
+        start.assign(tf.cast(v, "float32"))
 
   def before_update(self, step):
     """A term of the train step: reads what the update needs."""

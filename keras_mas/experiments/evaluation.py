@@ -7,6 +7,7 @@ targets).
 
 import weakref
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -101,6 +102,8 @@ def predict_logits(net, x, batch_size=32):
   if (getattr(net, "_distribute_strategy", None) is not None
       or getattr(net, "preprocessor", None) is not None):
     return net.predict(x, batch_size=max(batch_size, 256), verbose=0)
+  if keras.backend.backend() == "jax":
+    return _jax_predict_logits(net, x, batch_size)
   infer = _INFER.get(net)
   if infer is None:
     model = weakref.ref(net)  # The cache must not keep the model alive.
@@ -112,6 +115,26 @@ def predict_logits(net, x, batch_size=32):
     return infer(tf.constant(x)).numpy()
   return np.concatenate([infer(tf.constant(x[i:i + step])).numpy()
                          for i in range(0, len(x), step)])
+
+
+def _jax_predict_logits(net, x, batch_size):
+  """`predict_logits` on JAX: one `jax.jit` of `stateless_call` kept with
+  the model, the variables' current values passed in at every call (read
+  inside the trace, they would be compiled in as constants)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  infer = _INFER.get(net)
+  if infer is None:
+    model = weakref.ref(net)  # The cache must not keep the model alive.
+    infer = jax.jit(lambda trainable, non_trainable, inputs: model(
+        ).stateless_call(trainable, non_trainable, inputs, training=False)[0])
+    _INFER[net] = infer
+  trainable = [v.value for v in net.trainable_variables]
+  non_trainable = [v.value for v in net.non_trainable_variables]
+  step = _prediction_batch(x.shape[1:], batch_size)
+  return np.concatenate([
+      np.asarray(infer(trainable, non_trainable, x[i:i + step]))
+      for i in range(0, len(x), step)])
 
 
 def _prediction_batch(input_shape, batch_size):

@@ -26,6 +26,14 @@ import tensorflow as tf
 from keras_mas.importance import _data
 from keras_mas.importance import per_sample as per_sample_lib
 
+# The backend is fixed when Keras is imported. On JAX, per-sample gradients
+# come from `jax.vmap(jax.grad(...))` (`_jax_per_sample`); the other paths
+# are TensorFlow's.
+_JAX = keras.backend.backend() == "jax"
+if _JAX:
+  # pylint: disable-next=g-import-not-at-top
+  from keras_mas.importance import _jax_per_sample
+
 __all__ = ["ESTIMATORS", "default_batch_size", "fisher", "local_mas", "mas",
            "path_integral", "squared_output_norm", "uniform"]
 
@@ -119,8 +127,12 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=None,
         f"Received: per_sample={per_sample!r}"
     )
   key = ("mas", per_sample, output_fn)
-  step = _compiled(model, key, lambda: _make_global_step(
-      model, per_sample, _output_norm(output_fn), tf.abs))
+  if _JAX:
+    step = _compiled(model, key, lambda: _jax_per_sample.global_step(
+        model, per_sample, _jax_per_sample.output_norm(output_fn), "abs"))
+  else:
+    step = _compiled(model, key, lambda: _make_global_step(
+        model, per_sample, _output_norm(output_fn), tf.abs))
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
@@ -159,8 +171,12 @@ def local_mas(model, data, num_samples=None, batch_size=None, output_fn=None):
   """
   variables = _check_model(model)
   key = ("local_mas", output_fn)
-  step = _compiled(model, key,
-                   lambda: _make_local_step(model, variables, output_fn))
+  if _JAX:
+    step = _compiled(model, key,
+                     lambda: _jax_per_sample.local_step(model, output_fn))
+  else:
+    step = _compiled(model, key,
+                     lambda: _make_local_step(model, variables, output_fn))
   return _average(model, key, step, variables, data, batch_size, num_samples)
 
 
@@ -210,8 +226,14 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=None,
     return -tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=labels, logits=logits))
 
-  step = _compiled(model, key, lambda: _make_global_step(
-      model, True, log_likelihood, tf.square))
+  if _JAX:
+    step = _compiled(model, key, lambda: _jax_per_sample.global_step(
+        model, True, _jax_per_sample.fisher_objective(output_fn), "square",
+        labels="given" if empirical else "sampled", output_fn=output_fn,
+        seed=seed))
+  else:
+    step = _compiled(model, key, lambda: _make_global_step(
+        model, True, log_likelihood, tf.square))
   return _average(model, key, step, variables, data, batch_size, num_samples,
                   labels=bool(empirical))
 
@@ -222,7 +244,8 @@ _LABELS_OUT_OF_RANGE = "fisher: labels out of range"
 def uniform(model, data=None, **unused_options):
   """Ω = 1 for every parameter: the plain L2 penalty towards the anchors."""
   del data, unused_options
-  return [tf.ones(v.shape, tf.float32) for v in _check_model(model)]
+  ones = keras.ops.ones if _JAX else tf.ones
+  return [ones(v.shape, "float32") for v in _check_model(model)]
 
 
 def path_integral(model, data=None, damping=0.1, **unused_options):
@@ -257,8 +280,13 @@ def path_integral(model, data=None, damping=0.1, **unused_options):
   out = []
   for v in variables:
     w, start = by_id[id(v)]
-    out.append(tf.nn.relu(tf.convert_to_tensor(w)) / (
-        tf.square(tf.cast(v, tf.float32) - start) + damping))
+    if _JAX:
+      ops = keras.ops
+      out.append(ops.relu(w.value) / (
+          ops.square(ops.cast(v.value, "float32") - start.value) + damping))
+    else:
+      out.append(tf.nn.relu(tf.convert_to_tensor(w)) / (
+          tf.square(tf.cast(v, tf.float32) - start) + damping))
   return out
 
 
@@ -307,6 +335,8 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   """
   if batch_size is None:
     batch_size = default_batch_size(data)
+  if _JAX:
+    return _jax_average(model, step, data, batch_size, num_samples, labels)
   strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
   try:
     if strategy.num_replicas_in_sync > 1:
@@ -330,6 +360,27 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
     message = str(e)
     if "Invalid value for argument" in message:
       # Our own error, raised while tracing: without tf.function's preamble.
+      message = message[message.index("Invalid value for argument"):]
+      raise ValueError(message.strip()) from e
+    raise _data_error(model, data, e) from e
+  _data.check_count(count, num_samples)
+  return [t / count for t in totals]
+
+
+def _jax_average(model, step, data, batch_size, num_samples, labels):
+  """`_average` on JAX: one compiled call per batch (`_jax_per_sample`)."""
+  try:
+    dataset = _data.as_dataset(data, batch_size, num_samples, labels)
+    totals, count = _jax_per_sample.run(model, step, dataset)
+  except _jax_per_sample.LabelsOutOfRange:
+    raise ValueError(
+        "Invalid value for argument `data`. Expected labels that index the "
+        f"logits of model '{model.name}' (0 to the number of outputs - 1). "
+        f"Received: labels {_label_values(data)}out of that range"
+    ) from None
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    if "Invalid value for argument" in message:
       message = message[message.index("Invalid value for argument"):]
       raise ValueError(message.strip()) from e
     raise _data_error(model, data, e) from e

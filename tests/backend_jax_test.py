@@ -1,0 +1,416 @@
+"""keras_mas on Keras's JAX backend (issue 22), against TensorFlow's results.
+
+Keras fixes its backend at import, so each test runs a small script in a
+subprocess with `KERAS_BACKEND=jax` (and, to compare, the same script with
+`KERAS_BACKEND=tensorflow`). The scripts print one JSON line, the last of
+their output. Skipped where JAX is not installed (`pip install -e .[jax]`).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None,
+    reason="JAX is not installed: pip install -e .[jax]")
+
+# Shared by the scripts: a two-layer MLP whose trainable weights are drawn by
+# NumPy, so that both backends start from the same values.
+_PRELUDE = """
+import json, os, sys
+import numpy as np
+import keras
+import keras_mas
+assert keras.backend.backend() == os.environ["KERAS_BACKEND"]
+assert os.path.dirname(keras_mas.__file__).startswith(os.getcwd())
+
+def set_weights(model, seed=0, scale=0.4):
+  rng = np.random.default_rng(seed)
+  for v in model.trainable_variables:
+    v.assign(rng.normal(scale=scale, size=v.shape).astype("float32"))
+
+def mlp(cls=keras.Model, inputs=5, hidden=7, outputs=3, seed=0):
+  x = keras.Input((inputs,))
+  h = keras.layers.Dense(hidden, activation="relu")(x)
+  model = cls(x, keras.layers.Dense(outputs)(h))
+  set_weights(model, seed)
+  return model
+
+def arrays(result):
+  return [np.asarray(keras.ops.convert_to_numpy(t)).tolist() for t in result]
+
+def emit(value):
+  print(json.dumps(value))
+"""
+
+
+def _run(code, backend="jax", timeout=300):
+  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("PYTHONPATH", None)
+  done = subprocess.run(
+      [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)], cwd=_ROOT,
+      env=env, capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-4000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _close(actual, expected, rtol=1e-5, atol=1e-6):
+  if not isinstance(actual, list):
+    actual, expected = [actual], [expected]
+  assert len(actual) == len(expected)
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol,
+                               atol=atol)
+
+
+def _mlp_references(w1, b1, w2, b2, x, y):
+  """Per-sample gradients of the 2-layer MLP, by hand, in float64."""
+  w1, b1, w2, b2, x = (np.asarray(a, "float64") for a in (w1, b1, w2, b2, x))
+  z1 = x @ w1 + b1
+  h = np.maximum(z1, 0)
+  out = h @ w2 + b2
+
+  def through(d_out, d_h):
+    d_z1 = d_h * (z1 > 0)
+    return [np.einsum("bi,bj->bij", x, d_z1), d_z1,
+            np.einsum("bi,bj->bij", h, d_out), d_out]
+
+  global_mas = through(2 * out, (2 * out) @ w2.T)
+  # Local MAS: each layer's own output norm, its input fixed.
+  local = through(2 * out, 2 * h)
+  p = np.exp(out - out.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  d_log_p = np.eye(out.shape[1])[y] - p
+  fisher = through(d_log_p, d_log_p @ w2.T)
+  return {
+      "mas": [np.abs(g).mean(axis=0) for g in global_mas],
+      "mas_batched": [sum(np.abs(g[s:s + 4].sum(axis=0))
+                          for s in range(0, len(x), 4)) / len(x)
+                      for g in global_mas],
+      "local_mas": [np.abs(g).mean(axis=0) for g in local],
+      "fisher": [np.square(g).mean(axis=0) for g in fisher],
+  }
+
+
+def test_importance_matches_the_per_sample_reference_on_jax():
+  result = _run("""
+      import tensorflow as tf
+      from keras_mas import importance
+      model = mlp()
+      x = np.random.default_rng(1).normal(size=(10, 5)).astype("float32")
+      y = np.arange(10) % 3
+      dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+      emit({
+          "weights": arrays(model.trainable_variables), "x": x.tolist(),
+          "mas": arrays(importance.mas(model, dataset)),  # 4 + 4 + 2
+          "mas_array": arrays(importance.mas(model, x, batch_size=3)),
+          "mas_batched": arrays(importance.mas(model, x, per_sample=False,
+                                               batch_size=4)),
+          "local_mas": arrays(importance.local_mas(model, x, batch_size=4)),
+          "fisher": arrays(importance.fisher(model, dataset)),
+          "num_samples": arrays(importance.mas(model, x, num_samples=6,
+                                               batch_size=4)),
+      })
+  """)
+  w1, b1, w2, b2 = result["weights"]
+  x = np.asarray(result["x"])
+  expected = _mlp_references(w1, b1, w2, b2, x, np.arange(10) % 3)
+  for name in ("mas", "mas_batched", "local_mas", "fisher"):
+    _close(result[name], expected[name])
+  _close(result["mas_array"], expected["mas"])
+  _close(result["num_samples"],
+         _mlp_references(w1, b1, w2, b2, x[:6], np.arange(6) % 3)["mas"])
+
+
+def test_importance_and_batch_statistics_equal_tensorflow_on_a_conv_net():
+  # TensorFlow's closed forms per layer; JAX's vmap of per-sample grads.
+  code = """
+      from keras_mas import importance
+      from keras_mas.core import batch_statistics
+      keras.utils.set_random_seed(0)
+      inputs = keras.Input((6, 6, 2))
+      h = keras.layers.Conv2D(3, 3, activation="relu")(inputs)
+      h = keras.layers.BatchNormalization()(h)
+      h = keras.layers.Flatten()(keras.layers.Dropout(0.5)(h))
+      h = keras.layers.LayerNormalization()(
+          keras.layers.Dense(5, activation="tanh")(h))
+      model = keras.Model(inputs, keras.layers.Dense(4)(h))
+      set_weights(model, 3)
+      x = np.random.default_rng(3).normal(size=(9, 6, 6, 2)).astype("float32")
+      y = np.arange(9) % 4
+      emit({
+          "mas": arrays(importance.mas(model, x, batch_size=4)),
+          "local_mas": arrays(importance.local_mas(model, x, batch_size=4)),
+          "fisher": arrays(importance.fisher(model, (x, y), batch_size=4)),
+          "fisher_true": arrays(importance.fisher(model, x, empirical=False,
+                                                  batch_size=9)),
+          "batch_norm": [arrays(pair) for pair in
+                         batch_statistics.population_statistics(
+                             model, x, batch_size=4)],
+      })
+  """
+  jax_result = _run(code)
+  tf_result = _run(code, backend="tensorflow")
+  for name in ("mas", "local_mas", "fisher"):
+    _close(jax_result[name], tf_result[name], rtol=1e-4, atol=1e-6)
+  # BatchNormalization's population statistics (the app's default policy).
+  for jax_pair, tf_pair in zip(jax_result["batch_norm"],
+                               tf_result["batch_norm"]):
+    _close(jax_pair, tf_pair, rtol=1e-5, atol=1e-6)
+  # Sampled labels differ between the backends' generators: only finite.
+  assert all(np.all(np.isfinite(a)) for a in jax_result["fisher_true"])
+
+
+_TRAINING = """
+    model = mlp(keras_mas.MASModel)
+    model.track_path_integral()
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.5),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    y = np.arange(64) % 3
+    fit = dict(epochs=2, verbose=0, shuffle=False, batch_size=16)
+    out = {"plain": model.fit(x, y, **fit).history["loss"]}
+    out["si"] = arrays(keras_mas.importance.path_integral(model))
+    model.consolidate(x, strength=5.0)
+    model.reset_optimizer()
+    history = model.fit(x, (y + 1) % 3, **fit).history
+    out["gradient"] = [history["loss"], history["mas_penalty"],
+                       history["task_loss"]]
+    model.penalty_mode = "proximal"
+    history = model.fit(x, (y + 1) % 3, **fit).history
+    out["proximal"] = [history["loss"], history["mas_penalty"]]
+    model.penalty_mode = "gradient"
+    model.penalty_log_interval = 3
+    history = model.fit(x, (y + 2) % 3, **fit).history
+    out["interval"] = [history["loss"], history["mas_penalty"]]
+    out["evaluate"] = model.evaluate(x, y, verbose=0, return_dict=True)
+    out["penalty"] = float(model.mas_penalty())
+    out["weights"] = arrays(model.weights)
+    emit(out)
+"""
+
+
+def test_fit_with_the_penalty_equals_tensorflow_step_for_step():
+  # Both penalty modes, the log interval, SI's path integral, the optimizer
+  # reset and evaluate: the JAX step is TensorFlow's, to float precision.
+  jax_result = _run(_TRAINING)
+  tf_result = _run(_TRAINING, backend="tensorflow")
+  assert jax_result.keys() == tf_result.keys()
+  for key in jax_result:
+    if key == "evaluate":
+      assert jax_result[key].keys() == tf_result[key].keys()
+      _close(list(jax_result[key].values()), list(tf_result[key].values()))
+    else:
+      _close(jax_result[key], tf_result[key], rtol=1e-5, atol=1e-6)
+  assert jax_result["gradient"][1][-1] > 0  # the penalty was on
+
+
+def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes():
+  result = _run("""
+      x = np.random.default_rng(0).normal(size=(96, 5)).astype("float32")
+      y_a, y_b = np.arange(96) % 3, (np.arange(96) // 2) % 3
+
+      def drift(strength, mode):
+        model = mlp(keras_mas.MASModel)
+        model.compile(keras.optimizers.SGD(0.05),
+                      keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True))
+        model.fit(x, y_a, epochs=3, verbose=0, shuffle=False)
+        model.consolidate(x, strength=strength)
+        model.penalty_mode = mode
+        history = model.fit(x, y_b, epochs=3, verbose=0, shuffle=False)
+        moved = sum(float(np.sum(np.asarray(o.value) * np.square(
+            np.asarray(v.value) - np.asarray(a.value))))
+            for v, o, a in model.mas_variables)
+        return moved, history.history["mas_penalty"][-1]
+
+      emit({mode: [drift(0.0, mode), drift(1.0, mode)]
+            for mode in ("gradient", "proximal")})
+  """)
+  for mode, ((free, free_penalty), (held, penalty)) in result.items():
+    assert free_penalty == 0.0, mode
+    assert penalty > 0.0, mode
+    assert held < 0.75 * free, (mode, held, free)
+
+
+def test_consolidate_with_every_estimator_and_keras_round_trip(tmp_path):
+  result = _run(f"""
+      model = mlp(keras_mas.MASModel)
+      model.track_path_integral()
+      model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True))
+      x = np.random.default_rng(0).normal(size=(40, 5)).astype("float32")
+      y = np.arange(40) % 3
+      out = {{}}
+      for method in sorted(keras_mas.importance.ESTIMATORS):
+        model.fit(x, y, epochs=1, verbose=0)
+        data = (x, y) if method == "fisher" else x
+        new = model.consolidate(data, method=method, accumulate="decay",
+                                alpha=0.5)
+        out[method] = [float(np.sum(np.asarray(n))) for n in new]
+      model.strength = 2.5
+      model.penalty_mode = "proximal"
+      path = os.path.join({str(tmp_path)!r}, "m.keras")
+      model.save(path)
+      loaded = keras.models.load_model(path)
+      out["saved"] = [model.strength, model.consolidated_tasks,
+                      model.penalty_mode, float(model.mas_penalty())]
+      out["loaded"] = [loaded.strength, loaded.consolidated_tasks,
+                       loaded.penalty_mode, float(loaded.mas_penalty())]
+      out["same"] = all(np.array_equal(a, b) for a, b in zip(
+          model.get_weights(), loaded.get_weights()))
+      out["sums"] = [len(model.importances), len(loaded.importances)]
+      loaded.fit(x, y, epochs=1, verbose=0)  # trains after loading
+      emit(out)
+  """)
+  for method in ("fisher", "local_mas", "mas", "path_integral", "uniform"):
+    assert len(result[method]) == 4 and all(
+        np.isfinite(s) and s >= 0 for s in result[method]), method
+  assert result["uniform"] == [35.0, 7.0, 21.0, 3.0]
+  assert result["mas"][0] > 0 and result["path_integral"][0] > 0
+  assert result["loaded"][:3] == [2.5, 5, "proximal"]
+  assert result["loaded"] == pytest.approx(result["saved"])
+  assert result["same"]
+
+
+def test_regularizer_attach_fit_and_save(tmp_path):
+  result = _run(f"""
+      from keras_mas import regularizers
+      model = mlp()
+      layer = model.layers[1]
+      omega = np.full(layer.kernel.shape, 2.0, "float32")
+      anchor = np.zeros(layer.kernel.shape, "float32")
+      regularizers.attach(layer, "kernel", keras_mas.MASRegularizer(
+          strength=0.5, importance=omega, anchor=anchor))
+      expected = 0.5 * 2.0 * float(np.sum(np.square(
+          np.asarray(layer.kernel.value))))
+      penalty = float(sum(model.losses))
+      model.compile(keras.optimizers.SGD(0.1), "mse")
+      x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+      y = np.zeros((32, 3), "float32")
+      before = float(np.sum(np.square(np.asarray(layer.kernel.value))))
+      model.fit(x, y, epochs=3, verbose=0)
+      after = float(np.sum(np.square(np.asarray(layer.kernel.value))))
+      path = os.path.join({str(tmp_path)!r}, "r.keras")
+      model.save(path)
+      loaded = keras.models.load_model(path)
+      reg = loaded.layers[1].kernel_regularizer
+      emit({{"penalty": penalty, "expected": expected, "shrunk": after < before,
+             "type": type(reg).__name__, "strength": float(reg.strength),
+             "omega": float(np.mean(np.asarray(reg.importance))),
+             "loaded_penalty": float(sum(loaded.losses)),
+             "penalty_now": float(sum(model.losses))}})
+  """)
+  assert result["penalty"] == pytest.approx(result["expected"], rel=1e-5)
+  assert result["shrunk"]
+  assert result["type"] == "MASRegularizer"
+  assert result["strength"] == 0.5 and result["omega"] == 2.0
+  assert result["loaded_penalty"] == pytest.approx(result["penalty_now"],
+                                                   rel=1e-5)
+
+
+def test_from_model_on_functional_sequential_and_subclassed_models():
+  result = _run("""
+      @keras.saving.register_keras_serializable(package="test")
+      class Net(keras.Model):
+        def __init__(self, **kwargs):
+          super().__init__(**kwargs)
+          self.hidden = keras.layers.Dense(7, activation="relu")
+          self.out = keras.layers.Dense(3)
+        def call(self, x):
+          return self.out(self.hidden(x))
+
+      sequential = keras.Sequential([keras.Input((5,)),
+                                     keras.layers.Dense(7, activation="relu"),
+                                     keras.layers.Dense(3)])
+      subclassed = Net()
+      subclassed(np.zeros((1, 5), "float32"))
+      x = np.random.default_rng(0).normal(size=(48, 5)).astype("float32")
+      y = np.arange(48) % 3
+      out = {}
+      for name, base in [("functional", mlp()), ("sequential", sequential),
+                         ("subclassed", subclassed)]:
+        set_weights(base)
+        model = keras_mas.MASModel.from_model(base)
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        model.fit(x, y, epochs=1, verbose=0)
+        model.consolidate(x, strength=1.0)
+        history = model.fit(x, (y + 1) % 3, epochs=1, verbose=0).history
+        # No weight is copied: training the MASModel trains `base`.
+        shared = np.array_equal(np.asarray(base.trainable_variables[0].value),
+                                np.asarray(model.trainable_variables[0].value))
+        out[name] = [type(model).__name__, shared,
+                     history["mas_penalty"][-1] > 0,
+                     len(model.importances)]
+      emit(out)
+  """)
+  assert result["functional"] == ["FunctionalMASModel", True, True, 4]
+  assert result["sequential"] == ["FunctionalMASModel", True, True, 4]
+  assert result["subclassed"] == ["WrappedMASModel", True, True, 4]
+
+
+def test_two_task_flow_mas_forgets_less_than_fine_tuning():
+  result = _run("""
+      rng = np.random.default_rng(0)
+      x_a = rng.normal(size=(200, 5)).astype("float32")
+      y_a = (x_a[:, 0] > 0).astype("int64")
+      x_b = rng.normal(size=(200, 5)).astype("float32")
+      y_b = (x_b[:, 1] > 0).astype("int64") + 1
+
+      def run(strength):
+        model = mlp(keras_mas.MASModel, hidden=16)
+        model.compile(keras.optimizers.Adam(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(
+                          from_logits=True), metrics=["accuracy"])
+        model.fit(x_a, y_a, epochs=20, verbose=0)
+        before = model.evaluate(x_a, y_a, verbose=0, return_dict=True)
+        model.consolidate(x_a, strength=strength)
+        model.reset_optimizer()
+        model.fit(x_b, y_b, epochs=20, verbose=0)
+        after_a = model.evaluate(x_a, y_a, verbose=0, return_dict=True)
+        after_b = model.evaluate(x_b, y_b, verbose=0, return_dict=True)
+        return [before["accuracy"], after_a["accuracy"],
+                after_b["accuracy"], after_a["mas_penalty"]]
+
+      emit({"finetune": run(0.0), "mas": run(10.0)})
+  """)
+  finetune, mas = result["finetune"], result["mas"]
+  assert finetune[0] > 0.9 and mas[0] > 0.9
+  forgot_finetune = finetune[0] - finetune[1]
+  forgot_mas = mas[0] - mas[1]
+  assert forgot_mas < forgot_finetune, result
+  assert mas[3] > 0 and finetune[3] == 0
+
+
+def test_main_job_on_jax_trains_reports_and_exports(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("PYTHONPATH", None)
+  done = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "apps", "sequential_finetune.py"),
+       f"--workdir={workdir}", "--num_tasks=2", "--epochs=2", "--verbose=0"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-4000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["method"] == "mas" and len(results["accuracy_matrix"]) == 2
+  assert results["accuracy_matrix"][0][0] > 0.5
+  # The SavedModel (through jax2tf) serves in plain TensorFlow.
+  served = _run(f"""
+      import tensorflow as tf
+      served = tf.saved_model.load(
+          os.path.join({workdir!r}, "export", "task_1"))
+      logits = served.serve(tf.zeros((3, 8, 8, 1)))
+      emit(list(logits.shape))
+  """, backend="tensorflow")
+  assert served == [3, 10]
