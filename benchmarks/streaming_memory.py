@@ -1,6 +1,7 @@
 r"""Peak resident memory of a run as its dataset grows: streamed vs arrays.
 
   .venv/bin/python benchmarks/streaming_memory.py --sizes=10000,40000,160000
+  .venv/bin/python benchmarks/streaming_memory.py --runner=task_free
 
 For each size, generated 28×28 images of two domain-incremental tasks (half
 the samples each, plus 1,000 test images per task) are written as TFRecords
@@ -11,6 +12,11 @@ all the data:
 * `streaming`: `keras_mas.tasks.from_spec` over the TFRecords, so `fit`,
   evaluation and importance read `tf.data` pipelines batch by batch;
 * `arrays`: the same records read whole into NumPy, `tasks.from_arrays`.
+
+With `--runner=task_free` the two tasks are one stream learned task-free
+(`keras_mas.experiments.streaming.run_stream`, task-free MAS, the hard
+buffer, evaluation at the hidden boundaries and along the stream): the
+stream is read from the pipelines; only the buffer's samples are held.
 
 Reports each process's peak RSS (`ru_maxrss`), its growth over the smallest
 size, and the ratio largest ÷ smallest size: flat (≈1) when streamed.
@@ -34,6 +40,9 @@ _SIZES = flags.DEFINE_list("sizes", ["10000", "40000", "160000"],
 _MODES = flags.DEFINE_list("modes", ["streaming", "arrays"],
                            "'streaming' and/or 'arrays'.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+_RUNNER = flags.DEFINE_enum("runner", "task_aware",
+                             ["task_aware", "task_free"],
+                             "Which runner learns the two tasks.")
 _FOLDER = flags.DEFINE_string("folder", None, "Where the TFRecords go "
                               "(default: a temporary folder, deleted).")
 
@@ -95,7 +104,7 @@ def _write(folder, size):
     f.write(_SPEC)
 
 
-def _child(mode, folder, batch_size):
+def _child(mode, folder, batch_size, runner):
   """One run in this process; prints its peak RSS as JSON."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from keras_mas.data import tasks  # pylint: disable=g-import-not-at-top
@@ -113,9 +122,16 @@ def _child(mode, folder, batch_size):
       parts.append(tuple(splits))
     sequence = tasks.from_arrays(parts, scenario="domain")
   workdir = tempfile.mkdtemp(prefix="keras_mas_memory_")
-  results = training.run_sequence(sequence, workdir, method="mas", epochs=1,
-                                  batch_size=batch_size, hidden_units=64,
-                                  verbose=0)
+  if runner == "task_free":
+    from keras_mas.experiments import streaming  # pylint: disable=g-import-not-at-top
+    # One update a batch: the memory of a stream, at a benchmark's pace.
+    results = streaming.run_stream(sequence, "mas", workdir=workdir,
+                                   batch_size=batch_size, hidden_units=64,
+                                   updates_per_batch=1)
+  else:
+    results = training.run_sequence(sequence, workdir, method="mas",
+                                    epochs=1, batch_size=batch_size,
+                                    hidden_units=64, verbose=0)
   print(json.dumps({
       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "seconds": time.perf_counter() - started,
@@ -125,7 +141,7 @@ def _child(mode, folder, batch_size):
 def _measure(mode, folder):
   done = subprocess.run(
       [sys.executable, os.path.abspath(__file__), "--child", mode, folder,
-       str(_BATCH_SIZE.value)],
+       str(_BATCH_SIZE.value), _RUNNER.value],
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
       text=True, check=False)
   if done.returncode:
@@ -174,6 +190,6 @@ def main(_):
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "--child":
-    _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
   else:
     app.run(main)

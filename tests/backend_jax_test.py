@@ -52,8 +52,9 @@ def emit(value):
 """
 
 
-def _run(code, backend="jax", timeout=300):
-  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+def _run(code, backend="jax", timeout=300, **extra_env):
+  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
+             **extra_env)
   env.pop("PYTHONPATH", None)
   done = subprocess.run(
       [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)], cwd=_ROOT,
@@ -414,3 +415,72 @@ def test_main_job_on_jax_trains_reports_and_exports(tmp_path):
       emit(list(logits.shape))
   """, backend="tensorflow")
   assert served == [3, 10]
+
+
+def test_data_parallel_on_two_devices_fits_and_consolidates():
+  # keras.distribution.DataParallel over two CPU devices: `fit` with the
+  # penalty runs on both; Ω measured under it equals one device's.
+  result = _run("""
+      import jax
+      devices = jax.devices()
+      assert len(devices) == 2, devices
+      rng = np.random.default_rng(0)
+      x = rng.standard_normal((256, 5)).astype("float32")
+      y = (x[:, 0] > 0).astype("int64")
+      parallel = keras.distribution.DataParallel(devices=devices)
+      keras.distribution.set_distribution(parallel)
+      model = mlp(keras_mas.MASModel, outputs=2)
+      model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True))
+      model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+      sharded = arrays(model.consolidate(x, strength=1.0))
+      keras.distribution.set_distribution(None)
+      one_device = arrays(keras_mas.importance.mas(model, x))
+      keras.distribution.set_distribution(parallel)
+      history = model.fit(x, y, epochs=2, batch_size=32, verbose=0).history
+      emit({"sharded": sharded, "one_device": one_device,
+            "penalty": history["mas_penalty"]})
+      """, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  _close(result["sharded"], result["one_device"])
+  assert all(np.sum(o) > 0 for o in result["sharded"])
+  assert result["penalty"][-1] > 0
+
+
+def test_dense_closed_form_equals_the_mapped_gradients():
+  # The main job's case (Dense layers on (batch, features)) takes the closed
+  # form f(A)ᵀ f(Δ); it must equal jax.vmap(jax.grad) over the samples, for
+  # MAS and Fisher. A Dense layer on sequences declines it, exactly.
+  result = _run("""
+      from keras_mas.importance import _jax_per_sample as jps
+      used = []
+      closed_form = jps._dense_sums
+      def spy(*args, **kwargs):
+        sums = closed_form(*args, **kwargs)
+        used.append(sums is not None)
+        return sums
+      jps._dense_sums = spy
+      rng = np.random.default_rng(1)
+      x = rng.standard_normal((37, 5)).astype("float32")
+      y = rng.integers(0, 3, 37)
+      seq = rng.standard_normal((11, 4, 5)).astype("float32")
+      def measure(model, data, labels=None):
+        return {"mas": arrays(keras_mas.importance.mas(model, data)),
+                "fisher": arrays(keras_mas.importance.fisher(
+                    model, (data, labels))) if labels is not None else None}
+      flat = measure(mlp(), x, y)
+      x_in = keras.Input((4, 5))
+      sequences = keras.Model(x_in, keras.layers.Dense(3)(
+          keras.layers.Dense(7, activation="relu")(x_in)))
+      set_weights(sequences)
+      on_sequences = measure(sequences, seq)
+      closed = list(used)
+      jps._dense_units = lambda model, variables: None
+      emit({"closed": closed, "flat": flat, "on_sequences": on_sequences,
+            "mapped_flat": measure(mlp(), x, y),
+            "mapped_sequences": measure(sequences, seq)})
+      """)
+  assert result["closed"][:2] == [True, True]  # MAS and Fisher on the MLP.
+  assert result["closed"][2:] == [False]  # Sequences: declined.
+  for key in ("mas", "fisher"):
+    _close(result["flat"][key], result["mapped_flat"][key], rtol=1e-5)
+  _close(result["on_sequences"]["mas"], result["mapped_sequences"]["mas"])

@@ -10,7 +10,13 @@ bounded whatever the batch, as on TensorFlow.
 
 * Global MAS and Fisher: the gradient of the sample's objective (the squared
   norm of the outputs, or the log-likelihood) with respect to all trainable
-  variables.
+  variables. When every trainable variable belongs to a plain `Dense` layer
+  called once on `(batch, features)` inputs (the main job's MLP), the closed
+  form instead, as TensorFlow's `per_sample.DenseUnit`: one batched pass
+  gives each layer's inputs `a` and, through a zero probe added to its
+  pre-activation, each sample's gradient `δ` there (samples are independent
+  in inference mode); then `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)` for f = |·| or
+  (·)². 30× faster than the mapped gradients on that MLP.
 * Local MAS: for each unit of `per_sample.plan` (a layer and its own
   variables), the layer's calls are recorded during one forward pass; then
   the gradient of the squared norm of the layer's own output with respect to
@@ -83,6 +89,11 @@ def _outputs(model, trainable, non_trainable, x):
   `estimators._call_model`)."""
   outputs, _ = model.stateless_call(trainable, non_trainable, x,
                                     training=False)
+  return _masked(outputs, x)
+
+
+def _masked(outputs, x):
+  """`outputs` with the positions of a `padding_mask` input zeroed."""
   mask = x.get("padding_mask") if isinstance(x, dict) else None
   if (mask is not None and not isinstance(outputs, (list, tuple, dict))
       and len(outputs.shape) == 3 and len(mask.shape) == 2):
@@ -142,6 +153,68 @@ def _one(tree):
 _TRANSFORMS = {"abs": jnp.abs, "square": jnp.square}
 
 
+def _dense_units(model, variables):
+  """The units of `per_sample.plan` when all are plain, LoRA-free `Dense`
+  layers (the closed form's case), else None."""
+  units = per_sample_lib.plan(model, variables)
+  if units and all(type(u) is per_sample_lib.DenseUnit  # pylint: disable=unidiomatic-typecheck
+                   and not u.layer.lora_enabled for u in units):
+    return units
+  return None
+
+
+def _probed_forward(model, units, base, x, probes, inputs):
+  """The model's outputs, each unit's pre-activation plus its probe
+  (None: no probe); each unit's inputs appended to `inputs[i]`."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(keras.StatelessScope(state_mapping=base))
+    for i, unit in enumerate(units):
+      layer = unit.layer
+
+      def call(a, *args, _layer=layer, _i=i, **kwargs):
+        # pylint: disable-next=protected-access
+        with per_sample_lib._without_activation(_layer) as activation:
+          z = type(_layer).call(_layer, a, *args, **kwargs)
+        if probes is not None:
+          z = z + ops.cast(probes[_i], z.dtype)
+        inputs[_i].append(a)
+        return activation(z) if activation is not None else z
+
+      # pylint: disable-next=protected-access
+      stack.enter_context(per_sample_lib._replaced_call(layer, call))
+    outputs = model(x, training=False)
+  return _masked(outputs, x)
+
+
+def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
+  """Per-sample sums by the Dense closed form, or None where a unit is not
+  called exactly once on rank-2 inputs."""
+  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
+  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  shapes = [[] for _ in units]
+  jax.eval_shape(lambda: _probed_forward(model, units, base, x, None, shapes))
+  if any(len(calls) != 1 or len(calls[0].shape) != 2 for calls in shapes):
+    return None
+  probes = [jnp.zeros(calls[0].shape[:1] + (unit.layer.units,), "float32")
+            for calls, unit in zip(shapes, units)]
+
+  def total(probes):
+    inputs = [[] for _ in units]
+    outputs = _probed_forward(model, units, base, x, probes, inputs)
+    return objective(outputs, y), [calls[0] for calls in inputs]
+
+  deltas, inputs = jax.grad(total, has_aux=True)(probes)
+  sums = {}
+  for unit, a, d in zip(units, inputs, deltas):
+    layer = unit.layer
+    a, d = f(ops.cast(a, "float32")), f(ops.cast(d, "float32"))
+    # pylint: disable-next=protected-access
+    sums[id(per_sample_lib._kernel(layer))] = ops.matmul(ops.transpose(a), d)
+    if layer.bias is not None:
+      sums[id(layer.bias)] = ops.sum(d, axis=0)
+  return [sums[id(v)] for v in model.trainable_variables]
+
+
 def global_step(model, per_sample, objective, transform, labels="none",
                 output_fn=None, seed=0):
   """A compiled `(trainable, non_trainable, batch) -> (sums, labels_ok)`.
@@ -166,6 +239,7 @@ def global_step(model, per_sample, objective, transform, labels="none",
   variables = list(model.trainable_variables)
   f = _TRANSFORMS[transform]
   chunk = _chunk(variables)
+  dense_units = _dense_units(model, variables) if per_sample else None
 
   def loss(trainable, non_trainable, x, y):
     return objective(_outputs(model, trainable, non_trainable, x), y)
@@ -189,6 +263,11 @@ def global_step(model, per_sample, objective, transform, labels="none",
     if not per_sample:
       grads = jax.grad(loss)(trainable, non_trainable, x, y)
       return [f(ops.cast(g, "float32")) for g in grads], ok
+    if dense_units is not None:
+      sums = _dense_sums(model, dense_units, objective, f, trainable,
+                         non_trainable, x, y)
+      if sums is not None:
+        return sums, ok
 
     def per_chunk(part):
       xs, ys = part
@@ -302,13 +381,8 @@ def local_step(model, output_fn):
         return total
 
       own_values = [values[id(v)] for v in own]
-
-      def per_chunk(part, objective=objective, own_values=own_values):
-        grads = jax.vmap(lambda s: jax.grad(objective)(own_values, s))(part)
-        return [ops.sum(jnp.abs(ops.cast(g, "float32")), axis=0)
-                for g in grads]
-
-      totals = _chunked_sums(per_chunk, batched, n, _chunk(own),
+      totals = _chunked_sums(_abs_grad_sums(objective, own_values), batched,
+                             n, _chunk(own),
                              [jnp.zeros(v.shape, "float32") for v in own])
       sums.update(zip((id(v) for v in own), totals))
     if output_fn is not None and not found_output:
@@ -329,19 +403,24 @@ def local_step(model, output_fn):
           return norm(model(_one(x_k), training=False))
 
       own_values = [values[id(v)] for v in own]
-
-      def per_chunk(part, objective=model_objective, own_values=own_values):
-        grads = jax.vmap(lambda s: jax.grad(objective)(own_values, s))(part)
-        return [ops.sum(jnp.abs(ops.cast(g, "float32")), axis=0)
-                for g in grads]
-
-      totals = _chunked_sums(per_chunk, x, n, _chunk(own),
+      totals = _chunked_sums(_abs_grad_sums(model_objective, own_values), x,
+                             n, _chunk(own),
                              [jnp.zeros(v.shape, "float32") for v in own])
       sums.update(zip((id(v) for v in own), totals))
     return [sums.get(id(v), jnp.zeros(v.shape, "float32"))
             for v in variables], jnp.array(True)
 
   return jax.jit(step)
+
+
+def _abs_grad_sums(objective, own_values):
+  """A chunk's `Σ_k |∂ objective(own_values, sample_k) / ∂ own_values|`."""
+
+  def per_chunk(part):
+    grads = jax.vmap(lambda s: jax.grad(objective)(own_values, s))(part)
+    return [ops.sum(jnp.abs(ops.cast(g, "float32")), axis=0) for g in grads]
+
+  return per_chunk
 
 
 def _is_batched(leaf, n):
