@@ -63,8 +63,10 @@ class PipelineStream:
 
   The same stream as `Stream` would hold for the same data (the same
   order, the same blur), for tasks of `tf.data` pipelines
-  (`keras_mas.data.tasks.from_datasets`, `--task_spec`, TFRecords, image
-  folders, TFDS): memory stays flat as the stream grows.
+  (`keras_mas.data.tasks.from_datasets`, or a task spec's TFRecords or
+  datasets: `tfds.load(..., as_supervised=True)`, an image folder's
+  `keras.utils.image_dataset_from_directory(...).unbatch()`): memory stays
+  flat as the stream grows.
 
   Attributes:
     tasks: per task, a dataset of unbatched `(x, y)`: float32 inputs, labels

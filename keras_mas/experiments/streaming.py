@@ -45,10 +45,9 @@ TaskFreeConsolidation = consolidation.TaskFreeConsolidation
 LossWindow = consolidation.LossWindow
 fit_stream = consolidation.fit_stream
 DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
-# λ of task-free MAS: the value that met the README's targets on every
-# stream there (permuted and split digits, Fashion-MNIST), with the
-# detector's defaults; 1.0 consolidated as often but held the 10-class
-# permuted tasks too stiffly (benchmarks/CHOICES.md).
+# λ of task-free MAS with the detector's defaults: on the README's streams
+# 0.1 did better than 1.0, which held the 10-class permuted tasks too
+# stiffly (benchmarks/CHOICES.md).
 DEFAULT_STRENGTH = 0.1
 
 
@@ -113,9 +112,9 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
 
   Args:
     sequence: a domain- or class-incremental `keras_mas.data.tasks.TaskSequence`,
-      of arrays or of `tf.data` pipelines (`from_datasets`, a task spec,
-      TFRecords, image folders, TFDS): pipelines are streamed, never held
-      whole, and give the same run as arrays of the same data.
+      of arrays or of `tf.data` pipelines (`from_datasets`, a task spec's
+      TFRecords or datasets): pipelines are streamed, never held whole, and
+      give the same run as arrays of the same data.
     method: one of `METHODS`.
     workdir: if given, `results.json`, `online_accuracy.png` (the
       prequential and anytime average accuracy along the stream, changes
@@ -228,7 +227,7 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
           [[np.nan if v is None else v for v in row]
            for row in state["matrix"]],
           dtype="float64")
-      online.records = state["online"]
+      online.records = state.get("online", [])
       first_step, seconds_before = task_free.step, state["seconds"]
     else:
       baseline = accuracies(net, sequence)

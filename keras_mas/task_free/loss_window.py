@@ -74,9 +74,9 @@ class LossWindow:
   * A **plateau** (the data has been learned), at least `2 * window_size`
     losses after a peak: `m` has stopped falling (it is not below the
     previous window's mean by more than `plateau_fall_stddevs` standard
-    errors of the difference), lies
-    `plateau_min_relative_drop` below the highest window mean since the
-    peak, and no loss in the window exceeds that highest mean. The
+    errors of the difference), lies `plateau_min_relative_drop` below the
+    highest window mean since the peak, and no loss in the window exceeds
+    that highest mean. The
     plateau's losses (those that leave the window from then on, after the
     plateau's own window) are its reference. There is no other plateau
     until the next peak.
@@ -268,6 +268,8 @@ class LossWindow:
 
   def _is_plateau(self, mean):
     window = self._window()
+    if self.step - self.peaks[-1] < 2 * self.window_size:
+      return False  # The previous window would hold losses before the peak.
     if (mean > (1 - self.plateau_min_relative_drop) * self.highest
         or window.max() > self.highest):
       return False
@@ -279,8 +281,6 @@ class LossWindow:
       return False
     if self.plateau_fall_stddevs is None:
       return True
-    if self.step - self.peaks[-1] < 2 * self.window_size:
-      return False  # The previous window would hold losses before the peak.
     previous = np.asarray(self.losses[:self.window_size], dtype="float64")
     error = np.sqrt((previous.var() + window.var()) / self.window_size)
     return previous.mean() - mean <= self.plateau_fall_stddevs * error
