@@ -350,19 +350,10 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
       totals, count = run(dataset)
   except tf.errors.InvalidArgumentError as e:
     if _LABELS_OUT_OF_RANGE in str(e):
-      raise ValueError(
-          "Invalid value for argument `data`. Expected labels that index the "
-          f"logits of model '{model.name}' (0 to the number of outputs - 1). "
-          f"Received: labels {_label_values(data)}out of that range"
-      ) from None
+      raise _labels_error(model, data) from None
     raise _data_error(model, data, e) from e
   except (ValueError, TypeError, tf.errors.OpError) as e:
-    message = str(e)
-    if "Invalid value for argument" in message:
-      # Our own error, raised while tracing: without tf.function's preamble.
-      message = message[message.index("Invalid value for argument"):]
-      raise ValueError(message.strip()) from e
-    raise _data_error(model, data, e) from e
+    raise _own_or_data_error(model, data, e) from e
   _data.check_count(count, num_samples)
   return [t / count for t in totals]
 
@@ -373,19 +364,28 @@ def _jax_average(model, step, data, batch_size, num_samples, labels):
     dataset = _data.as_dataset(data, batch_size, num_samples, labels)
     totals, count = _jax_per_sample.run(model, step, dataset)
   except _jax_per_sample.LabelsOutOfRange:
-    raise ValueError(
-        "Invalid value for argument `data`. Expected labels that index the "
-        f"logits of model '{model.name}' (0 to the number of outputs - 1). "
-        f"Received: labels {_label_values(data)}out of that range"
-    ) from None
+    raise _labels_error(model, data) from None
   except (ValueError, TypeError) as e:
-    message = str(e)
-    if "Invalid value for argument" in message:
-      message = message[message.index("Invalid value for argument"):]
-      raise ValueError(message.strip()) from e
-    raise _data_error(model, data, e) from e
+    raise _own_or_data_error(model, data, e) from e
   _data.check_count(count, num_samples)
   return [t / count for t in totals]
+
+
+def _labels_error(model, data):
+  return ValueError(
+      "Invalid value for argument `data`. Expected labels that index the "
+      f"logits of model '{model.name}' (0 to the number of outputs - 1). "
+      f"Received: labels {_label_values(data)}out of that range")
+
+
+def _own_or_data_error(model, data, error):
+  """Our own error raised while tracing, without the tracer's preamble; any
+  other as `_data_error`."""
+  message = str(error)
+  if "Invalid value for argument" in message:
+    message = message[message.index("Invalid value for argument"):]
+    return ValueError(message.strip())
+  return _data_error(model, data, error)
 
 
 def _label_values(data):
