@@ -6,7 +6,7 @@ setuptools.setup(
     name="keras_mas",
     version="0.1.0",
     description=("Memory Aware Synapses (Aljundi et al., ECCV 2018) for "
-                 "Keras 3 on TensorFlow"),
+                 "Keras 3 on TensorFlow, JAX and PyTorch"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["keras_mas", "keras_mas.*"]),
@@ -36,6 +36,11 @@ setuptools.setup(
         # Keras's JAX backend (KERAS_BACKEND=jax); tests/backend_jax_test.py
         # ran on jax 0.10.2 (the newest for Python 3.11 on the index here).
         "jax": ["jax>=0.4.30"],
+        # Keras's PyTorch backend (KERAS_BACKEND=torch): tests/backends_test.py
+        # ran on torch 2.13.0, the CPU build. Without a torch installed, pip
+        # takes a CUDA build of several GB: install the CPU build first
+        # (tools/test.sh does) or the build for your GPU.
+        "torch": ["torch>=2.13"],
     },
     license="Apache-2.0",
 )

@@ -9,8 +9,17 @@ sudo_if_needed=""
 [ "$(id -u)" -eq 0 ] || sudo_if_needed="sudo"
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# `jax`: tests/backend_jax_test.py runs the library on Keras's JAX backend.
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,jax]"
+# `jax`, `torch`: tests/backends_test.py runs the library on Keras's JAX and
+# PyTorch backends. PyTorch's CPU build first: `torch` alone would bring a
+# CUDA build of several GB (this machine's pip finds 2.13.0's CPU wheel).
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${pip[@]}" torch==2.13.0 \
+  || echo "torch 2.13.0 (CPU) not installable here: PyTorch's tests skip"
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${pip[@]}" -e ".[test,jax,torch]"
+else
+  "${pip[@]}" -e ".[test,jax]"
+fi
 
 # Fashion-MNIST offline (Debian's IDX files, 30 MB) for the real-data tests;
 # where it cannot be installed those tests skip and say why.

@@ -28,17 +28,9 @@ import keras
 from keras import ops
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-__all__ = ["total", "train_step"]
+from keras_mas.core.penalty import total
 
-
-def total(terms):
-  """The sum of scalar `terms` (0 for none), a float32 scalar."""
-  if not terms:
-    return ops.zeros((), "float32")
-  result = terms[0]
-  for term in terms[1:]:
-    result = result + term
-  return result
+__all__ = ["train_step"]
 
 
 class _Values:

@@ -116,6 +116,8 @@ def population_statistics(model, data, num_samples=None, batch_size=256):
 
     if keras.backend.backend() == "jax":
       moments = _jax_moments(model, layers)
+    elif keras.backend.backend() == "torch":
+      moments = _eager_moments(model, layers)
     else:
 
       @tf.function(reduce_retracing=True)
@@ -166,6 +168,23 @@ def _jax_moments(model, layers):
                  np.asarray(x))
     return [(np.asarray(m, "float64"), np.asarray(v, "float64"))
             for m, v in pairs]
+
+  return moments
+
+
+def _eager_moments(model, layers):
+  """`moments` on PyTorch: a training-mode call, eager and without
+  autograd, then the statistics it left (momentum 0: the batch's own)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def moments(x):
+    with torch.no_grad():
+      model(keras.tree.map_structure(
+          lambda t: keras.ops.convert_to_tensor(np.asarray(t)), x),
+            training=True)
+    return [(np.asarray(keras.ops.convert_to_numpy(l.moving_mean), "float64"),
+             np.asarray(keras.ops.convert_to_numpy(l.moving_variance),
+                        "float64")) for l in layers]
 
   return moments
 

@@ -7,6 +7,7 @@ from keras.src.models.functional import Functional
 import numpy as np
 import tensorflow as tf
 
+from keras_mas import _backend
 from keras_mas import importance as importance_lib
 from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.core import multi_worker
@@ -24,8 +25,10 @@ _ACCUMULATE = ("sum", "decay")
 PENALTY_MODES = penalty_lib.PENALTY_MODES
 
 # The backend is fixed when Keras is imported. JAX has its own train step
-# (`keras_mas.core._jax_trainer`); the other paths are TensorFlow's.
-_JAX = keras.backend.backend() == "jax"
+# (`keras_mas.core._jax_trainer`); TensorFlow and PyTorch share
+# `keras_mas.core.trainer`'s. `tf.distribute` is TensorFlow's alone.
+_JAX = _backend.JAX
+_TF = _backend.TENSORFLOW
 if _JAX:
   # pylint: disable-next=g-import-not-at-top
   from keras_mas.core import _jax_trainer
@@ -658,8 +661,8 @@ class MASModel(keras.Model):
     """`λ Σ Ω (θ − θ*)²` over all tracked variables, a float32 scalar."""
     state = self._require_mas_state("compute the penalty of")
     terms = [reg(v) for v, reg in zip(state.targets, state.regularizers)]
-    if _JAX:
-      return _jax_trainer.total(terms)
+    if not _TF:
+      return penalty_lib.total(terms)
     return tf.add_n(terms) if terms else tf.zeros((), "float32")
 
   # ------------------------------------------------------------------------
@@ -678,7 +681,7 @@ class MASModel(keras.Model):
     self.penalty_tracker.update_state(penalty)
     # Like a regularization loss: summed, and scaled per replica under
     # tf.distribute.
-    cast = keras.ops.cast if _JAX else tf.cast
+    cast = tf.cast if _TF else keras.ops.cast
     return loss + cast(self._aggregate_additional_loss(penalty), loss.dtype)
 
   def train_step(self, *args):
@@ -691,6 +694,7 @@ class MASModel(keras.Model):
 
     On JAX, Keras calls it as `train_step(state, data)` and it returns
     `(logs, state)`: the same step, stateless (`keras_mas.core._jax_trainer`).
+    On PyTorch the step runs eagerly, its gradients from autograd.
     """
     if _JAX:
       return _jax_trainer.train_step(self, *args)
@@ -713,12 +717,14 @@ class MASModel(keras.Model):
     return terms
 
   def test_step(self, *args):
-    if _JAX:
+    if not _TF:
       # JAX: `test_step(state, data)`; the penalty is in `compute_loss`.
       return super().test_step(*args)
     return self._replica_logs(super().test_step(*args))
 
   def _replica_logs(self, logs):
+    if not _TF:
+      return logs
     return multi_worker.replica_logs(self._distribute_strategy, logs)
 
   def make_train_function(self, force=False):
@@ -824,18 +830,18 @@ def _with_path_flag(model, config):
 
 def _value(variable):
   """A variable's value as NumPy, distributed (mirrored) variables included."""
-  if _JAX:
+  if not _TF:
     return keras.ops.convert_to_numpy(variable.value)
   return keras.ops.convert_to_numpy(tf.convert_to_tensor(variable.value))
 
 
 def _zeros(shape):
-  return keras.ops.zeros(shape) if _JAX else tf.zeros(shape)
+  return tf.zeros(shape) if _TF else keras.ops.zeros(shape)
 
 
 def _float32(variable):
   """A variable's value cast to float32, as a tensor of the backend."""
-  if _JAX:
+  if not _TF:
     # A copy: JAX variables assigned the same array would share a buffer,
     # which the compiled train step, donating its state, refuses.
     return keras.ops.copy(keras.ops.cast(variable.value, "float32"))
@@ -845,14 +851,14 @@ def _float32(variable):
 def _strategy_scope(model):
   """The model's `tf.distribute` scope; no scope on other backends, whose
   trainers have no strategy (JAX distributes with `keras.distribution`)."""
-  if _JAX:
+  if not _TF:
     return contextlib.nullcontext()
   return model.distribute_strategy.scope()
 
 
 def _replicas(model):
   """The number of replicas the model trains on in sync (1 off TensorFlow)."""
-  if _JAX:
+  if not _TF:
     return 1
   return model.distribute_strategy.num_replicas_in_sync
 

@@ -6,17 +6,16 @@ gradient (the penalty's excluded) and `Δθ` the step the optimizer took.
 `importance.path_integral` turns ω into SI's importance. Once
 `MASModel.track_path_integral()` was called, `PathIntegral` is a term of the
 train step (`keras_mas.core.trainer`) around the optimizer's update. The
-variables are weights of the model, so saving keeps them.
+variables are weights of the model, so saving keeps them. Written in
+`keras.ops`, for TensorFlow's traced step and PyTorch's eager one.
 """
 
-import keras
+from keras import ops
 import tensorflow as tf
 
-__all__ = ["PathIntegral"]
+from keras_mas import _backend
 
-# On JAX, `keras_mas.core._jax_trainer` accumulates ω inside its own step;
-# only `restart` runs here.
-_JAX = keras.backend.backend() == "jax"
+__all__ = ["PathIntegral"]
 
 
 class PathIntegral:
@@ -59,15 +58,17 @@ class PathIntegral:
 
   def restart(self):
     """A new task: ω ← 0, start ← θ."""
+    # On JAX, `keras_mas.core._jax_trainer` accumulates ω inside its own
+    # step; only this runs here.
     for w, start, v in zip(self.integrals, self.starts, self.targets):
-      if _JAX:
-        # A copy of θ: a shared buffer would be donated twice by the
-        # compiled train step.
-        w.assign(keras.ops.zeros(w.shape, "float32"))
-        start.assign(keras.ops.copy(keras.ops.cast(v.value, "float32")))
-      else:
+      if _backend.TENSORFLOW:
         w.assign(tf.zeros_like(w))
         start.assign(tf.cast(v, "float32"))
+      else:
+        # A copy of θ: on JAX a shared buffer would be donated twice by the
+        # compiled train step.
+        w.assign(ops.zeros(w.shape, "float32"))
+        start.assign(ops.copy(ops.cast(v.value, "float32")))
 
   def before_update(self, step):
     """A term of the train step: reads what the update needs."""
@@ -91,13 +92,14 @@ class PathIntegral:
     Returns:
       An opaque value for `after_step`.
     """
-    unscale = 1.0 / tf.cast(loss_scale, "float32")
+    unscale = 1.0 / ops.cast(loss_scale, "float32")
     by_id = dict(zip((id(v) for v in variables), task_gradients))
     gradients = [
         None if by_id.get(id(v)) is None
-        else tf.cast(by_id[id(v)], "float32") * unscale
+        else ops.cast(by_id[id(v)], "float32") * unscale
         for v in self.targets]
-    before = [tf.identity(tf.cast(v, "float32")) for v in self.targets]
+    # A copy: PyTorch's update writes into the variable's own tensor.
+    before = [ops.copy(ops.cast(v, "float32")) for v in self.targets]
     return gradients, before
 
   def after_step(self, token):
@@ -105,4 +107,4 @@ class PathIntegral:
     gradients, before = token
     for w, g, v, b in zip(self.integrals, gradients, self.targets, before):
       if g is not None:
-        w.assign_add(-g * (tf.cast(v, "float32") - b))
+        w.assign_add(-g * (ops.cast(v, "float32") - b))

@@ -4,15 +4,26 @@ Its value (logged as `mas_penalty` and added to `loss`), its gradient
 `2λΩ(θ − θ*)` in closed form (added to the task gradient, no second trip
 through autodiff), and the proximal step that replaces the gradient in
 `penalty_mode="proximal"`. `PenaltyTerm` is the penalty as one term of
-`keras_mas.core.trainer`'s step; backend-specific code is TensorFlow's here.
+`keras_mas.core.trainer`'s step. Written in `keras.ops`: TensorFlow traces it
+into its train step, PyTorch runs it eagerly after autograd.
 """
 
-import tensorflow as tf
+from keras import ops
 
 __all__ = ["PENALTY_MODES", "PenaltyTerm", "penalized_gradients",
-           "proximal_step"]
+           "proximal_step", "total"]
 
 PENALTY_MODES = ("gradient", "proximal")
+
+
+def total(terms):
+  """The sum of scalar `terms` (0 for none), a float32 scalar."""
+  if not terms:
+    return ops.zeros((), "float32")
+  result = terms[0]
+  for term in terms[1:]:
+    result = result + term
+  return result
 
 
 def penalized_gradients(values, importances, anchors, gradients, dtypes,
@@ -48,17 +59,15 @@ def penalized_gradients(values, importances, anchors, gradients, dtypes,
     if dtype is None:
       combined.append(None)
     else:
-      step = tf.cast(coefficient * weighted, dtype)
+      step = ops.cast(coefficient * weighted, dtype)
       combined.append(step if g is None else g + step)
 
   def value():
-    if not pieces:
-      return tf.zeros((), "float32")
-    return strength * tf.add_n([tf.reduce_sum(w * d) for w, d in pieces])
+    return strength * total([ops.sum(w * d) for w, d in pieces])
 
   if due is None:
     return value(), combined
-  return tf.cond(due, value, lambda: tf.zeros((), "float32")), combined
+  return ops.cond(due, value, lambda: ops.zeros((), "float32")), combined
 
 
 def proximal_step(targets, importances, anchors, rate):
@@ -72,8 +81,8 @@ def proximal_step(targets, importances, anchors, rate):
   """
   for v, omega, anchor in zip(targets, importances, anchors):
     c = rate * omega
-    v.assign(tf.cast((tf.cast(v, "float32") + c * anchor) / (1.0 + c),
-                     v.dtype))
+    v.assign(ops.cast((ops.cast(v, "float32") + c * anchor.value) / (1.0 + c),
+                      v.dtype))
 
 
 class PenaltyTerm:
@@ -98,20 +107,20 @@ class PenaltyTerm:
   def before_update(self, step):
     """Adds `2λΩ(θ − θ*)` to `step.gradients`; sets `step.penalty`."""
     state = self.state
-    strength = tf.cast(state.strength, "float32")
+    strength = ops.cast(state.strength, "float32")
     # The penalty's gradient meets the task gradient where it stands: scaled
     # for loss scaling (mixed precision) and divided among replicas.
-    coefficient = 2.0 * strength * tf.cast(step.gradient_scale, "float32")
+    coefficient = 2.0 * strength * ops.cast(step.gradient_scale, "float32")
     by_id = {id(v): i for i, v in enumerate(step.variables)}
     slots = [by_id.get(id(v)) for v in state.targets]
     due = None
     if self.log_interval > 1:
-      due = tf.logical_or(
-          tf.equal(self.penalty_tracker.count, 0),
-          tf.equal(step.optimizer.iterations % self.log_interval, 0))
+      due = ops.logical_or(
+          ops.equal(self.penalty_tracker.count, 0),
+          ops.equal(step.optimizer.iterations % self.log_interval, 0))
     # Variables no longer trainable (frozen since) count in the value only.
     penalty, combined = penalized_gradients(
-        [tf.cast(v, "float32") for v in state.targets],
+        [ops.cast(v, "float32") for v in state.targets],
         [o.value for o in state.importances], [a.value for a in state.anchors],
         [None if i is None else step.gradients[i] for i in slots],
         [None if i is None or self.proximal else step.variables[i].dtype
@@ -124,14 +133,14 @@ class PenaltyTerm:
       self.penalty_tracker.update_state(penalty)
     else:
       self.penalty_tracker.update_state(
-          penalty, sample_weight=tf.cast(due, "float32"))
-      penalty = tf.where(due, penalty, self.penalty_tracker.result())
+          penalty, sample_weight=ops.cast(due, "float32"))
+      penalty = ops.where(due, penalty, self.penalty_tracker.result())
     step.penalty = penalty
 
   def after_update(self, step):
     """The proximal step, in proximal mode."""
     if self.proximal:
       state = self.state
-      rate = tf.cast(step.optimizer.learning_rate, "float32") * 2.0 * tf.cast(
+      rate = ops.cast(step.optimizer.learning_rate, "float32") * 2.0 * ops.cast(
           state.strength, "float32")
       proximal_step(state.targets, state.importances, state.anchors, rate)

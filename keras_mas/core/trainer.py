@@ -9,15 +9,23 @@ its closed-form gradient, or the proximal step) and Synaptic Intelligence's
 path integral (`keras_mas.core.path_integral`). Rehearsal
 (`MASModel.rehearsal`) joins a buffer to the batch before the forward pass
 and updates it after the step; metrics then count the incoming samples
-alone. The TensorFlow-specific parts (the tape, `tf.shape`) are here; another
-Keras backend adds its own step beside this one.
+alone. The step serves TensorFlow (traced into a `tf.function`, gradients
+from the tape) and PyTorch (run eagerly, gradients from autograd); the terms
+are written in `keras.ops`. JAX's stateless step is
+`keras_mas.core._jax_trainer`.
 """
 
+import contextlib
 import dataclasses
 
 import keras
 from keras.src.losses import loss as loss_module
 import tensorflow as tf
+
+from keras_mas import _backend
+
+if _backend.TORCH:
+  import torch  # pylint: disable=g-import-not-at-top
 
 __all__ = ["Step", "train_step"]
 
@@ -60,23 +68,69 @@ def train_step(model, data, task_loss, make_terms):
 
   Returns:
     The metrics' results, as Keras's `train_step` returns them.
+
+  Raises:
+    ValueError: on PyTorch, if the model has a rehearsal buffer (its buffer
+      is written in TensorFlow).
   """
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
   rehearsal = model.rehearsal
   if rehearsal is not None:
+    if not _backend.TENSORFLOW:
+      raise ValueError(
+          "Invalid value for argument `rehearsal`. Expected None on the "
+          f"{_backend.NAME} backend: rehearsal buffers run inside "
+          f"TensorFlow's train step only. Received: rehearsal={rehearsal!r}")
     incoming = tf.shape(tf.nest.flatten(x)[0])[0]
     x, y, sample_weight = rehearsal.join(x, y, sample_weight)
   optimizer = model.optimizer
+  y_pred, loss, variables, gradients = _differentiated(
+      model, x, y, sample_weight, task_loss)
+  with _updating():
+    return _update(model, x, y, y_pred, sample_weight, loss, gradients,
+                   variables, optimizer, make_terms,
+                   incoming if rehearsal is not None else None)
+
+
+def _forward(model, x):
+  if model._call_has_training_arg:  # pylint: disable=protected-access
+    return model(x, training=True)
+  return model(x)
+
+
+def _differentiated(model, x, y, sample_weight, task_loss):
+  """`(y_pred, loss, variables, gradients)`: the task loss, the trainable
+  variables (read after the forward pass, which builds a subclassed model)
+  and the scaled loss's gradients."""
+  optimizer = model.optimizer
+  if _backend.TORCH:
+    # As Keras's own PyTorch step: autograd, then the update without it
+    # (`_updating`).
+    y_pred = _forward(model, x)
+    model.zero_grad()
+    loss = task_loss(x, y, y_pred, sample_weight)
+    scaled_loss = optimizer.scale_loss(loss) if optimizer is not None else loss
+    scaled_loss.backward()
+    variables = model.trainable_variables
+    return y_pred, loss, variables, [v.value.grad for v in variables]
   with tf.GradientTape() as tape:
-    if model._call_has_training_arg:  # pylint: disable=protected-access
-      y_pred = model(x, training=True)
-    else:
-      y_pred = model(x)
+    y_pred = _forward(model, x)
     loss = task_loss(x, y, y_pred, sample_weight)
     scaled_loss = optimizer.scale_loss(loss) if optimizer is not None else loss
   variables = model.trainable_variables
-  gradients = tape.gradient(scaled_loss, variables)
-  one = tf.ones((), "float32")
+  return y_pred, loss, variables, tape.gradient(scaled_loss, variables)
+
+
+def _updating():
+  """The context of the update: outside autograd's graph on PyTorch."""
+  return torch.no_grad() if _backend.TORCH else contextlib.nullcontext()
+
+
+def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
+            optimizer, make_terms, incoming):
+  """The terms around the optimizer's update, then the metrics."""
+  rehearsal = model.rehearsal
+  one = keras.ops.ones((), "float32")
   loss_scale = optimizer.scale_loss(one) if optimizer is not None else one
   # pylint: disable-next=protected-access
   gradient_scale = model._aggregate_additional_loss(loss_scale)
@@ -92,11 +146,10 @@ def train_step(model, data, task_loss, make_terms):
     term.after_update(step)
 
   whole_batch_loss = loss_module.unscale_loss_for_distribution(loss)
-  penalty = step.penalty if step.penalty is not None else tf.zeros(
+  penalty = step.penalty if step.penalty is not None else keras.ops.zeros(
       (), whole_batch_loss.dtype)
   model._loss_tracker.update_state(  # pylint: disable=protected-access
-      whole_batch_loss + penalty,
-      sample_weight=tf.shape(tf.nest.flatten(x)[0])[0])
+      whole_batch_loss + penalty, sample_weight=_batch_size(x))
   model.task_loss_tracker.update_state(whole_batch_loss)
   if rehearsal is not None:
     rehearsal.update(x, y, y_pred, incoming)
@@ -105,3 +158,10 @@ def train_step(model, data, task_loss, make_terms):
     if sample_weight is not None:
       sample_weight = sample_weight[:incoming]
   return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _batch_size(x):
+  first = next(t for t in keras.tree.flatten(x) if t is not None)
+  if _backend.TENSORFLOW:
+    return tf.shape(first)[0]
+  return first.shape[0]

@@ -104,6 +104,8 @@ def predict_logits(net, x, batch_size=32):
     return net.predict(x, batch_size=max(batch_size, 256), verbose=0)
   if keras.backend.backend() == "jax":
     return _jax_predict_logits(net, x, batch_size)
+  if keras.backend.backend() == "torch":
+    return _eager_predict_logits(net, x, batch_size)
   infer = _INFER.get(net)
   if infer is None:
     model = weakref.ref(net)  # The cache must not keep the model alive.
@@ -135,6 +137,18 @@ def _jax_predict_logits(net, x, batch_size):
   return np.concatenate([
       np.asarray(infer(trainable, non_trainable, x[i:i + step]))
       for i in range(0, len(x), step)])
+
+
+def _eager_predict_logits(net, x, batch_size):
+  """`predict_logits` on PyTorch: the model called eagerly, no autograd."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  step = _prediction_batch(x.shape[1:], batch_size)
+  with torch.no_grad():
+    return np.concatenate([
+        keras.ops.convert_to_numpy(net(keras.ops.convert_to_tensor(
+            x[i:i + step]), training=False))
+        for i in range(0, len(x), step)])
 
 
 def _prediction_batch(input_shape, batch_size):

@@ -1,10 +1,18 @@
-"""SavedModel export of the serving model, loadable without keras_mas."""
+"""Export of the serving model, loadable without keras_mas.
+
+On TensorFlow and JAX (through jax2tf): a SavedModel. On PyTorch, whose Keras
+SavedModel export needs `torch_xla`: one `torch.export` program per
+endpoint (`serve.pt2`, and one per head), loaded with plain PyTorch's
+`torch.export.load(path).module()`.
+"""
 
 import os
 import shutil
 
 import keras
 import tensorflow as tf
+
+from keras_mas import _backend
 
 __all__ = ["ServingExport", "export_serving"]
 
@@ -31,6 +39,11 @@ class ServingExport:
   preprocessor is traced into the SavedModel; a KerasHub tokenizer's ops
   come from TensorFlow Text, so `import tensorflow_text` before
   `tf.saved_model.load` of such an export.
+
+  On PyTorch, `path` holds `serve.pt2` and `<head>.pt2` for each head:
+  `torch.export.load(os.path.join(path, "serve.pt2")).module()(images)`.
+  Programs of models with a preprocessor are not offered there (strings do
+  not pass through `torch.export`).
 
   Args:
     model: the Keras model.
@@ -59,11 +72,40 @@ class ServingExport:
         `serve` returns all outputs.
     """
     heads = dict(heads or {})
+    if _backend.TORCH:
+      self._write_programs(path, heads)
+      return
     if self._archive is None or heads != self._heads:
       self._archive, self._heads = self._traced(heads), heads
     staging = f"{path}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     self._archive.write_out(staging, verbose=False)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(staging, path)
+
+  def _write_programs(self, path, heads):
+    """PyTorch: one `torch.export` program per endpoint, batch size free."""
+    import torch  # pylint: disable=g-import-not-at-top
+
+    model = self.model
+    if (getattr(model, "preprocessor", None) is not None
+        or self.spec.dtype != tf.float32):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected a model without a "
+          "preprocessor on the PyTorch backend: its export (`torch.export`) "
+          "takes tensors, not strings. Received: model "
+          f"'{model.name}' with preprocessor {model.preprocessor!r}")
+    staging = f"{path}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    sample = (torch.zeros((2,) + tuple(self.spec.shape[1:])),)
+    batch = ({0: torch.export.Dim("batch", min=1)},)
+    endpoints = {"serve": None, **heads}
+    for name, window in endpoints.items():
+      program = torch.export.export(_Endpoint(model, window), sample,
+                                    dynamic_shapes=batch, strict=False)
+      torch.export.save(program, os.path.join(staging, f"{name}.pt2"))
     if os.path.exists(path):
       shutil.rmtree(path)
     os.rename(staging, path)
@@ -88,6 +130,30 @@ class ServingExport:
               inputs)[:, start:stop],
           input_signature=[self.spec])
     return archive
+
+
+def _endpoint_class():
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class Endpoint(torch.nn.Module):
+    """The model in inference mode, its outputs sliced to a head."""
+
+    def __init__(self, model, window):
+      super().__init__()
+      self.model = model
+      self.window = window
+
+    def forward(self, inputs):
+      outputs = self.model(inputs, training=False)
+      if self.window is not None:
+        outputs = outputs[:, self.window[0]:self.window[1]]
+      return outputs
+
+  return Endpoint
+
+
+def _Endpoint(model, window):  # pylint: disable=invalid-name
+  return _endpoint_class()(model, window)
 
 
 def export_serving(model, path, input_shape, heads=None):

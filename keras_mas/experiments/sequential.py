@@ -514,9 +514,11 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
           # Callbacks here act per epoch, so they see no difference. Not
           # under a strategy: Keras 3.15's loop of steps fails across
           # replicas ("You must feed a value for placeholder tensor",
-          # keras-team/keras#19246).
+          # keras-team/keras#19246). Not on PyTorch, whose Keras trainer
+          # runs one eager step per call.
           steps_per_execution=(
               1 if getattr(net, "_distribute_strategy", None) is not None
+              or keras.backend.backend() == "torch"
               else _STEPS_PER_EXECUTION))
   _COMPILED_FOR[net] = compiled_for
   if y is not None:

@@ -27,9 +27,6 @@ variables' values as arguments: a value read inside the trace would be
 compiled in as a constant and go stale when the model trains on.
 """
 
-import contextlib
-import math
-
 import jax
 import jax.numpy as jnp
 import keras
@@ -37,77 +34,17 @@ from keras import ops
 import numpy as np
 import tensorflow as tf
 
+from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
 
-__all__ = ["LabelsOutOfRange", "fisher_objective", "global_step",
-           "local_step", "output_norm", "run"]
-
-_CHUNK_VALUES = per_sample_lib._CHUNK_VALUES  # pylint: disable=protected-access
-
-
-class LabelsOutOfRange(ValueError):
-  """A label of `fisher`'s data is not an index of the logits."""
-
-
-def squared_output_norm(outputs):
-  """Per-sample `‖outputs‖²`, all outputs concatenated, in float32."""
-  flat = [ops.reshape(ops.cast(o, "float32"), (o.shape[0], -1))
-          for o in keras.tree.flatten(outputs)]
-  return ops.sum(ops.square(ops.concatenate(flat, axis=1)), axis=1)
-
-
-def output_norm(output_fn):
-  """MAS's objective `Σ_k ‖F(x_k)‖²`; labels unused."""
-
-  def objective(outputs, y):
-    del y
-    if output_fn is not None:
-      outputs = output_fn(outputs)
-    return ops.sum(squared_output_norm(outputs))
-
-  return objective
-
-
-def fisher_objective(output_fn):
-  """The log-likelihood `Σ_k log p(y_k | x_k)` of a softmax over logits."""
-
-  def objective(outputs, y):
-    logits = ops.cast(output_fn(outputs) if output_fn else outputs, "float32")
-    labels = ops.cast(ops.reshape(y, (-1,)), "int32")
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return ops.sum(jnp.take_along_axis(log_p, labels[:, None], axis=-1))
-
-  return objective
-
-
-def _logits(outputs, output_fn):
-  return ops.cast(output_fn(outputs) if output_fn else outputs, "float32")
+__all__ = ["global_step", "local_step", "run"]
 
 
 def _outputs(model, trainable, non_trainable, x):
-  """The model's outputs, padding positions zeroed (see
-  `estimators._call_model`)."""
+  """The model's outputs, padding positions zeroed."""
   outputs, _ = model.stateless_call(trainable, non_trainable, x,
                                     training=False)
-  return _masked(outputs, x)
-
-
-def _masked(outputs, x):
-  """`outputs` with the positions of a `padding_mask` input zeroed."""
-  mask = x.get("padding_mask") if isinstance(x, dict) else None
-  if (mask is not None and not isinstance(outputs, (list, tuple, dict))
-      and len(outputs.shape) == 3 and len(mask.shape) == 2):
-    outputs = outputs * ops.cast(mask, outputs.dtype)[:, :, None]
-  return outputs
-
-
-def _size(variables):
-  return sum(math.prod(v.shape) for v in variables)
-
-
-def _chunk(variables):
-  """Samples per chunk: at most `_CHUNK_VALUES` per-sample gradient values."""
-  return max(1, _CHUNK_VALUES // max(1, _size(variables)))
+  return _functional.masked(outputs, x)
 
 
 def _chunked_sums(per_chunk, tree, n, chunk, zeros):
@@ -153,46 +90,14 @@ def _one(tree):
 _TRANSFORMS = {"abs": jnp.abs, "square": jnp.square}
 
 
-def _dense_units(model, variables):
-  """The units of `per_sample.plan` when all are plain, LoRA-free `Dense`
-  layers (the closed form's case), else None."""
-  units = per_sample_lib.plan(model, variables)
-  if units and all(type(u) is per_sample_lib.DenseUnit  # pylint: disable=unidiomatic-typecheck
-                   and not u.layer.lora_enabled for u in units):
-    return units
-  return None
-
-
-def _probed_forward(model, units, base, x, probes, inputs):
-  """The model's outputs, each unit's pre-activation plus its probe
-  (None: no probe); each unit's inputs appended to `inputs[i]`."""
-  with contextlib.ExitStack() as stack:
-    stack.enter_context(keras.StatelessScope(state_mapping=base))
-    for i, unit in enumerate(units):
-      layer = unit.layer
-
-      def call(a, *args, _layer=layer, _i=i, **kwargs):
-        # pylint: disable-next=protected-access
-        with per_sample_lib._without_activation(_layer) as activation:
-          z = type(_layer).call(_layer, a, *args, **kwargs)
-        if probes is not None:
-          z = z + ops.cast(probes[_i], z.dtype)
-        inputs[_i].append(a)
-        return activation(z) if activation is not None else z
-
-      # pylint: disable-next=protected-access
-      stack.enter_context(per_sample_lib._replaced_call(layer, call))
-    outputs = model(x, training=False)
-  return _masked(outputs, x)
-
-
 def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
-  """Per-sample sums by the Dense closed form, or None where a unit is not
-  called exactly once on rank-2 inputs."""
+  """Per-sample sums by the Dense closed form (`_functional.probed_forward`),
+  or None where a unit is not called exactly once on rank-2 inputs."""
   refs = list(model.trainable_variables) + list(model.non_trainable_variables)
   base = list(zip(refs, list(trainable) + list(non_trainable)))
   shapes = [[] for _ in units]
-  jax.eval_shape(lambda: _probed_forward(model, units, base, x, None, shapes))
+  jax.eval_shape(lambda: _functional.probed_forward(model, units, base, x,
+                                                    None, shapes))
   if any(len(calls) != 1 or len(calls[0].shape) != 2 for calls in shapes):
     return None
   probes = [jnp.zeros(calls[0].shape[:1] + (unit.layer.units,), "float32")
@@ -200,19 +105,12 @@ def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
 
   def total(probes):
     inputs = [[] for _ in units]
-    outputs = _probed_forward(model, units, base, x, probes, inputs)
+    outputs = _functional.probed_forward(
+        model, units, base, x, lambda i, z: probes[i], inputs)
     return objective(outputs, y), [calls[0] for calls in inputs]
 
   deltas, inputs = jax.grad(total, has_aux=True)(probes)
-  sums = {}
-  for unit, a, d in zip(units, inputs, deltas):
-    layer = unit.layer
-    a, d = f(ops.cast(a, "float32")), f(ops.cast(d, "float32"))
-    # pylint: disable-next=protected-access
-    sums[id(per_sample_lib._kernel(layer))] = ops.matmul(ops.transpose(a), d)
-    if layer.bias is not None:
-      sums[id(layer.bias)] = ops.sum(d, axis=0)
-  return [sums[id(v)] for v in model.trainable_variables]
+  return _functional.dense_sums(model, units, f, inputs, deltas)
 
 
 def global_step(model, per_sample, objective, transform, labels="none",
@@ -238,8 +136,9 @@ def global_step(model, per_sample, objective, transform, labels="none",
   """
   variables = list(model.trainable_variables)
   f = _TRANSFORMS[transform]
-  chunk = _chunk(variables)
-  dense_units = _dense_units(model, variables) if per_sample else None
+  chunk = _functional.chunk(variables)
+  dense_units = (_functional.dense_units(model, variables) if per_sample
+                 else None)
 
   def loss(trainable, non_trainable, x, y):
     return objective(_outputs(model, trainable, non_trainable, x), y)
@@ -250,13 +149,13 @@ def global_step(model, per_sample, objective, transform, labels="none",
     ok = jnp.array(True)
     if labels == "given":
       # Only the static shape is read: XLA drops the computation.
-      classes = _logits(_outputs(model, trainable, non_trainable, x),
-                        output_fn).shape[-1]
+      classes = _functional.logits(
+          _outputs(model, trainable, non_trainable, x), output_fn).shape[-1]
       flat = ops.reshape(y, (-1,))
       ok = jnp.all((flat >= 0) & (flat < classes))
     elif labels == "sampled":
-      logits = _logits(_outputs(model, trainable, non_trainable, x),
-                       output_fn)
+      logits = _functional.logits(
+          _outputs(model, trainable, non_trainable, x), output_fn)
       key = jax.random.fold_in(jax.random.key(seed), logits.shape[0])
       y = jax.lax.stop_gradient(
           jax.random.categorical(key, logits, axis=-1).astype("int32"))
@@ -286,32 +185,6 @@ def global_step(model, per_sample, objective, transform, labels="none",
   return jax.jit(step)
 
 
-class _Record:
-  __slots__ = ("args", "output")
-
-  def __init__(self, args, output):
-    self.args, self.output = args, output
-
-
-@contextlib.contextmanager
-def _recording(units, records):
-  """Records each unit's layer's calls: its arguments and its output."""
-  with contextlib.ExitStack() as stack:
-    for unit in units:
-      records[unit] = []
-      layer = unit.layer
-      original = layer.call
-
-      def call(*args, _original=original, _records=records[unit], **kwargs):
-        output = _original(*args, **kwargs)
-        _records.append(_Record((args, kwargs), output))
-        return output
-
-      # pylint: disable-next=protected-access
-      stack.enter_context(per_sample_lib._replaced_call(layer, call))
-    yield
-
-
 def local_step(model, output_fn):
   """A compiled `(trainable, non_trainable, batch) -> (sums, True)` of local
   MAS: each layer's own output norm, its own variables, inputs fixed.
@@ -327,7 +200,7 @@ def local_step(model, output_fn):
   refs = list(model.trainable_variables) + list(model.non_trainable_variables)
 
   def norm(outputs):
-    return ops.sum(squared_output_norm(outputs))
+    return ops.sum(_functional.squared_output_norm(outputs))
 
   def step(trainable, non_trainable, batch):
     x = batch[0]
@@ -337,7 +210,7 @@ def local_step(model, output_fn):
     base = [(v, values[id(v)]) for v in refs]
     records = {}
     with keras.StatelessScope(state_mapping=base):
-      with _recording(layer_units, records):
+      with _functional.recording(layer_units, records):
         outputs = keras.tree.flatten(model(x, training=False))
     sums, found_output = {}, False
     for unit in layer_units:
@@ -382,15 +255,11 @@ def local_step(model, output_fn):
 
       own_values = [values[id(v)] for v in own]
       totals = _chunked_sums(_abs_grad_sums(objective, own_values), batched,
-                             n, _chunk(own),
+                             n, _functional.chunk(own),
                              [jnp.zeros(v.shape, "float32") for v in own])
       sums.update(zip((id(v) for v in own), totals))
     if output_fn is not None and not found_output:
-      raise ValueError(
-          "Invalid value for argument `output_fn`. Expected a model whose "
-          "output is produced by a layer with weights (e.g. a Dense head), "
-          "so that the function can select part of that layer's output. "
-          f"Received: output_fn={output_fn!r} for model '{model.name}'")
+      raise _functional.missing_output_error(model, output_fn)
     for unit in model_units:
       # The model's own weights: its whole output, per sample.
       own = list(unit.variables)
@@ -404,7 +273,7 @@ def local_step(model, output_fn):
 
       own_values = [values[id(v)] for v in own]
       totals = _chunked_sums(_abs_grad_sums(model_objective, own_values), x,
-                             n, _chunk(own),
+                             n, _functional.chunk(own),
                              [jnp.zeros(v.shape, "float32") for v in own])
       sums.update(zip((id(v) for v in own), totals))
     return [sums.get(id(v), jnp.zeros(v.shape, "float32"))
@@ -451,7 +320,7 @@ def run(model, step, dataset):
     batch = tuple(tf.nest.map_structure(np.asarray, tuple(batch)))
     sums, ok = step(trainable, non_trainable, batch)
     if not bool(ok):
-      raise LabelsOutOfRange(batch[1])
+      raise _functional.LabelsOutOfRange(batch[1])
     totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
     count += int(_batch_size(batch[0]))
   if totals is None:

@@ -23,16 +23,21 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_mas import _backend
 from keras_mas.importance import _data
+from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
 
-# The backend is fixed when Keras is imported. On JAX, per-sample gradients
-# come from `jax.vmap(jax.grad(...))` (`_jax_per_sample`); the other paths
-# are TensorFlow's.
-_JAX = keras.backend.backend() == "jax"
-if _JAX:
-  # pylint: disable-next=g-import-not-at-top
-  from keras_mas.importance import _jax_per_sample
+# The backend is fixed when Keras is imported. On JAX and PyTorch,
+# per-sample gradients come from function transforms, `vmap(grad(...))`
+# (`_jax_per_sample`, `_torch_per_sample`); the other paths are TensorFlow's.
+_TF = _backend.TENSORFLOW
+# pylint: disable=g-import-not-at-top
+if _backend.JAX:
+  from keras_mas.importance import _jax_per_sample as _transformed
+elif _backend.TORCH:
+  from keras_mas.importance import _torch_per_sample as _transformed
+# pylint: enable=g-import-not-at-top
 
 __all__ = ["ESTIMATORS", "default_batch_size", "fisher", "local_mas", "mas",
            "path_integral", "squared_output_norm", "uniform"]
@@ -127,9 +132,9 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=None,
         f"Received: per_sample={per_sample!r}"
     )
   key = ("mas", per_sample, output_fn)
-  if _JAX:
-    step = _compiled(model, key, lambda: _jax_per_sample.global_step(
-        model, per_sample, _jax_per_sample.output_norm(output_fn), "abs"))
+  if not _TF:
+    step = _compiled(model, key, lambda: _transformed.global_step(
+        model, per_sample, _functional.output_norm(output_fn), "abs"))
   else:
     step = _compiled(model, key, lambda: _make_global_step(
         model, per_sample, _output_norm(output_fn), tf.abs))
@@ -171,9 +176,9 @@ def local_mas(model, data, num_samples=None, batch_size=None, output_fn=None):
   """
   variables = _check_model(model)
   key = ("local_mas", output_fn)
-  if _JAX:
+  if not _TF:
     step = _compiled(model, key,
-                     lambda: _jax_per_sample.local_step(model, output_fn))
+                     lambda: _transformed.local_step(model, output_fn))
   else:
     step = _compiled(model, key,
                      lambda: _make_local_step(model, variables, output_fn))
@@ -226,9 +231,9 @@ def fisher(model, data, empirical=True, num_samples=None, batch_size=None,
     return -tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=labels, logits=logits))
 
-  if _JAX:
-    step = _compiled(model, key, lambda: _jax_per_sample.global_step(
-        model, True, _jax_per_sample.fisher_objective(output_fn), "square",
+  if not _TF:
+    step = _compiled(model, key, lambda: _transformed.global_step(
+        model, True, _functional.fisher_objective(output_fn), "square",
         labels="given" if empirical else "sampled", output_fn=output_fn,
         seed=seed))
   else:
@@ -244,7 +249,7 @@ _LABELS_OUT_OF_RANGE = "fisher: labels out of range"
 def uniform(model, data=None, **unused_options):
   """Ω = 1 for every parameter: the plain L2 penalty towards the anchors."""
   del data, unused_options
-  ones = keras.ops.ones if _JAX else tf.ones
+  ones = tf.ones if _TF else keras.ops.ones
   return [ones(v.shape, "float32") for v in _check_model(model)]
 
 
@@ -280,10 +285,12 @@ def path_integral(model, data=None, damping=0.1, **unused_options):
   out = []
   for v in variables:
     w, start = by_id[id(v)]
-    if _JAX:
+    if not _TF:
       ops = keras.ops
+      # A value, not a function of θ (PyTorch would track its gradient).
+      theta = ops.stop_gradient(ops.cast(v.value, "float32"))
       out.append(ops.relu(w.value) / (
-          ops.square(ops.cast(v.value, "float32") - start.value) + damping))
+          ops.square(theta - start.value) + damping))
     else:
       out.append(tf.nn.relu(tf.convert_to_tensor(w)) / (
           tf.square(tf.cast(v, tf.float32) - start) + damping))
@@ -335,8 +342,9 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   """
   if batch_size is None:
     batch_size = default_batch_size(data)
-  if _JAX:
-    return _jax_average(model, step, data, batch_size, num_samples, labels)
+  if not _TF:
+    return _transformed_average(model, step, data, batch_size, num_samples,
+                                labels)
   strategy = getattr(model, "distribute_strategy", tf.distribute.get_strategy())
   try:
     if strategy.num_replicas_in_sync > 1:
@@ -358,12 +366,12 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   return [t / count for t in totals]
 
 
-def _jax_average(model, step, data, batch_size, num_samples, labels):
-  """`_average` on JAX: one compiled call per batch (`_jax_per_sample`)."""
+def _transformed_average(model, step, data, batch_size, num_samples, labels):
+  """`_average` on JAX (one compiled call per batch) and PyTorch."""
   try:
     dataset = _data.as_dataset(data, batch_size, num_samples, labels)
-    totals, count = _jax_per_sample.run(model, step, dataset)
-  except _jax_per_sample.LabelsOutOfRange:
+    totals, count = _transformed.run(model, step, dataset)
+  except _functional.LabelsOutOfRange:
     raise _labels_error(model, data) from None
   except (ValueError, TypeError) as e:
     raise _own_or_data_error(model, data, e) from e

@@ -1,14 +1,16 @@
-"""keras_mas on Keras's JAX backend (issue 22), against TensorFlow's results.
+"""keras_mas on Keras's JAX and PyTorch backends, against TensorFlow's results.
 
 Keras fixes its backend at import, so each test runs a small script in a
-subprocess with `KERAS_BACKEND=jax` (and, to compare, the same script with
-`KERAS_BACKEND=tensorflow`). The scripts print one JSON line, the last of
-their output. Skipped where JAX is not installed (`pip install -e .[jax]`).
+subprocess with `KERAS_BACKEND=jax` or `torch` (and, to compare, the same
+script with `KERAS_BACKEND=tensorflow`). The scripts print one JSON line, the
+last of their output. A backend's tests skip where it is not installed
+(`pip install -e .[jax]`, `.[torch]`).
 """
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -18,9 +20,26 @@ import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("jax") is None,
-    reason="JAX is not installed: pip install -e .[jax]")
+
+def _installed(backend, module):
+  return pytest.param(backend, marks=pytest.mark.skipif(
+      importlib.util.find_spec(module) is None,
+      reason=f"{module} is not installed: pip install -e .[{backend}]"))
+
+
+_JAX = _installed("jax", "jax")
+_TORCH = _installed("torch", "torch")
+
+
+@pytest.fixture(params=[_JAX, _TORCH])
+def backend(request):
+  """Each backend other than TensorFlow, where it is installed."""
+  return request.param
+
+
+@pytest.fixture(params=[_JAX])
+def jax_backend(request):
+  return request.param
 
 # Shared by the scripts: a two-layer MLP whose trainable weights are drawn by
 # NumPy, so that both backends start from the same values.
@@ -44,6 +63,9 @@ def mlp(cls=keras.Model, inputs=5, hidden=7, outputs=3, seed=0):
   set_weights(model, seed)
   return model
 
+def numpy(tensor):
+  return np.asarray(keras.ops.convert_to_numpy(tensor))
+
 def arrays(result):
   return [np.asarray(keras.ops.convert_to_numpy(t)).tolist() for t in result]
 
@@ -52,7 +74,7 @@ def emit(value):
 """
 
 
-def _run(code, backend="jax", timeout=300, **extra_env):
+def _run(code, backend, timeout=300, **extra_env):
   env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
              **extra_env)
   env.pop("PYTHONPATH", None)
@@ -101,8 +123,8 @@ def _mlp_references(w1, b1, w2, b2, x, y):
   }
 
 
-def test_importance_matches_the_per_sample_reference_on_jax():
-  result = _run("""
+def test_importance_matches_the_per_sample_reference(backend):
+  result = _run(backend=backend, code="""
       import tensorflow as tf
       from keras_mas import importance
       model = mlp()
@@ -131,8 +153,10 @@ def test_importance_matches_the_per_sample_reference_on_jax():
          _mlp_references(w1, b1, w2, b2, x[:6], np.arange(6) % 3)["mas"])
 
 
-def test_importance_and_batch_statistics_equal_tensorflow_on_a_conv_net():
-  # TensorFlow's closed forms per layer; JAX's vmap of per-sample grads.
+def test_importance_and_batch_statistics_equal_tensorflow_on_a_conv_net(
+    backend):
+  # TensorFlow's closed forms per layer; the other backends' vmap of
+  # per-sample gradients.
   code = """
       from keras_mas import importance
       from keras_mas.core import batch_statistics
@@ -158,7 +182,7 @@ def test_importance_and_batch_statistics_equal_tensorflow_on_a_conv_net():
                              model, x, batch_size=4)],
       })
   """
-  jax_result = _run(code)
+  jax_result = _run(code, backend)
   tf_result = _run(code, backend="tensorflow")
   for name in ("mas", "local_mas", "fisher"):
     _close(jax_result[name], tf_result[name], rtol=1e-4, atol=1e-6)
@@ -200,10 +224,10 @@ _TRAINING = """
 """
 
 
-def test_fit_with_the_penalty_equals_tensorflow_step_for_step():
+def test_fit_with_the_penalty_equals_tensorflow_step_for_step(backend):
   # Both penalty modes, the log interval, SI's path integral, the optimizer
-  # reset and evaluate: the JAX step is TensorFlow's, to float precision.
-  jax_result = _run(_TRAINING)
+  # reset and evaluate: the step is TensorFlow's, to float precision.
+  jax_result = _run(_TRAINING, backend)
   tf_result = _run(_TRAINING, backend="tensorflow")
   assert jax_result.keys() == tf_result.keys()
   for key in jax_result:
@@ -215,8 +239,9 @@ def test_fit_with_the_penalty_equals_tensorflow_step_for_step():
   assert jax_result["gradient"][1][-1] > 0  # the penalty was on
 
 
-def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes():
-  result = _run("""
+def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes(
+    backend):
+  result = _run(backend=backend, code="""
       x = np.random.default_rng(0).normal(size=(96, 5)).astype("float32")
       y_a, y_b = np.arange(96) % 3, (np.arange(96) // 2) % 3
 
@@ -229,8 +254,8 @@ def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes():
         model.consolidate(x, strength=strength)
         model.penalty_mode = mode
         history = model.fit(x, y_b, epochs=3, verbose=0, shuffle=False)
-        moved = sum(float(np.sum(np.asarray(o.value) * np.square(
-            np.asarray(v.value) - np.asarray(a.value))))
+        moved = sum(float(np.sum(numpy(o) * np.square(
+            numpy(v) - numpy(a))))
             for v, o, a in model.mas_variables)
         return moved, history.history["mas_penalty"][-1]
 
@@ -243,8 +268,9 @@ def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes():
     assert held < 0.75 * free, (mode, held, free)
 
 
-def test_consolidate_with_every_estimator_and_keras_round_trip(tmp_path):
-  result = _run(f"""
+def test_consolidate_with_every_estimator_and_keras_round_trip(backend,
+                                                               tmp_path):
+  result = _run(backend=backend, code=f"""
       model = mlp(keras_mas.MASModel)
       model.track_path_integral()
       model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
@@ -257,7 +283,7 @@ def test_consolidate_with_every_estimator_and_keras_round_trip(tmp_path):
         data = (x, y) if method == "fisher" else x
         new = model.consolidate(data, method=method, accumulate="decay",
                                 alpha=0.5)
-        out[method] = [float(np.sum(np.asarray(n))) for n in new]
+        out[method] = [float(np.sum(numpy(n))) for n in new]
       model.strength = 2.5
       model.penalty_mode = "proximal"
       path = os.path.join({str(tmp_path)!r}, "m.keras")
@@ -283,8 +309,8 @@ def test_consolidate_with_every_estimator_and_keras_round_trip(tmp_path):
   assert result["same"]
 
 
-def test_regularizer_attach_fit_and_save(tmp_path):
-  result = _run(f"""
+def test_regularizer_attach_fit_and_save(backend, tmp_path):
+  result = _run(backend=backend, code=f"""
       from keras_mas import regularizers
       model = mlp()
       layer = model.layers[1]
@@ -293,21 +319,21 @@ def test_regularizer_attach_fit_and_save(tmp_path):
       regularizers.attach(layer, "kernel", keras_mas.MASRegularizer(
           strength=0.5, importance=omega, anchor=anchor))
       expected = 0.5 * 2.0 * float(np.sum(np.square(
-          np.asarray(layer.kernel.value))))
+          numpy(layer.kernel))))
       penalty = float(sum(model.losses))
       model.compile(keras.optimizers.SGD(0.1), "mse")
       x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
       y = np.zeros((32, 3), "float32")
-      before = float(np.sum(np.square(np.asarray(layer.kernel.value))))
+      before = float(np.sum(np.square(numpy(layer.kernel))))
       model.fit(x, y, epochs=3, verbose=0)
-      after = float(np.sum(np.square(np.asarray(layer.kernel.value))))
+      after = float(np.sum(np.square(numpy(layer.kernel))))
       path = os.path.join({str(tmp_path)!r}, "r.keras")
       model.save(path)
       loaded = keras.models.load_model(path)
       reg = loaded.layers[1].kernel_regularizer
       emit({{"penalty": penalty, "expected": expected, "shrunk": after < before,
              "type": type(reg).__name__, "strength": float(reg.strength),
-             "omega": float(np.mean(np.asarray(reg.importance))),
+             "omega": float(np.mean(numpy(reg.importance))),
              "loaded_penalty": float(sum(loaded.losses)),
              "penalty_now": float(sum(model.losses))}})
   """)
@@ -319,8 +345,8 @@ def test_regularizer_attach_fit_and_save(tmp_path):
                                                    rel=1e-5)
 
 
-def test_from_model_on_functional_sequential_and_subclassed_models():
-  result = _run("""
+def test_from_model_on_functional_sequential_and_subclassed_models(backend):
+  result = _run(backend=backend, code="""
       @keras.saving.register_keras_serializable(package="test")
       class Net(keras.Model):
         def __init__(self, **kwargs):
@@ -348,8 +374,8 @@ def test_from_model_on_functional_sequential_and_subclassed_models():
         model.consolidate(x, strength=1.0)
         history = model.fit(x, (y + 1) % 3, epochs=1, verbose=0).history
         # No weight is copied: training the MASModel trains `base`.
-        shared = np.array_equal(np.asarray(base.trainable_variables[0].value),
-                                np.asarray(model.trainable_variables[0].value))
+        shared = np.array_equal(numpy(base.trainable_variables[0]),
+                                numpy(model.trainable_variables[0]))
         out[name] = [type(model).__name__, shared,
                      history["mas_penalty"][-1] > 0,
                      len(model.importances)]
@@ -360,8 +386,8 @@ def test_from_model_on_functional_sequential_and_subclassed_models():
   assert result["subclassed"] == ["WrappedMASModel", True, True, 4]
 
 
-def test_two_task_flow_mas_forgets_less_than_fine_tuning():
-  result = _run("""
+def test_two_task_flow_mas_forgets_less_than_fine_tuning(backend):
+  result = _run(backend=backend, code="""
       rng = np.random.default_rng(0)
       x_a = rng.normal(size=(200, 5)).astype("float32")
       y_a = (x_a[:, 0] > 0).astype("int64")
@@ -393,9 +419,9 @@ def test_two_task_flow_mas_forgets_less_than_fine_tuning():
   assert mas[3] > 0 and finetune[3] == 0
 
 
-def test_main_job_on_jax_trains_reports_and_exports(tmp_path):
+def test_main_job_trains_reports_and_exports(backend, tmp_path):
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("PYTHONPATH", None)
   done = subprocess.run(
       [sys.executable, os.path.join(_ROOT, "apps", "sequential_finetune.py"),
@@ -406,18 +432,32 @@ def test_main_job_on_jax_trains_reports_and_exports(tmp_path):
     results = json.load(f)
   assert results["method"] == "mas" and len(results["accuracy_matrix"]) == 2
   assert results["accuracy_matrix"][0][0] > 0.5
-  # The SavedModel (through jax2tf) serves in plain TensorFlow.
-  served = _run(f"""
-      import tensorflow as tf
-      served = tf.saved_model.load(
-          os.path.join({workdir!r}, "export", "task_1"))
-      logits = served.serve(tf.zeros((3, 8, 8, 1)))
-      emit(list(logits.shape))
-  """, backend="tensorflow")
+  export = os.path.join(workdir, "export", "task_1")
+  if backend == "jax":
+    # The SavedModel (through jax2tf) serves in plain TensorFlow.
+    served = _run(f"""
+        import tensorflow as tf
+        served = tf.saved_model.load({export!r})
+        logits = served.serve(tf.zeros((3, 8, 8, 1)))
+        emit(list(logits.shape))
+    """, backend="tensorflow")
+  else:
+    # The `torch.export` program serves in plain PyTorch, without Keras.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import json, sys, torch
+            program = torch.export.load({export!r} + "/serve.pt2").module()
+            logits = program(torch.zeros((3, 8, 8, 1)))
+            assert "keras" not in sys.modules
+            print(json.dumps(list(logits.shape)))
+        """)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
   assert served == [3, 10]
 
 
-def test_data_parallel_on_two_devices_fits_and_consolidates():
+def test_data_parallel_on_two_devices_fits_and_consolidates(jax_backend):
   # keras.distribution.DataParallel over two CPU devices: `fit` with the
   # penalty runs on both; Ω measured under it equals one device's.
   result = _run("""
@@ -440,18 +480,19 @@ def test_data_parallel_on_two_devices_fits_and_consolidates():
       history = model.fit(x, y, epochs=2, batch_size=32, verbose=0).history
       emit({"sharded": sharded, "one_device": one_device,
             "penalty": history["mas_penalty"]})
-      """, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+      """, jax_backend, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   _close(result["sharded"], result["one_device"])
   assert all(np.sum(o) > 0 for o in result["sharded"])
   assert result["penalty"][-1] > 0
 
 
-def test_dense_closed_form_equals_the_mapped_gradients():
+def test_dense_closed_form_equals_the_mapped_gradients(backend):
   # The main job's case (Dense layers on (batch, features)) takes the closed
-  # form f(A)ᵀ f(Δ); it must equal jax.vmap(jax.grad) over the samples, for
-  # MAS and Fisher. A Dense layer on sequences declines it, exactly.
-  result = _run("""
-      from keras_mas.importance import _jax_per_sample as jps
+  # form f(A)ᵀ f(Δ); it must equal vmap(grad) over the samples, for MAS and
+  # Fisher. A Dense layer on sequences declines it, exactly.
+  module = {"jax": "_jax_per_sample", "torch": "_torch_per_sample"}[backend]
+  result = _run(backend=backend, code=f"""
+      from keras_mas.importance import {module} as jps
       used = []
       closed_form = jps._dense_sums
       def spy(*args, **kwargs):
@@ -464,9 +505,9 @@ def test_dense_closed_form_equals_the_mapped_gradients():
       y = rng.integers(0, 3, 37)
       seq = rng.standard_normal((11, 4, 5)).astype("float32")
       def measure(model, data, labels=None):
-        return {"mas": arrays(keras_mas.importance.mas(model, data)),
+        return {{"mas": arrays(keras_mas.importance.mas(model, data)),
                 "fisher": arrays(keras_mas.importance.fisher(
-                    model, (data, labels))) if labels is not None else None}
+                    model, (data, labels))) if labels is not None else None}}
       flat = measure(mlp(), x, y)
       x_in = keras.Input((4, 5))
       sequences = keras.Model(x_in, keras.layers.Dense(3)(
@@ -474,13 +515,33 @@ def test_dense_closed_form_equals_the_mapped_gradients():
       set_weights(sequences)
       on_sequences = measure(sequences, seq)
       closed = list(used)
-      jps._dense_units = lambda model, variables: None
-      emit({"closed": closed, "flat": flat, "on_sequences": on_sequences,
+      from keras_mas.importance import _functional
+      _functional.dense_units = lambda model, variables: None
+      emit({{"closed": closed, "flat": flat, "on_sequences": on_sequences,
             "mapped_flat": measure(mlp(), x, y),
-            "mapped_sequences": measure(sequences, seq)})
+            "mapped_sequences": measure(sequences, seq)}})
       """)
   assert result["closed"][:2] == [True, True]  # MAS and Fisher on the MLP.
   assert result["closed"][2:] == [False]  # Sequences: declined.
   for key in ("mas", "fisher"):
     _close(result["flat"][key], result["mapped_flat"][key], rtol=1e-5)
   _close(result["on_sequences"]["mas"], result["mapped_sequences"]["mas"])
+
+
+def test_the_readme_library_example_runs_as_written(backend, tmp_path):
+  # "Use it on your model": the first Python block of the README.
+  with open(os.path.join(_ROOT, "README.md"), encoding="utf-8") as f:
+    block = re.findall(r"^```python\n(.*?)^```$", f.read(),
+                       flags=re.S | re.M)[0]
+  assert "consolidate" in block and "load_model" in block
+  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=_ROOT)
+  done = subprocess.run(
+      [sys.executable, "-c",
+       block + "\nassert keras.backend.backend() == "
+       f"{backend!r}\nprint(restored.strength, restored.consolidated_tasks)"],
+      cwd=str(tmp_path), env=env, capture_output=True, text=True,
+      timeout=300)
+  assert done.returncode == 0, done.stderr[-4000:]
+  strength, tasks = done.stdout.strip().splitlines()[-1].split()
+  assert float(strength) == pytest.approx(0.1) and tasks == "1"

@@ -1,0 +1,165 @@
+"""What JAX's and PyTorch's per-sample importance share, in `keras.ops`.
+
+On TensorFlow, `keras_mas.importance.estimators` forms per-sample sums from
+per-layer closed forms (`per_sample`). On JAX (`_jax_per_sample`) and PyTorch
+(`_torch_per_sample`) they come from function transforms, `vmap(grad(...))`
+over `stateless_call`; here are the parts that do not depend on which: the
+objectives, chunk sizes, the `Dense` closed form's probed forward pass, and
+the recording of a layer's calls for local MAS.
+"""
+
+import contextlib
+import math
+
+import keras
+from keras import ops
+
+from keras_mas.importance import per_sample as per_sample_lib
+
+__all__ = ["LabelsOutOfRange", "chunk", "dense_units", "fisher_objective",
+           "logits", "masked", "output_norm", "probed_forward", "recording",
+           "squared_output_norm"]
+
+_CHUNK_VALUES = per_sample_lib._CHUNK_VALUES  # pylint: disable=protected-access
+
+
+class LabelsOutOfRange(ValueError):
+  """A label of `fisher`'s data is not an index of the logits."""
+
+
+def squared_output_norm(outputs):
+  """Per-sample `‖outputs‖²`, all outputs concatenated, in float32."""
+  flat = [ops.reshape(ops.cast(o, "float32"), (o.shape[0], -1))
+          for o in keras.tree.flatten(outputs)]
+  return ops.sum(ops.square(ops.concatenate(flat, axis=1)), axis=1)
+
+
+def output_norm(output_fn):
+  """MAS's objective `Σ_k ‖F(x_k)‖²`; labels unused."""
+
+  def objective(outputs, y):
+    del y
+    if output_fn is not None:
+      outputs = output_fn(outputs)
+    return ops.sum(squared_output_norm(outputs))
+
+  return objective
+
+
+def fisher_objective(output_fn):
+  """The log-likelihood `Σ_k log p(y_k | x_k)` of a softmax over logits."""
+
+  def objective(outputs, y):
+    labels = ops.cast(ops.reshape(y, (-1,)), "int32")
+    log_p = ops.log_softmax(logits(outputs, output_fn), axis=-1)
+    return ops.sum(ops.take_along_axis(log_p, labels[:, None], axis=-1))
+
+  return objective
+
+
+def logits(outputs, output_fn):
+  return ops.cast(output_fn(outputs) if output_fn else outputs, "float32")
+
+
+def masked(outputs, x):
+  """`outputs` with the positions of a `padding_mask` input zeroed (see
+  `estimators._call_model`)."""
+  mask = x.get("padding_mask") if isinstance(x, dict) else None
+  if (mask is not None and not isinstance(outputs, (list, tuple, dict))
+      and len(outputs.shape) == 3 and len(mask.shape) == 2):
+    outputs = outputs * ops.cast(mask, outputs.dtype)[:, :, None]
+  return outputs
+
+
+def chunk(variables):
+  """Samples per chunk: at most `per_sample._CHUNK_VALUES` per-sample
+  gradient values exist at once."""
+  size = sum(math.prod(v.shape) for v in variables)
+  return max(1, _CHUNK_VALUES // max(1, size))
+
+
+def dense_units(model, variables):
+  """The units of `per_sample.plan` when all are plain, LoRA-free `Dense`
+  layers (the closed form's case), else None."""
+  units = per_sample_lib.plan(model, variables)
+  if units and all(type(u) is per_sample_lib.DenseUnit  # pylint: disable=unidiomatic-typecheck
+                   and not u.layer.lora_enabled for u in units):
+    return units
+  return None
+
+
+def probed_forward(model, units, base, x, probe, inputs):
+  """The model's outputs in inference mode, with `probe(i, z)` added to
+  each unit's pre-activation `z` (None: nothing added); each unit's inputs
+  are appended to `inputs[i]`.
+
+  The `Dense` closed form: the gradient with respect to a zero probe is each
+  sample's gradient `δ` at the pre-activation (samples are independent in
+  inference mode), and `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`.
+  """
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(keras.StatelessScope(state_mapping=base))
+    for i, unit in enumerate(units):
+      layer = unit.layer
+
+      def call(a, *args, _layer=layer, _i=i, **kwargs):
+        # pylint: disable-next=protected-access
+        with per_sample_lib._without_activation(_layer) as activation:
+          z = type(_layer).call(_layer, a, *args, **kwargs)
+        if probe is not None:
+          z = z + ops.cast(probe(_i, z), z.dtype)
+        inputs[_i].append(a)
+        return activation(z) if activation is not None else z
+
+      # pylint: disable-next=protected-access
+      stack.enter_context(per_sample_lib._replaced_call(layer, call))
+    outputs = model(x, training=False)
+  return masked(outputs, x)
+
+
+def dense_sums(model, units, f, inputs, deltas):
+  """`f(A)ᵀ f(Δ)` and `Σ f(Δ)`, one per trainable variable of `model`."""
+  sums = {}
+  for unit, a, d in zip(units, inputs, deltas):
+    layer = unit.layer
+    a, d = f(ops.cast(a, "float32")), f(ops.cast(d, "float32"))
+    # pylint: disable-next=protected-access
+    sums[id(per_sample_lib._kernel(layer))] = ops.matmul(ops.transpose(a), d)
+    if layer.bias is not None:
+      sums[id(layer.bias)] = ops.sum(d, axis=0)
+  return [sums[id(v)] for v in model.trainable_variables]
+
+
+class Record:
+  """One call of a layer: its arguments `(args, kwargs)` and its output."""
+  __slots__ = ("args", "output")
+
+  def __init__(self, args, output):
+    self.args, self.output = args, output
+
+
+@contextlib.contextmanager
+def recording(units, records):
+  """Records each unit's layer's calls into `records[unit]` (`Record`s)."""
+  with contextlib.ExitStack() as stack:
+    for unit in units:
+      records[unit] = []
+      layer = unit.layer
+      original = layer.call
+
+      def call(*args, _original=original, _records=records[unit], **kwargs):
+        output = _original(*args, **kwargs)
+        _records.append(Record((args, kwargs), output))
+        return output
+
+      # pylint: disable-next=protected-access
+      stack.enter_context(per_sample_lib._replaced_call(layer, call))
+    yield
+
+
+def missing_output_error(model, output_fn):
+  return ValueError(
+      "Invalid value for argument `output_fn`. Expected a model whose "
+      "output is produced by a layer with weights (e.g. a Dense head), "
+      "so that the function can select part of that layer's output. "
+      f"Received: output_fn={output_fn!r} for model '{model.name}'")
