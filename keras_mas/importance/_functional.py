@@ -16,8 +16,9 @@ from keras import ops
 
 from keras_mas.importance import per_sample as per_sample_lib
 
-__all__ = ["LabelsOutOfRange", "chunk", "dense_units", "fisher_objective",
-           "logits", "masked", "output_norm", "probed_forward", "recording",
+__all__ = ["LabelsOutOfRange", "chunk", "dense_sums", "dense_units",
+           "fisher_objective", "local_sums", "logits", "masked",
+           "output_norm", "probed_forward", "recording",
            "squared_output_norm"]
 
 _CHUNK_VALUES = per_sample_lib._CHUNK_VALUES  # pylint: disable=protected-access
@@ -155,6 +156,115 @@ def recording(units, records):
       # pylint: disable-next=protected-access
       stack.enter_context(per_sample_lib._replaced_call(layer, call))
     yield
+
+
+def local_sums(model, units, output_fn, base, x, n, abs_grad_sums):
+  """Local MAS's per-sample sums over the batch `x`, one per trainable
+  variable of `model`: for each unit of `per_sample.plan`, the gradient of
+  the squared norm of its layer's own output with respect to its own
+  variables, the layer's recorded inputs held fixed; a unit without a layer
+  (the model's own weights) takes the whole output.
+
+  Args:
+    model: the model.
+    units: `per_sample.plan(model, model.trainable_variables)`.
+    output_fn: applied to the output of the layer that produces the
+      model's output, or None.
+    base: `(variable, value)` pairs of all the model's variables.
+    x: the batch.
+    n: its number of samples.
+    abs_grad_sums: the backend's `(objective, own_values, samples, n, chunk)
+      -> Σ_k |∂ objective(own_values, sample_k) / ∂ own_values|`, mapped over
+      the leading axis of each tensor of `samples` in chunks of `chunk`.
+
+  Raises:
+    ValueError: if `output_fn` is given but no layer with weights produces
+      the model's output.
+  """
+  layer_units = [u for u in units if u.layer is not None]
+  records = {}
+  with keras.StatelessScope(state_mapping=base):
+    with recording(layer_units, records):
+      outputs = keras.tree.flatten(model(x, training=False))
+  sums, found_output = {}, False
+  for unit in layer_units:
+    unit_records = records[unit]
+    if not unit_records:
+      continue  # Not on the path from these inputs: importance stays 0.
+    own = list(unit.variables)
+    own_ids = {id(v) for v in own}
+    outputs_of_model = [any(r.output is o for o in outputs)
+                        for r in unit_records]
+    found_output = found_output or (output_fn is not None
+                                    and any(outputs_of_model))
+    # Each record's tensors with the batch axis are mapped over; the rest
+    # (flags, masks of another shape) are passed as they are.
+    flat = [keras.tree.flatten(r.args) for r in unit_records]
+    mapped = [[_is_batched(leaf, n) for leaf in leaves] for leaves in flat]
+    batched = [[leaf for leaf, m in zip(leaves, marks) if m]
+               for leaves, marks in zip(flat, mapped)]
+    objective = _layer_objective(
+        unit.layer, own, [(v, value) for v, value in base
+                          if id(v) not in own_ids],
+        unit_records, flat, mapped, outputs_of_model, output_fn)
+    own_values = [value for v, value in base if id(v) in own_ids]
+    sums.update(zip((id(v) for v in own), abs_grad_sums(
+        objective, own_values, batched, n, chunk(own))))
+  if output_fn is not None and not found_output:
+    raise missing_output_error(model, output_fn)
+  for unit in units:
+    if unit.layer is not None:
+      continue
+    own = list(unit.variables)
+    own_ids = {id(v) for v in own}
+    others = [(v, value) for v, value in base if id(v) not in own_ids]
+
+    def model_objective(own_values, x_k, own=own, others=others):
+      with keras.StatelessScope(
+          state_mapping=others + list(zip(own, own_values))):
+        return _norm(model(keras.tree.map_structure(
+            lambda t: t[None], x_k), training=False))
+
+    own_values = [value for v, value in base if id(v) in own_ids]
+    sums.update(zip((id(v) for v in own), abs_grad_sums(
+        model_objective, own_values, x, n, chunk(own))))
+  return [sums.get(id(v), ops.zeros(v.shape, "float32"))
+          for v in model.trainable_variables]
+
+
+def _layer_objective(layer, own, others, records, flat, mapped,
+                     outputs_of_model, output_fn):
+  """`(own_values, samples) -> ` the layer's own output norm over one
+  sample of each of its recorded calls."""
+
+  def objective(own_values, samples):
+    total = ops.zeros((), "float32")
+    with keras.StatelessScope(
+        state_mapping=others + list(zip(own, own_values))):
+      # pylint: disable-next=protected-access
+      with per_sample_lib._as_called(layer):
+        for record, leaves, marks, sample, is_output in zip(
+            records, flat, mapped, samples, outputs_of_model):
+          it = iter(sample)
+          args, kwargs = keras.tree.pack_sequence_as(
+              record.args, [next(it)[None] if m else leaf
+                            for leaf, m in zip(leaves, marks)])
+          output = type(layer).call(layer, *args, **kwargs)
+          if output_fn is not None and is_output:
+            output = output_fn(output)
+          total = total + _norm(output)
+    return total
+
+  return objective
+
+
+def _norm(outputs):
+  return ops.sum(squared_output_norm(outputs))
+
+
+def _is_batched(leaf, n):
+  return (ops.is_tensor(leaf) and len(leaf.shape) >= 1
+          and leaf.shape[0] == n)
 
 
 def missing_output_error(model, output_fn):

@@ -187,99 +187,29 @@ def global_step(model, per_sample, objective, transform, labels="none",
 
 def local_step(model, output_fn):
   """A compiled `(trainable, non_trainable, batch) -> (sums, True)` of local
-  MAS: each layer's own output norm, its own variables, inputs fixed.
+  MAS (`_functional.local_sums`).
 
   Raises (when called):
     ValueError: if `output_fn` is given but no layer with weights produces
       the model's output.
   """
-  variables = list(model.trainable_variables)
-  units = per_sample_lib.plan(model, variables)
-  layer_units = [u for u in units if u.layer is not None]
-  model_units = [u for u in units if u.layer is None]
+  units = per_sample_lib.plan(model, list(model.trainable_variables))
   refs = list(model.trainable_variables) + list(model.non_trainable_variables)
-
-  def norm(outputs):
-    return ops.sum(_functional.squared_output_norm(outputs))
 
   def step(trainable, non_trainable, batch):
     x = batch[0]
-    n = _batch_size(x)
-    values = dict(zip((id(v) for v in refs),
-                      list(trainable) + list(non_trainable)))
-    base = [(v, values[id(v)]) for v in refs]
-    records = {}
-    with keras.StatelessScope(state_mapping=base):
-      with _functional.recording(layer_units, records):
-        outputs = keras.tree.flatten(model(x, training=False))
-    sums, found_output = {}, False
-    for unit in layer_units:
-      unit_records = records[unit]
-      if not unit_records:
-        continue  # Not on the path from these inputs: importance stays 0.
-      layer = unit.layer
-      own = list(unit.variables)
-      own_ids = {id(v) for v in own}
-      others = [(v, value) for v, value in base if id(v) not in own_ids]
-      outputs_of_model = [any(r.output is o for o in outputs)
-                          for r in unit_records]
-      if output_fn is not None and any(outputs_of_model):
-        found_output = True
-      # Each record's tensors with the batch axis are mapped over; the
-      # rest (flags, masks of another shape) are passed as they are.
-      flat = [jax.tree_util.tree_flatten(r.args) for r in unit_records]
-      mapped = [[_is_batched(leaf, n) for leaf in leaves]
-                for leaves, _ in flat]
-      batched = [[leaf for leaf, m in zip(leaves, marks) if m]
-                 for (leaves, _), marks in zip(flat, mapped)]
-
-      def objective(own_values, samples, flat=flat, mapped=mapped,
-                    layer=layer, own=own, others=others,
-                    outputs_of_model=outputs_of_model):
-        total = jnp.zeros((), "float32")
-        with keras.StatelessScope(
-            state_mapping=others + list(zip(own, own_values))):
-          # pylint: disable-next=protected-access
-          with per_sample_lib._as_called(layer):
-            for (leaves, tree), marks, sample, is_output in zip(
-                flat, mapped, samples, outputs_of_model):
-              it = iter(sample)
-              args, kwargs = jax.tree_util.tree_unflatten(
-                  tree, [next(it)[None] if m else leaf
-                         for leaf, m in zip(leaves, marks)])
-              output = type(layer).call(layer, *args, **kwargs)
-              if output_fn is not None and is_output:
-                output = output_fn(output)
-              total = total + norm(output)
-        return total
-
-      own_values = [values[id(v)] for v in own]
-      totals = _chunked_sums(_abs_grad_sums(objective, own_values), batched,
-                             n, _functional.chunk(own),
-                             [jnp.zeros(v.shape, "float32") for v in own])
-      sums.update(zip((id(v) for v in own), totals))
-    if output_fn is not None and not found_output:
-      raise _functional.missing_output_error(model, output_fn)
-    for unit in model_units:
-      # The model's own weights: its whole output, per sample.
-      own = list(unit.variables)
-      own_ids = {id(v) for v in own}
-
-      def model_objective(own_values, x_k, own=own, own_ids=own_ids):
-        mapping = [(v, value) for v, value in base if id(v) not in own_ids]
-        with keras.StatelessScope(
-            state_mapping=mapping + list(zip(own, own_values))):
-          return norm(model(_one(x_k), training=False))
-
-      own_values = [values[id(v)] for v in own]
-      totals = _chunked_sums(_abs_grad_sums(model_objective, own_values), x,
-                             n, _functional.chunk(own),
-                             [jnp.zeros(v.shape, "float32") for v in own])
-      sums.update(zip((id(v) for v in own), totals))
-    return [sums.get(id(v), jnp.zeros(v.shape, "float32"))
-            for v in variables], jnp.array(True)
+    base = list(zip(refs, list(trainable) + list(non_trainable)))
+    return _functional.local_sums(model, units, output_fn, base, x,
+                                  _batch_size(x), _mapped_abs_grad_sums), (
+                                      jnp.array(True))
 
   return jax.jit(step)
+
+
+def _mapped_abs_grad_sums(objective, own_values, samples, n, chunk):
+  return _chunked_sums(_abs_grad_sums(objective, own_values), samples, n,
+                       chunk, [jnp.zeros(v.shape, "float32")
+                               for v in own_values])
 
 
 def _abs_grad_sums(objective, own_values):
@@ -290,11 +220,6 @@ def _abs_grad_sums(objective, own_values):
     return [ops.sum(jnp.abs(ops.cast(g, "float32")), axis=0) for g in grads]
 
   return per_chunk
-
-
-def _is_batched(leaf, n):
-  return (isinstance(leaf, jax.Array) and leaf.ndim >= 1
-          and leaf.shape[0] == n)
 
 
 def run(model, step, dataset):
