@@ -553,7 +553,9 @@ def main(argv):
       f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f}"
       f" GiB; TensorFlow {tf.__version__}, Keras {keras.__version__}, "
       f"Python {platform.python_version()}.",
-      "Medians over the repetitions; MAS and plain runs interleaved.", "",
+      "Medians over the repetitions; MAS and plain runs interleaved.",
+      "TensorFlow's backend; JAX and PyTorch, side by side with it: "
+      "benchmarks/BACKENDS.md (`benchmarks/backends.py`).", "",
       "## 1. fit with the MAS penalty ÷ plain Keras fit (epoch time, "
       "1,797 digits, Adam)", "",
       "| model | parameters | batch | plain epoch (s) | MAS epoch (s) | "

@@ -41,6 +41,11 @@ def backend(request):
 def jax_backend(request):
   return request.param
 
+
+@pytest.fixture(params=[_TORCH])
+def torch_backend(request):
+  return request.param
+
 # Shared by the scripts: a two-layer MLP whose trainable weights are drawn by
 # NumPy, so that both backends start from the same values.
 _PRELUDE = """
@@ -545,3 +550,76 @@ def test_the_readme_library_example_runs_as_written(backend, tmp_path):
   assert done.returncode == 0, done.stderr[-4000:]
   strength, tasks = done.stdout.strip().splitlines()[-1].split()
   assert float(strength) == pytest.approx(0.1) and tasks == "1"
+
+
+_REHEARSAL = """
+    import tensorflow as tf
+    from keras_mas import task_free
+    model = mlp(keras_mas.MASModel)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.consolidate(np.ones((4, 5), "float32"), strength=1.0)
+    buffer = task_free.HardBuffer(6)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 5)).astype("float32")
+    y = (np.arange(24) % 3).astype("int64")
+    stream = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    try:
+      model.rehearsal = buffer
+      history = model.fit(stream, epochs=1, verbose=0, shuffle=False).history
+    except ValueError as e:
+      emit({"error": str(e)})
+    else:
+      emit({"loss": history["loss"], "weights": arrays(model.weights),
+            "buffer": [buffer.inputs.tolist(), buffer.labels.tolist(),
+                       buffer.losses.tolist()],
+            "incoming": [buffer.incoming_loss, buffer.incoming_count,
+                         buffer.incoming_correct]})
+"""
+
+
+def test_rehearsal_buffer_trains_as_on_tensorflow_or_is_refused(backend):
+  # Task-free streams: the hard buffer joins each batch and keeps the
+  # hardest samples. PyTorch runs its TensorFlow ops eagerly, with the same
+  # result as TensorFlow's traced step; JAX's compiled step refuses it.
+  result = _run(_REHEARSAL, backend)
+  if backend == "jax":
+    assert "Invalid value for argument `rehearsal`" in result["error"]
+    return
+  expected = _run(_REHEARSAL, backend="tensorflow")
+  assert "error" not in expected and "error" not in result, result
+  _close(result["loss"], expected["loss"])
+  _close(result["weights"], expected["weights"])
+  for got, want in zip(result["buffer"], expected["buffer"]):
+    _close(got, want)
+  assert result["incoming"][1:] == expected["incoming"][1:]
+  _close(result["incoming"][0], expected["incoming"][0])
+
+
+def test_torch_export_writes_one_program_per_head_and_skips_raw_inputs(
+    torch_backend, tmp_path):
+  # PyTorch's export: `serve.pt2` and one program per head, each equal to
+  # the model's (sliced) outputs; a model with a preprocessor is skipped
+  # with a warning, nothing written.
+  result = _run(backend=torch_backend, code=f"""
+      import torch
+      from keras_mas.experiments import export
+      model = mlp(outputs=4)
+      path = os.path.join({str(tmp_path)!r}, "e")
+      export.ServingExport(model, (5,)).write(path, heads={{"b": (1, 3)}})
+      x = torch.tensor(np.random.default_rng(0).normal(
+          size=(7, 5)).astype("float32"))
+      want = numpy(model(x, training=False))
+      got = {{name: numpy(torch.export.load(os.path.join(
+          path, name + ".pt2")).module()(x)) for name in ("serve", "b")}}
+      model.preprocessor = lambda inputs: inputs
+      raw = os.path.join({str(tmp_path)!r}, "raw")
+      export.ServingExport(model, (5,)).write(raw)
+      emit({{"files": sorted(os.listdir(path)),
+             "serve": np.abs(got["serve"] - want).max().item(),
+             "head": np.abs(got["b"] - want[:, 1:3]).max().item(),
+             "raw": os.path.exists(raw)}})
+  """)
+  assert result["files"] == ["b.pt2", "serve.pt2"]
+  assert result["serve"] < 1e-6 and result["head"] < 1e-6
+  assert not result["raw"]

@@ -69,6 +69,9 @@ _TRAINABLE, _NON_TRAINABLE, _OPTIMIZER, _METRICS = range(4)
 def train_step(model, state, data):
   """One training step of the `MASModel` `model`, stateless.
 
+  The model has no rehearsal buffer (`MASModel.rehearsal` refuses one on
+  JAX).
+
   Args:
     model: the `MASModel`, whose MAS state exists (`make_train_function`
       creates it before tracing).
@@ -77,15 +80,7 @@ def train_step(model, state, data):
 
   Returns:
     `(logs, state)`, as Keras's `JAXTrainer.train_step` returns them.
-
-  Raises:
-    ValueError: if the model has a rehearsal buffer (TensorFlow only).
   """
-  if model.rehearsal is not None:
-    raise ValueError(
-        "Invalid value for argument `rehearsal`. Expected None on the JAX "
-        "backend: rehearsal buffers run inside TensorFlow's train step only. "
-        f"Received: rehearsal={model.rehearsal!r}")
   trainable, non_trainable, optimizer_values, metrics_values = state
   optimizer = model.optimizer
   values = _Values([(model.trainable_variables, trainable),

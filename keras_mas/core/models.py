@@ -506,7 +506,9 @@ class MASModel(keras.Model):
     prequential accuracy is that of the model with dropout on). Task-free
     learning (`keras_mas.task_free`) sets it. Setting it retraces the train
     step; saving does not keep it. Not supported under a distribution
-    strategy.
+    strategy, nor on JAX: the methods are written in TensorFlow ops, traced
+    into TensorFlow's step and run eagerly in PyTorch's (on copies of the
+    batch), while JAX compiles its step whole.
     """
     return self._rehearsal
 
@@ -518,6 +520,11 @@ class MASModel(keras.Model):
           "Invalid value for argument `rehearsal`. Expected None or an "
           "object with `join` and `update` methods. Received: "
           f"rehearsal={buffer!r}")
+    if buffer is not None and _JAX:
+      raise ValueError(
+          "Invalid value for argument `rehearsal`. Expected None on the JAX "
+          "backend: rehearsal buffers run inside TensorFlow's and PyTorch's "
+          f"train steps only. Received: rehearsal={buffer!r}")
     if buffer is not None and _replicas(self) > 1:
       raise ValueError(
           "Invalid value for argument `rehearsal`. Expected no distribution "

@@ -69,20 +69,13 @@ def train_step(model, data, task_loss, make_terms):
   Returns:
     The metrics' results, as Keras's `train_step` returns them.
 
-  Raises:
-    ValueError: on PyTorch, if the model has a rehearsal buffer (its buffer
-      is written in TensorFlow).
   """
   x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
   rehearsal = model.rehearsal
   if rehearsal is not None:
-    if not _backend.TENSORFLOW:
-      raise ValueError(
-          "Invalid value for argument `rehearsal`. Expected None on the "
-          f"{_backend.NAME} backend: rehearsal buffers run inside "
-          f"TensorFlow's train step only. Received: rehearsal={rehearsal!r}")
-    incoming = tf.shape(tf.nest.flatten(x)[0])[0]
-    x, y, sample_weight = rehearsal.join(x, y, sample_weight)
+    incoming = _batch_size(x)
+    x, y, sample_weight = _in_tensorflow(rehearsal.join,
+                                         (x, y, sample_weight))
   optimizer = model.optimizer
   y_pred, loss, variables, gradients = _differentiated(
       model, x, y, sample_weight, task_loss)
@@ -152,12 +145,29 @@ def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
       whole_batch_loss + penalty, sample_weight=_batch_size(x))
   model.task_loss_tracker.update_state(whole_batch_loss)
   if rehearsal is not None:
-    rehearsal.update(x, y, y_pred, incoming)
+    _in_tensorflow(lambda *args: rehearsal.update(*args, incoming),
+                   (x, y, y_pred))
     x, y, y_pred = tf.nest.map_structure(lambda t: t[:incoming],
                                          (x, y, y_pred))
     if sample_weight is not None:
       sample_weight = sample_weight[:incoming]
   return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def _in_tensorflow(function, tensors):
+  """`function(*tensors)`, written in TensorFlow ops (a rehearsal buffer's
+  `join` and `update`). On TensorFlow it is traced into the step; on
+  PyTorch it runs eagerly on copies of the tensors' values (the buffer's
+  samples stay in TensorFlow variables), and its tensors come back as
+  PyTorch's."""
+  if _backend.TENSORFLOW:
+    return function(*tensors)
+  result = function(*tf.nest.map_structure(
+      lambda t: None if t is None else tf.convert_to_tensor(
+          keras.ops.convert_to_numpy(t)), tensors))
+  return tf.nest.map_structure(
+      lambda t: None if t is None else keras.ops.convert_to_tensor(
+          t.numpy()), result)
 
 
 def _batch_size(x):

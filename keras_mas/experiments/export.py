@@ -6,9 +6,11 @@ endpoint (`serve.pt2`, and one per head), loaded with plain PyTorch's
 `torch.export.load(path).module()`.
 """
 
+import functools
 import os
 import shutil
 
+from absl import logging
 import keras
 import tensorflow as tf
 
@@ -42,8 +44,8 @@ class ServingExport:
 
   On PyTorch, `path` holds `serve.pt2` and `<head>.pt2` for each head:
   `torch.export.load(os.path.join(path, "serve.pt2")).module()(images)`.
-  Programs of models with a preprocessor are not offered there (strings do
-  not pass through `torch.export`).
+  A model with a preprocessor is not exported there (a warning says so):
+  strings do not pass through `torch.export`.
 
   Args:
     model: the Keras model.
@@ -77,38 +79,37 @@ class ServingExport:
       return
     if self._archive is None or heads != self._heads:
       self._archive, self._heads = self._traced(heads), heads
-    staging = f"{path}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    self._archive.write_out(staging, verbose=False)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(staging, path)
+    _written_in_place(path, lambda staging: self._archive.write_out(
+        staging, verbose=False))
 
   def _write_programs(self, path, heads):
-    """PyTorch: one `torch.export` program per endpoint, batch size free."""
+    """PyTorch: one `torch.export` program per endpoint, batch size free.
+
+    A model with a preprocessor is not exported (a warning says so): its
+    inputs, strings or raw images, do not pass through `torch.export`.
+    """
     import torch  # pylint: disable=g-import-not-at-top
 
     model = self.model
-    if (getattr(model, "preprocessor", None) is not None
-        or self.spec.dtype != tf.float32):
-      raise ValueError(
-          "Invalid value for argument `model`. Expected a model without a "
-          "preprocessor on the PyTorch backend: its export (`torch.export`) "
-          "takes tensors, not strings. Received: model "
-          f"'{model.name}' with preprocessor {model.preprocessor!r}")
-    staging = f"{path}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    sample = (torch.zeros((2,) + tuple(self.spec.shape[1:])),)
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None or self.spec.dtype != tf.float32:
+      logging.warning(
+          "Not exported to %s: on the PyTorch backend keras_mas exports "
+          "`torch.export` programs, which take tensors; model '%s' takes "
+          "raw inputs through its preprocessor %r.", path, model.name,
+          preprocessor)
+      return
+    sample = (keras.ops.zeros((2,) + tuple(self.spec.shape[1:])),)
     batch = ({0: torch.export.Dim("batch", min=1)},)
-    endpoints = {"serve": None, **heads}
-    for name, window in endpoints.items():
-      program = torch.export.export(_Endpoint(model, window), sample,
-                                    dynamic_shapes=batch, strict=False)
-      torch.export.save(program, os.path.join(staging, f"{name}.pt2"))
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(staging, path)
+
+    def write(staging):
+      os.makedirs(staging)
+      for name, window in {"serve": None, **heads}.items():
+        program = torch.export.export(_endpoint_type()(model, window), sample,
+                                      dynamic_shapes=batch, strict=False)
+        torch.export.save(program, os.path.join(staging, f"{name}.pt2"))
+
+    _written_in_place(path, write)
 
   def _traced(self, heads):
     model = self.model
@@ -132,7 +133,21 @@ class ServingExport:
     return archive
 
 
-def _endpoint_class():
+def _written_in_place(path, write):
+  """`write(directory)` into a directory beside `path`, then renamed to
+  `path` (replacing it): the directory appears complete or not at all."""
+  staging = f"{path}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  write(staging)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.rename(staging, path)
+
+
+@functools.cache
+def _endpoint_type():
+  """The PyTorch module of one endpoint (made when first needed: PyTorch is
+  imported on its backend only)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   class Endpoint(torch.nn.Module):
@@ -150,10 +165,6 @@ def _endpoint_class():
       return outputs
 
   return Endpoint
-
-
-def _Endpoint(model, window):  # pylint: disable=invalid-name
-  return _endpoint_class()(model, window)
 
 
 def export_serving(model, path, input_shape, heads=None):

@@ -66,8 +66,8 @@ def _chunked_sums(per_chunk, tree, n, chunk, zeros):
 
 
 def _zeros(variables):
-  return [torch.zeros(tuple(v.shape), dtype=torch.float32)
-          for v in variables]
+  """float32 zeros shaped like `variables`, on Keras's device."""
+  return [ops.zeros(tuple(v.shape), "float32") for v in variables]
 
 
 def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
@@ -80,7 +80,7 @@ def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
   def probe(i, z):
     # Created at the unit's first call, shaped like its pre-activation.
     probes.setdefault(i, []).append(
-        torch.zeros(tuple(z.shape), dtype=torch.float32, requires_grad=True))
+        torch.zeros_like(z, dtype=torch.float32, requires_grad=True))
     return probes[i][-1]
 
   inputs = [[] for _ in units]
@@ -123,7 +123,7 @@ def global_step(model, per_sample, objective, transform, labels="none",
     elif labels == "sampled":
       logits = _functional.logits(
           _outputs(model, trainable, non_trainable, x), output_fn)
-      generator = torch.Generator().manual_seed(
+      generator = torch.Generator(device=logits.device).manual_seed(
           int(seed) * 1_000_003 + int(logits.shape[0]))
       y = torch.multinomial(torch.softmax(logits, dim=-1), 1,
                             generator=generator)[:, 0].to(torch.int32)
