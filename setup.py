@@ -33,7 +33,7 @@ setuptools.setup(
         # in tests/model_zoo_test.py.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "psutil>=5.9", "keras-hub>=0.32"],
-        # Keras's JAX backend (KERAS_BACKEND=jax); tests/backend_jax_test.py
+        # Keras's JAX backend (KERAS_BACKEND=jax); tests/backends_test.py
         # ran on jax 0.10.2 (the newest for Python 3.11 on the index here).
         "jax": ["jax>=0.4.30"],
         # Keras's PyTorch backend (KERAS_BACKEND=torch): tests/backends_test.py

@@ -623,3 +623,25 @@ def test_torch_export_writes_one_program_per_head_and_skips_raw_inputs(
   assert result["files"] == ["b.pt2", "serve.pt2"]
   assert result["serve"] < 1e-6 and result["head"] < 1e-6
   assert not result["raw"]
+
+
+@pytest.mark.parametrize("frozen_backend", ["tensorflow", _JAX, _TORCH])
+def test_fit_with_every_layer_frozen_changes_nothing(frozen_backend):
+  # Nothing to differentiate: the step still runs and logs the penalty.
+  result = _run(backend=frozen_backend, code="""
+      model = mlp(keras_mas.MASModel)
+      model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+          from_logits=True))
+      x = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+      model.consolidate(x, strength=1.0)
+      for v, _, anchor in model.mas_variables:
+        anchor.assign(np.zeros(v.shape, "float32"))
+      before = [numpy(v) for v in model.weights]
+      for layer in model.layers:
+        layer.trainable = False
+      history = model.fit(x, np.arange(16) % 3, epochs=1, verbose=0).history
+      emit({"same": all(np.array_equal(a, numpy(v))
+                        for a, v in zip(before, model.weights)),
+            "penalty": history["mas_penalty"][-1]})
+  """)
+  assert result["same"] and result["penalty"] > 0

@@ -128,9 +128,10 @@ class DivergenceGuard(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     loss = (logs or {}).get("loss")
     finite = loss is None or np.isfinite(loss)
-    # One reduction per variable, no copy to the host.
+    # One reduction per variable on the backend's device, no copy to the
+    # host.
     finite = finite and all(
-        bool(tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))))
+        bool(keras.ops.all(keras.ops.isfinite(v)))
         for v in self.model.trainable_variables)
     if finite:
       return

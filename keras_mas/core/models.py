@@ -725,7 +725,8 @@ class MASModel(keras.Model):
 
   def test_step(self, *args):
     if not _TF:
-      # JAX: `test_step(state, data)`; the penalty is in `compute_loss`.
+      # Keras's step (on JAX `test_step(state, data)`); the penalty is in
+      # `compute_loss`. No replicas to reshape logs for.
       return super().test_step(*args)
     return self._replica_logs(super().test_step(*args))
 

@@ -75,12 +75,12 @@ def proximal_step(targets, importances, anchors, rate):
 
   Args:
     targets: the variables θ.
-    importances: Ω, one per target.
-    anchors: θ*, one per target.
+    importances: Ω, variables, one per target.
+    anchors: θ*, variables, one per target.
     rate: `2·η·λ`, so that `c = rate·Ω`.
   """
   for v, omega, anchor in zip(targets, importances, anchors):
-    c = rate * omega
+    c = rate * omega.value
     v.assign(ops.cast((ops.cast(v, "float32") + c * anchor.value) / (1.0 + c),
                       v.dtype))
 

@@ -36,7 +36,8 @@ class Step:
 
   Attributes:
     variables: the model's trainable variables, in the optimizer's order.
-    task_gradients: the (scaled) task loss's gradients, as the tape gave them.
+    task_gradients: the (scaled) task loss's gradients, as the tape
+      (TensorFlow) or autograd (PyTorch) gave them.
     gradients: what the optimizer will apply; terms may change entries.
     optimizer: the model's optimizer.
     loss_scale: the optimizer's loss scale (1 without mixed precision).
@@ -103,8 +104,9 @@ def _differentiated(model, x, y, sample_weight, task_loss):
     model.zero_grad()
     loss = task_loss(x, y, y_pred, sample_weight)
     scaled_loss = optimizer.scale_loss(loss) if optimizer is not None else loss
-    scaled_loss.backward()
     variables = model.trainable_variables
+    if variables:  # All frozen: nothing to differentiate (as the tape).
+      scaled_loss.backward()
     return y_pred, loss, variables, [v.value.grad for v in variables]
   with tf.GradientTape() as tape:
     y_pred = _forward(model, x)
@@ -134,7 +136,8 @@ def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
   terms = make_terms()
   for term in terms:
     term.before_update(step)
-  optimizer.apply_gradients(zip(step.gradients, variables))
+  if variables:  # Keras's optimizer refuses an empty update.
+    optimizer.apply_gradients(zip(step.gradients, variables))
   for term in terms:
     term.after_update(step)
 
@@ -157,14 +160,16 @@ def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
 def _in_tensorflow(function, tensors):
   """`function(*tensors)`, written in TensorFlow ops (a rehearsal buffer's
   `join` and `update`). On TensorFlow it is traced into the step; on
-  PyTorch it runs eagerly on copies of the tensors' values (the buffer's
-  samples stay in TensorFlow variables), and its tensors come back as
-  PyTorch's."""
+  PyTorch it runs eagerly on host copies of the tensors' values (the
+  buffer's samples stay in TensorFlow variables), Keras's own ops inside it
+  (the buffer's loss) on the CPU, and its tensors come back as PyTorch's on
+  Keras's device."""
   if _backend.TENSORFLOW:
     return function(*tensors)
-  result = function(*tf.nest.map_structure(
-      lambda t: None if t is None else tf.convert_to_tensor(
-          keras.ops.convert_to_numpy(t)), tensors))
+  with keras.device("cpu"):
+    result = function(*tf.nest.map_structure(
+        lambda t: None if t is None else tf.convert_to_tensor(
+            keras.ops.convert_to_numpy(t)), tensors))
   return tf.nest.map_structure(
       lambda t: None if t is None else keras.ops.convert_to_tensor(
           t.numpy()), result)

@@ -25,7 +25,8 @@ class ServingExport:
   A run exports after every task; the endpoints stay the same while the
   heads do (domain-incremental runs: always), so the traced archive is kept
   and only the current weights are written, which costs less than tracing
-  a fresh archive (benchmarks/CHOICES.md).
+  a fresh archive (benchmarks/CHOICES.md). On PyTorch each `write` exports
+  `torch.export` programs afresh (see below).
 
   Example:
 
@@ -42,8 +43,9 @@ class ServingExport:
   come from TensorFlow Text, so `import tensorflow_text` before
   `tf.saved_model.load` of such an export.
 
-  On PyTorch, `path` holds `serve.pt2` and `<head>.pt2` for each head:
-  `torch.export.load(os.path.join(path, "serve.pt2")).module()(images)`.
+  On PyTorch, `path` holds `serve.pt2` and `<head>.pt2` for each head, for
+  the CPU: `torch.export.load(os.path.join(path, "serve.pt2")).module()(x)`
+  (`torch.export.passes.move_to_device_pass` moves a program to a GPU).
   A model with a preprocessor is not exported there (a warning says so):
   strings do not pass through `torch.export`.
 
@@ -63,7 +65,8 @@ class ServingExport:
     self._archive = None
 
   def write(self, path, heads=None):
-    """Writes a SavedModel with a `serve` signature and one per task head.
+    """Writes a SavedModel with a `serve` signature and one per task head
+    (on PyTorch: a program each).
 
     The directory appears complete or not at all: it is written beside
     `path` and renamed into place.
@@ -89,15 +92,16 @@ class ServingExport:
     inputs, strings or raw images, do not pass through `torch.export`.
     """
     import torch  # pylint: disable=g-import-not-at-top
+    from torch.export import passes  # pylint: disable=g-import-not-at-top
 
     model = self.model
-    preprocessor = getattr(model, "preprocessor", None)
-    if preprocessor is not None or self.spec.dtype != tf.float32:
+    if (getattr(model, "preprocessor", None) is not None
+        or self.spec.dtype != tf.float32):
       logging.warning(
           "Not exported to %s: on the PyTorch backend keras_mas exports "
           "`torch.export` programs, which take tensors; model '%s' takes "
-          "raw inputs through its preprocessor %r.", path, model.name,
-          preprocessor)
+          "raw inputs (strings or images through a preprocessor).", path,
+          model.name)
       return
     sample = (keras.ops.zeros((2,) + tuple(self.spec.shape[1:])),)
     batch = ({0: torch.export.Dim("batch", min=1)},)
@@ -107,6 +111,9 @@ class ServingExport:
       for name, window in {"serve": None, **heads}.items():
         program = torch.export.export(_endpoint_type()(model, window), sample,
                                       dynamic_shapes=batch, strict=False)
+        # Traced where Keras computes (a GPU, if any); saved for the CPU,
+        # where a program is loaded by default.
+        program = passes.move_to_device_pass(program, "cpu")
         torch.export.save(program, os.path.join(staging, f"{name}.pt2"))
 
     _written_in_place(path, write)
@@ -168,7 +175,8 @@ def _endpoint_type():
 
 
 def export_serving(model, path, input_shape, heads=None):
-  """Writes a SavedModel with a `serve` signature and one per task head.
+  """Writes a SavedModel with a `serve` signature and one per task head
+  (on PyTorch: `torch.export` programs, see `ServingExport`).
 
   The directory appears complete or not at all: it is written beside `path`
   and renamed into place. To export one model repeatedly, keep a

@@ -3,7 +3,9 @@
 Task-free MAS rehearses each incoming batch with a small buffer of the
 samples the model found hardest (highest loss) and measures importance on
 it at each plateau. The buffer is a `MASModel.rehearsal`: joined to each
-batch and updated in the traced train step, on `tf.Variable`s.
+batch and updated in the traced train step, on `tf.Variable`s (on PyTorch
+the same TensorFlow ops run eagerly in its step, on host copies of the
+batch; JAX refuses a buffer).
 """
 
 import keras
@@ -41,8 +43,9 @@ class HardBuffer:
   stay (`update`, `tf.math.top_k`). A sample the model has learned leaves;
   one it still gets wrong stays and is rehearsed again. On equal losses
   the incoming (newer) sample wins. All of it runs in the traced train
-  step, on `tf.Variable`s made at the first batch (their batch axis is
-  open, so the buffer grows while it fills without a retrace).
+  step (on PyTorch: eagerly, on host copies of the batch), on
+  `tf.Variable`s made at the first batch (their batch axis is open, so the
+  buffer grows while it fills without a retrace).
 
   With `updates_per_batch = k > 1`, each incoming batch is followed in the
   dataset by `k − 1` *empty* batches (`repeat_updates` makes them): each
@@ -63,8 +66,8 @@ class HardBuffer:
   Args:
     capacity: the most samples kept.
     loss_fn: `fn(labels, outputs) -> per-sample losses` on tensors (it
-      runs in the train step); default: sparse categorical cross-entropy
-      of logits.
+      runs in the train step; on PyTorch on the CPU); default: sparse
+      categorical cross-entropy of logits.
     rehearse: join the buffer to each batch. False: the buffer is kept
       (the hardest incoming samples, for importance) but not trained on.
     updates_per_batch: train steps on each incoming batch (see above).
