@@ -182,6 +182,7 @@ def local_sums(model, units, output_fn, base, x, n, abs_grad_sums):
       the model's output.
   """
   layer_units = [u for u in units if u.layer is not None]
+  values = {id(v): value for v, value in base}
   records = {}
   with keras.StatelessScope(state_mapping=base):
     with recording(layer_units, records):
@@ -207,7 +208,7 @@ def local_sums(model, units, output_fn, base, x, n, abs_grad_sums):
         unit.layer, own, [(v, value) for v, value in base
                           if id(v) not in own_ids],
         unit_records, flat, mapped, outputs_of_model, output_fn)
-    own_values = [value for v, value in base if id(v) in own_ids]
+    own_values = [values[id(v)] for v in own]
     sums.update(zip((id(v) for v in own), abs_grad_sums(
         objective, own_values, batched, n, chunk(own))))
   if output_fn is not None and not found_output:
@@ -225,7 +226,7 @@ def local_sums(model, units, output_fn, base, x, n, abs_grad_sums):
         return _norm(model(keras.tree.map_structure(
             lambda t: t[None], x_k), training=False))
 
-    own_values = [value for v, value in base if id(v) in own_ids]
+    own_values = [values[id(v)] for v in own]
     sums.update(zip((id(v) for v in own), abs_grad_sums(
         model_objective, own_values, x, n, chunk(own))))
   return [sums.get(id(v), ops.zeros(v.shape, "float32"))
