@@ -110,13 +110,17 @@ def global_step(model, per_sample, objective, transform, labels="none",
   def loss(trainable, non_trainable, x, y):
     return objective(_outputs(model, trainable, non_trainable, x), y)
 
+  widths = []  # The logits' width, read from the first batch's first sample.
+
   def step(trainable, non_trainable, batch):
     x = batch[0]
     y = batch[1] if len(batch) > 1 else None
     if labels == "given":
-      classes = _functional.logits(
-          _outputs(model, trainable, non_trainable, _one_of(x)),
-          output_fn).shape[-1]
+      if not widths:
+        widths.append(_functional.logits(
+            _outputs(model, trainable, non_trainable, _one_of(x)),
+            output_fn).shape[-1])
+      classes = widths[0]
       flat = torch.reshape(y, (-1,))
       if not bool(torch.all((flat >= 0) & (flat < classes))):
         return None, False
