@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras_mas import _backend
 from keras_mas import importance as importance_lib
 from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.core import exact_state
 from keras_mas.core import multi_worker
 from keras_mas.core import path_integral as path_integral_lib
 from keras_mas.core import penalty as penalty_lib
@@ -127,6 +128,9 @@ class MASModel(keras.Model):
     self._penalty_log_interval = 1
     # Not tracked by Keras: a buffer is the stream's state, not the model's.
     object.__setattr__(self, "_rehearsal", None)
+    # LoRA factors and seed states, which Keras's saving changes or drops:
+    # saved and loaded by Keras as a private entry, after the layers.
+    object.__setattr__(self, "_exact_state", exact_state.ExactState(self))
     if self.built:
       self._ensure_mas_state()
 
@@ -171,11 +175,11 @@ class MASModel(keras.Model):
           f"Received: unbuilt model '{model.name}'"
       )
     name = name or model.name
-    if getattr(model, "preprocessor", None) is None and (
-        isinstance(model, keras.Sequential) or _is_functional(model)):
+    if getattr(model, "preprocessor", None) is None and _is_plain_graph(model):
       return cls(inputs=model.inputs, outputs=model.outputs, name=name)
-    # Subclassed, or holding a preprocessor (a KerasHub task): wrapped, so
-    # that the preprocessor stays with it.
+    # Subclassed, holding a preprocessor, or a class with its own config (a
+    # KerasHub task): wrapped, so that the model is saved and rebuilt by its
+    # own class.
     return WrappedMASModel(model, name=name)  # pylint: disable=undefined-variable
 
   # ------------------------------------------------------------------------
@@ -877,8 +881,21 @@ def _functional_init_arguments(args, kwargs):
           or ("inputs" in kwargs and "outputs" in kwargs))
 
 
-def _is_functional(model):
-  return hasattr(model, "_operations") and hasattr(model, "_run_through_graph")
+def _is_plain_graph(model):
+  """Whether `model` is a Sequential or functional model whose graph alone
+  (Keras's own config) rebuilds it.
+
+  A subclass with a config of its own (a KerasHub `CausalLM`, say) is not:
+  rebuilt from its graph, a layer it reuses from inside another one (the
+  backbone's token embedding as the output projection) would come back as a
+  second, separate layer with variables of its own.
+  """
+  if isinstance(model, keras.Sequential):
+    return type(model).get_config is keras.Sequential.get_config
+  return (hasattr(model, "_operations")
+          and hasattr(model, "_run_through_graph")
+          and type(model).get_config is Functional.get_config
+          and type(model).from_config.__func__ is Functional.from_config.__func__)
 
 
 @keras.saving.register_keras_serializable(package="keras_mas")

@@ -468,6 +468,8 @@ def _training_inputs(net, task, batch_size):
 def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
                    seed, lora_rank=None):
   if isinstance(model, keras.Model):
+    # The copy's new random-seed states (dropout's) and LoRA factors.
+    keras.utils.set_random_seed(seed)
     copy = checkpoints.copy_model(model, wrap=False)
     if lora_rank:
       copy.backbone.enable_lora(lora_rank)
