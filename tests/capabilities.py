@@ -20,7 +20,8 @@ def channels_first_conv_error():
     tf.nn.conv2d(tf.ones((1, 1, 3, 3)), tf.ones((1, 1, 1, 1)), 1, "SAME",
                  data_format="NCHW")
   except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as e:
-    return e.message.splitlines()[0]
+    # TensorFlow wraps the reason in the op's names: keep the sentence.
+    return e.message.split("}}")[-1].split("[Op:")[0].strip()
   return None
 
 

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from keras_mas import export
 from keras_mas import tasks
 from keras_mas import training
+import tolerances
 
 _SERVE = textwrap.dedent("""
     import sys
@@ -54,13 +55,11 @@ def test_task_incremental_export_serves_every_head(tmp_path):
       os.path.join(workdir, "export", "task_1"), x, tmp_path)
   assert set(served) == {"serve", "serving_default", "task_0", "task_1",
                          "seen"}
-  np.testing.assert_allclose(served["serve"], expected, rtol=1e-5, atol=1e-6)
+  tolerances.assert_close(served["serve"], expected)
   for k in (0, 1):
     start, stop = sequence.tasks[k].output_slice
-    np.testing.assert_allclose(served[f"task_{k}"], expected[:, start:stop],
-                               rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(served["seen"], expected[:, :6], rtol=1e-5,
-                             atol=1e-6)
+    tolerances.assert_close(served[f"task_{k}"], expected[:, start:stop])
+  tolerances.assert_close(served["seen"], expected[:, :6])
 
 
 def test_export_replaces_an_old_export_whole(tmp_path):
@@ -71,8 +70,7 @@ def test_export_replaces_an_old_export_whole(tmp_path):
   export.export_serving(model, path, (3,))
   x = np.ones((2, 3), "float32")
   served = _serve_in_fresh_process(path, x, tmp_path)
-  np.testing.assert_allclose(served["serve"], model.predict(x, verbose=0),
-                             rtol=1e-6)
+  tolerances.assert_close(served["serve"], model.predict(x, verbose=0))
   assert os.listdir(tmp_path).count("export") == 1
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
@@ -89,10 +87,10 @@ def test_a_kept_exporter_writes_the_current_weights_and_heads(tmp_path):
   x = np.ones((2, 3), "float32")
   expected = model.predict(x, verbose=0)
   second = _serve_in_fresh_process(str(tmp_path / "second"), x, tmp_path)
-  np.testing.assert_allclose(second["serve"], expected, rtol=1e-6)
+  tolerances.assert_close(second["serve"], expected)
   heads = _serve_in_fresh_process(str(tmp_path / "heads"), x, tmp_path)
   assert set(heads) == {"serve", "serving_default", "task_0"}
-  np.testing.assert_allclose(heads["task_0"], expected[:, :2], rtol=1e-6)
+  tolerances.assert_close(heads["task_0"], expected[:, :2])
   first = _serve_in_fresh_process(str(tmp_path / "first"), x, tmp_path)
   assert not np.allclose(first["serve"], expected)
 

@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from keras_mas import hard_buffer  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tolerances  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _crossentropy(labels, logits):
@@ -68,9 +69,8 @@ class TestHardBuffer:
       kept_x, kept_y = ref_x[keep], ref_y[keep]
       np.testing.assert_array_equal(buffer.inputs, kept_x)
       np.testing.assert_array_equal(buffer.labels, kept_y)
-      np.testing.assert_allclose(buffer.losses, losses[keep], rtol=1e-5)
-      np.testing.assert_allclose(buffer.incoming_loss,
-                                 np.mean(losses[:size]), rtol=1e-5)
+      tolerances.assert_close(buffer.losses, losses[keep])
+      tolerances.assert_close(buffer.incoming_loss, np.mean(losses[:size]))
       assert buffer.incoming_count == size
     assert len(buffer) == 7
 

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from keras_mas import importance
 from keras_mas import per_sample
+import tolerances
 
 
 def _mlp(seed=0):
@@ -61,20 +62,14 @@ def _global_loss(model, x):
   return tf.reduce_sum(tf.square(model(x, training=False)))
 
 
-def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
-  assert len(actual) == len(expected)
-  for a, e in zip(actual, expected):
-    np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol)
-
-
 def test_mas_matches_numpy_per_sample_reference_with_short_last_batch():
   model = _mlp()
   x = np.random.default_rng(0).normal(size=(10, 5)).astype("float32")
   dataset = tf.data.Dataset.from_tensor_slices(
       (x, np.zeros(10, "int64"))).batch(4)  # 4 + 4 + 2: short last batch
   expected = _numpy_mas(model, x.astype("float64"))
-  _assert_close(importance.mas(model, dataset), expected)
-  _assert_close(importance.mas(model, x, batch_size=3), expected)
+  tolerances.assert_all_close(importance.mas(model, dataset), expected)
+  tolerances.assert_all_close(importance.mas(model, x, batch_size=3), expected)
 
 
 def test_batched_approximation_matches_numpy():
@@ -82,8 +77,8 @@ def test_batched_approximation_matches_numpy():
   x = np.random.default_rng(1).normal(size=(10, 5)).astype("float32")
   expected = _numpy_mas(model, x.astype("float64"), per_sample=False,
                         batch_size=4)
-  _assert_close(importance.mas(model, x, per_sample=False, batch_size=4),
-                expected)
+  tolerances.assert_all_close(
+      importance.mas(model, x, per_sample=False, batch_size=4), expected)
   exact = importance.mas(model, x)
   # |Σ g| ≤ Σ |g|: the approximation never exceeds the exact value.
   for approx, ex in zip(expected, exact):
@@ -93,8 +88,9 @@ def test_batched_approximation_matches_numpy():
 def test_num_samples_caps_the_data():
   model = _mlp()
   x = np.random.default_rng(2).normal(size=(10, 5)).astype("float32")
-  _assert_close(importance.mas(model, x, num_samples=6, batch_size=4),
-                _numpy_mas(model, x[:6].astype("float64")))
+  tolerances.assert_all_close(
+      importance.mas(model, x, num_samples=6, batch_size=4),
+      _numpy_mas(model, x[:6].astype("float64")))
 
 
 def test_vectorized_path_matches_definition_with_batchnorm_dropout_conv():
@@ -109,7 +105,8 @@ def test_vectorized_path_matches_definition_with_batchnorm_dropout_conv():
   ])
   x = np.random.default_rng(3).normal(size=(7, 6, 6, 2)).astype("float32")
   expected = _tf_per_sample_reference(model, x, _global_loss)
-  _assert_close(importance.mas(model, x, batch_size=3), expected, rtol=1e-4)
+  tolerances.assert_all_close(importance.mas(model, x, batch_size=3),
+                              expected, rtol=1e-4)
 
 
 def test_dense_fast_path_handles_sequences_and_shared_layers():
@@ -123,8 +120,9 @@ def test_dense_fast_path_handles_sequences_and_shared_layers():
   model = keras.Model(inputs, outputs)
   assert _all_closed_form(model)
   x = np.random.default_rng(4).normal(size=(6, 3, 4)).astype("float32")
-  _assert_close(importance.mas(model, x, batch_size=4),
-                _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4)
+  tolerances.assert_all_close(
+      importance.mas(model, x, batch_size=4),
+      _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4)
 
 
 @pytest.mark.parametrize("conv_kwargs", [
@@ -143,9 +141,10 @@ def test_conv2d_fast_path_matches_definition(conv_kwargs):
   ])
   assert _all_closed_form(model)
   x = np.random.default_rng(9).normal(size=(5, 7, 7, 2)).astype("float32")
-  _assert_close(importance.mas(model, x, batch_size=2),
-                _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4,
-                atol=1e-5)
+  tolerances.assert_all_close(
+      importance.mas(model, x, batch_size=2),
+      _tf_per_sample_reference(model, x, _global_loss), rtol=1e-4,
+      atol=1e-5)
 
 
 def test_output_fn_selects_outputs():
@@ -155,7 +154,7 @@ def test_output_fn_selects_outputs():
   def head_loss(m, xs):
     return tf.reduce_sum(tf.square(m(xs, training=False)[:, :2]))
 
-  _assert_close(
+  tolerances.assert_all_close(
       importance.mas(model, x, output_fn=lambda out: out[:, :2]),
       _tf_per_sample_reference(model, x, head_loss), rtol=1e-4)
 
@@ -172,8 +171,9 @@ def test_local_mas_is_hebbian_for_relu_dense():
       2 * np.mean(np.abs(np.einsum("bi,bj->bij", y1, y2)), axis=0),
       2 * np.mean(np.abs(y2), axis=0),
   ]
-  _assert_close(importance.local_mas(model, x.astype("float32"), batch_size=4),
-                expected)
+  tolerances.assert_all_close(
+      importance.local_mas(model, x.astype("float32"), batch_size=4),
+      expected)
 
 
 def test_local_mas_conv_and_batchnorm_match_layerwise_definition():
@@ -190,7 +190,8 @@ def test_local_mas_conv_and_batchnorm_match_layerwise_definition():
     expected += _tf_per_sample_reference(
         layer, inputs,
         lambda l, a: tf.reduce_sum(tf.square(l(a, training=False))))
-  _assert_close(importance.local_mas(model, x), expected, rtol=1e-4)
+  tolerances.assert_all_close(importance.local_mas(model, x), expected,
+                              rtol=1e-4)
 
 
 def test_local_mas_embedding_is_its_rows_own_output():
@@ -206,8 +207,8 @@ def test_local_mas_embedding_is_its_rows_own_output():
   for sample in ids:  # ‖E[ids]‖²: 2·E[r] times the row's count, per sample.
     rows, counts = np.unique(sample, return_counts=True)
     expected[rows] += np.abs(2 * table[rows] * counts[:, None])
-  np.testing.assert_allclose(importance.local_mas(model, ids)[0],
-                             expected / len(ids), rtol=1e-5)
+  tolerances.assert_close(importance.local_mas(model, ids)[0],
+                          expected / len(ids))
 
 
 @pytest.mark.parametrize("estimator", [importance.mas, importance.local_mas])
@@ -228,7 +229,8 @@ def test_importance_pass_changes_no_variable(estimator):
   second = estimator(model, x)
   for b, v in zip(before, model.variables):
     np.testing.assert_array_equal(b, v.numpy())
-  _assert_close(first, [s.numpy() for s in second])  # dropout is off
+  # Dropout is off.
+  tolerances.assert_all_close(first, [s.numpy() for s in second])
 
 
 def test_importance_is_zero_for_unconnected_variables():
@@ -277,8 +279,9 @@ def test_default_batch_holds_about_a_million_input_values():
   assert importance.default_batch_size(np.zeros((9, 224, 224, 3))) == 32
   model = _mlp()
   x = np.random.default_rng(8).normal(size=(70, 5)).astype("float32")
-  _assert_close(importance.mas(model, x),
-                [t.numpy() for t in importance.mas(model, x, batch_size=7)])
+  tolerances.assert_all_close(
+      importance.mas(model, x),
+      [t.numpy() for t in importance.mas(model, x, batch_size=7)])
 
 
 def test_one_trace_per_model_is_not_reported_as_retracing(caplog):

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_mas
+import tolerances
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -61,14 +62,13 @@ def test_a_text_classifier_takes_raw_strings_everywhere(preset):
   # Importance through the preprocessor = importance on what it makes.
   tokens = classifier.preprocessor(tf.constant(_TASK_A[0]))
   expected = keras_mas.importance.mas(net, tokens)
-  for omega, want in zip(net.importances, expected):
-    np.testing.assert_allclose(np.array(omega), np.array(want), rtol=1e-5,
-                               atol=1e-9)
+  tolerances.assert_all_close([np.array(o) for o in net.importances],
+                              [np.array(e) for e in expected])
   assert all(float(np.max(np.array(o))) > 0 for o in net.importances)
   logits = net.predict(_TASK_B[0], verbose=0)
   assert logits.shape == (len(_TASK_B[0]), 2)
-  np.testing.assert_allclose(logits, np.array(classifier(tokens := (
-      classifier.preprocessor(tf.constant(_TASK_B[0]))))), rtol=1e-5)
+  tolerances.assert_close(logits, np.array(classifier(tokens := (
+      classifier.preprocessor(tf.constant(_TASK_B[0]))))))
   del tokens
   history = net.fit(*_TASK_B, epochs=1, batch_size=6, verbose=0)
   assert history.history["mas_penalty"][0] > 0  # The penalty is active.
@@ -308,9 +308,8 @@ def test_an_image_classifier_takes_raw_images_of_any_size(tmp_path):
   net.consolidate(x, strength=1.0)
   expected = keras_mas.importance.mas(
       net, classifier.preprocessor(tf.constant(x)))
-  for omega, want in zip(net.importances, expected):
-    np.testing.assert_allclose(np.array(omega), np.array(want), rtol=1e-5,
-                               atol=1e-9)
+  tolerances.assert_all_close([np.array(o) for o in net.importances],
+                              [np.array(e) for e in expected])
   path = str(tmp_path / "images.keras")
   net.save(path)
   restored = keras.models.load_model(path)

@@ -11,6 +11,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras_mas  # pylint: disable=g-import-not-at-top,wrong-import-position
 from keras_mas import importance  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tolerances  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _RNG = np.random.default_rng(0)
 _X = _RNG.normal(size=(32, 5)).astype("float32")
@@ -101,8 +102,7 @@ def test_accumulate_sum_doubles_and_decay_is_a_convex_combination():
   new = [o.numpy() for o in model.consolidate(other, accumulate="decay",
                                               alpha=0.25)]
   for omega, f, n in zip(model.importances, first, new):
-    np.testing.assert_allclose(omega.numpy(), 0.25 * 2 * f + 0.75 * n,
-                               rtol=1e-5)
+    tolerances.assert_close(omega.numpy(), 0.25 * 2 * f + 0.75 * n)
 
 
 def test_local_mas_consolidation():
@@ -137,14 +137,11 @@ def test_one_train_step_equals_a_hand_written_gradient_tape_step():
 
   history = model.fit(_X, _Y, epochs=1, batch_size=32, verbose=0,
                       shuffle=False)
-  for v, e in zip(model.trainable_variables, expected):
-    np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(history.history["mas_penalty"][0],
-                             float(penalty), rtol=1e-5)
-  np.testing.assert_allclose(history.history["loss"][0], float(total),
-                             rtol=1e-5)
-  np.testing.assert_allclose(history.history["task_loss"][0], float(loss),
-                             rtol=1e-5)
+  tolerances.assert_all_close([v.numpy() for v in model.trainable_variables],
+                              expected)
+  tolerances.assert_close(history.history["mas_penalty"][0], float(penalty))
+  tolerances.assert_close(history.history["loss"][0], float(total))
+  tolerances.assert_close(history.history["task_loss"][0], float(loss))
 
 
 def test_second_task_sees_the_penalty_after_a_traced_first_fit():
@@ -377,9 +374,9 @@ def test_penalty_log_interval_changes_the_logs_not_the_training():
     assert e["task_loss"] == s["task_loss"]
     # Only each epoch's first step is measured (the iteration count never
     # reaches a multiple of 1000 here); the others' loss adds that value.
-    np.testing.assert_allclose(s["mas_penalty"][0], start, rtol=1e-5)
-    np.testing.assert_allclose(
-        s["loss"][0], s["task_loss"][0] + s["mas_penalty"][0], rtol=1e-5)
+    tolerances.assert_close(s["mas_penalty"][0], start)
+    tolerances.assert_close(s["loss"][0],
+                            s["task_loss"][0] + s["mas_penalty"][0])
     assert e["mas_penalty"][0] > start  # The exact mean grows in the epoch.
 
 

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from keras_mas import path_integral  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tolerances  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _zeros_like(v, name):
@@ -38,7 +39,7 @@ def test_integral_is_minus_gradient_times_step_with_loss_scale_undone(
     b.assign([9.0])
     path.after_step(token)
     expected += -g * np.array(step)
-  np.testing.assert_allclose(path.integrals[0].numpy(), expected, rtol=1e-6)
+  tolerances.assert_close(path.integrals[0].numpy(), expected)
   np.testing.assert_array_equal(path.integrals[1].numpy(), [0.0])
   path.restart()
   np.testing.assert_array_equal(path.integrals[0].numpy(), [0.0, 0.0])

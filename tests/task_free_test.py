@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from keras_mas import task_free
+import tolerances
 
 
 
@@ -108,9 +109,8 @@ class TestFit:
     assert learner.consolidations == [12]
     assert len(learner.buffer) == 15
     expected = importance.mas(net, learner.buffer.inputs)
-    for omega, reference in zip(net.importances, expected):
-      np.testing.assert_allclose(omega.numpy(), reference.numpy(), rtol=1e-5,
-                                 atol=1e-7)
+    tolerances.assert_all_close([o.numpy() for o in net.importances],
+                                [e.numpy() for e in expected])
     for anchor, weight in zip(net.anchors, net.trainable_variables):
       np.testing.assert_array_equal(anchor.numpy(), weight.numpy())
 
