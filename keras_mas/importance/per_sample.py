@@ -34,10 +34,13 @@ is looked through to its sublayers.
 
 import contextlib
 import functools
+import sys
+import weakref
 
 import keras
 from keras import ops
 from keras.src.backend import AutocastScope
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["CLOSED_FORM_LAYERS", "Fallback", "ModelFallback", "Unit",
@@ -559,20 +562,293 @@ class EmbeddingUnit(Unit):
 
   def sums(self, records, deltas, transform):
     table = self.layer._embeddings
+    return {id(table): _row_sums([r.saved for r in records],
+                                 [d[0] for d in deltas], table.shape,
+                                 transform)}
+
+
+def _row_sums(ids, deltas, shape, transform):
+  """`Σ_k f(g_k)` for a table whose rows a sample looks up: `g_k` holds, in
+  each row, the sum of `δ` over the sample's positions that read it.
+
+  Args:
+    ids: the row indices of each call, `(batch, ...)`.
+    deltas: the gradients at each call's looked-up rows, `(batch, ..., width)`.
+    shape: the table's `(rows, width)`.
+    transform: `f`.
+  """
+  rows, width = shape
+  ids = tf.concat([tf.reshape(tf.cast(i, tf.int64), [tf.shape(i)[0], -1])
+                   for i in ids], axis=1)
+  grads = tf.concat([tf.reshape(_f32(d), [tf.shape(d)[0], -1, width])
+                     for d in deltas], axis=1)
+  sample = tf.broadcast_to(
+      tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None],
+      tf.shape(ids, out_type=tf.int64))
+  keys, slot = tf.unique(tf.reshape(sample * rows + ids, [-1]))
+  per_sample_rows = tf.math.unsorted_segment_sum(
+      tf.reshape(grads, [-1, width]), slot, tf.shape(keys)[0])
+  return tf.math.unsorted_segment_sum(transform(per_sample_rows), keys % rows,
+                                      rows)
+
+
+def _keras_hub_layer(name):
+  """KerasHub's layer class `name` if KerasHub is in use, else None (a model
+  with KerasHub layers has imported it; nothing here imports it)."""
+  keras_hub = sys.modules.get("keras_hub")
+  return getattr(getattr(keras_hub, "layers", None), name, None)
+
+
+class ReversibleEmbeddingUnit(Unit):
+  """`ReversibleEmbedding`, a language model's token table, called forward
+  (rows of the sample's ids, as `Embedding`) and in reverse (the logits
+  `h·Eᵀ`, or `h·R` with an untied output table): with tied tables, each
+  sample's gradient adds both before `f` is taken."""
+
+  @classmethod
+  def handles(cls, layer):
+    return (_plain(layer, keras.layers.ReversibleEmbedding)
+            and not layer.lora_enabled and layer.quantization_mode is None)
+
+  @classmethod
+  def parameters(cls, layer):
+    return [layer._embeddings] + (
+        [] if layer.tie_weights else [layer.reverse_embeddings])
+
+  def _reverse(self, hidden):
+    """The logits before and after the soft cap, as the layer computes them."""
+    layer = self.layer
+    kernel = (ops.transpose(layer._embeddings) if layer.tie_weights
+              else layer.reverse_embeddings)
+    if layer.reverse_dtype is not None:
+      hidden = ops.cast(hidden, layer.reverse_dtype)
+      kernel = ops.cast(kernel, layer.reverse_dtype)
+    z = ops.matmul(hidden, kernel)
+    cap = layer.logit_soft_cap
+    return z, (z if cap is None else ops.tanh(z / cap) * cap)
+
+  def recording_call(self, records):
+    original = functools.partial(type(self.layer).call, self.layer)
+
+    def call(inputs, reverse=False):
+      if not reverse:
+        output = original(inputs)
+        records.append(_Record(("ids", inputs), [output], output))
+        return output
+      z, output = self._reverse(inputs)
+      records.append(_Record(("hidden", inputs), [z], output))
+      return output
+
+    return call
+
+  def recompute(self, record):
+    kind, saved = record.saved
+    with _as_called(self.layer):
+      if kind == "ids":
+        output = type(self.layer).call(self.layer, saved)
+        return _Record(record.saved, [output], output)
+      z, output = self._reverse(tf.stop_gradient(saved))
+    return _Record(record.saved, [z], output)
+
+  def sums(self, records, deltas, transform):
+    layer = self.layer
+    table = layer._embeddings
+    calls = {"ids": ([], []), "hidden": ([], [])}
+    for r, d in zip(records, deltas):
+      calls[r.saved[0]][0].append(r.saved[1])
+      calls[r.saved[0]][1].append(d[0])
+    (ids, row_deltas), (hidden, logit_deltas) = calls["ids"], calls["hidden"]
+    sums = {}
+    if not layer.tie_weights:
+      reverse = layer.reverse_embeddings
+      if hidden and _measured(self, reverse):
+        sums[id(reverse)] = _outer_sums(hidden, logit_deltas, transform)
+      if ids and _measured(self, table):
+        sums[id(table)] = _row_sums(ids, row_deltas, table.shape, transform)
+      return sums
+    if not _measured(self, table):
+      return sums
+    if not hidden:
+      sums[id(table)] = _row_sums(ids, row_deltas, table.shape, transform)
+      return sums
     rows, width = table.shape
-    ids = tf.concat([tf.reshape(tf.cast(r.saved, tf.int64),
-                                [tf.shape(r.saved)[0], -1]) for r in records],
-                    axis=1)
-    grads = tf.concat([tf.reshape(_f32(d[0]), [tf.shape(d[0])[0], -1, width])
-                       for d in deltas], axis=1)
-    sample = tf.broadcast_to(
-        tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None],
-        tf.shape(ids, out_type=tf.int64))
-    keys, slot = tf.unique(tf.reshape(sample * rows + ids, [-1]))
-    per_sample_rows = tf.math.unsorted_segment_sum(
-        tf.reshape(grads, [-1, width]), slot, tf.shape(keys)[0])
-    return {id(table): tf.math.unsorted_segment_sum(
-        transform(per_sample_rows), keys % rows, rows)}
+
+    def positions(tensors, last):
+      return tf.concat([tf.reshape(_f32(t), [tf.shape(t)[0], -1, last])
+                        for t in tensors], axis=1)
+
+    tensors = [positions(hidden, width), positions(logit_deltas, rows)]
+    if ids:
+      tensors += [tf.concat([tf.reshape(tf.cast(i, tf.int64),
+                                        [tf.shape(i)[0], -1]) for i in ids],
+                            axis=1), positions(row_deltas, width)]
+
+    def per_chunk(h, dz, *looked_up):
+      g = tf.einsum("bpv,bpd->bvd", dz, h)  # ∂(h·Eᵀ)/∂E, per sample.
+      if looked_up:
+        i, r = looked_up
+        sample = tf.broadcast_to(
+            tf.range(tf.shape(i, out_type=tf.int64)[0])[:, None],
+            tf.shape(i, out_type=tf.int64))
+        g = tf.tensor_scatter_nd_add(
+            g, tf.reshape(tf.stack([sample, i], axis=-1), [-1, 2]),
+            tf.reshape(r, [-1, width]))
+      return [tf.reduce_sum(transform(g), axis=0)]
+
+    sums[id(table)] = _chunked_sum(per_chunk, tensors, rows * width)[0]
+    return sums
+
+
+class PositionEmbeddingUnit(Unit):
+  """KerasHub's learned `PositionEmbedding`: per sample, `δ` at each
+  position added to that position's row."""
+
+  @classmethod
+  def handles(cls, layer):
+    kind = _keras_hub_layer("PositionEmbedding")
+    return kind is not None and _plain(layer, kind)
+
+  @classmethod
+  def parameters(cls, layer):
+    return [layer.position_embeddings]
+
+  def _rows(self, inputs, start_index, positions):
+    shape = tf.shape(inputs)
+    if positions is None:
+      rows = tf.range(shape[-2], dtype=tf.int64)[None] + tf.cast(
+          start_index, tf.int64)
+    else:
+      rows = tf.cast(positions, tf.int64)
+      if len(rows.shape) == 1:
+        rows = rows[None]
+    return tf.broadcast_to(rows, shape[:-1])
+
+  def recording_call(self, records):
+    original = functools.partial(type(self.layer).call, self.layer)
+
+    def call(inputs, start_index=0, positions=None):
+      output = original(inputs, start_index=start_index, positions=positions)
+      records.append(_Record(self._rows(inputs, start_index, positions),
+                             [output], output))
+      return output
+
+    return call
+
+  def recompute(self, record):
+    output = tf.gather(tf.cast(self.layer.position_embeddings,
+                               self.layer.compute_dtype), record.saved)
+    return _Record(record.saved, [output], output)
+
+  def sums(self, records, deltas, transform):
+    table = self.layer.position_embeddings
+    return {id(table): _row_sums([r.saved for r in records],
+                                 [d[0] for d in deltas], table.shape,
+                                 transform)}
+
+
+class RMSScaleUnit(Unit):
+  """A custom RMS normalization, `x̂·(c + γ)` with `x̂ = x/√(mean(x²)+ε)` on
+  the last axis and `c` 0 or 1 (KerasHub's Llama, Gemma, Mistral, Qwen
+  norms and any such layer of the user's): `γ` gets `Σ_p δ·x̂`, per sample.
+
+  Recognised by trying, not by name: the layer's only weight is a vector
+  `γ`, it has an `epsilon`, and at two random `γ` its output is `x̂·(c + γ)`.
+  """
+
+  @classmethod
+  def handles(cls, layer):
+    return _rms_offset(layer) is not None
+
+  @classmethod
+  def parameters(cls, layer):
+    return list(layer._trainable_variables)
+
+  def _normalized(self, inputs):
+    x = tf.cast(inputs, tf.float32)
+    square = tf.reduce_mean(tf.square(x), axis=-1, keepdims=True)
+    return x * tf.math.rsqrt(square + self.layer.epsilon)
+
+  def _scaled(self, normalized):
+    offset = _rms_offset(self.layer)
+    scale = tf.cast(self.layer._trainable_variables[0], tf.float32)
+    return normalized * (offset + scale)
+
+  def recording_call(self, records):
+    original = functools.partial(type(self.layer).call, self.layer)
+
+    def call(inputs, *args, **kwargs):
+      output = original(inputs, *args, **kwargs)
+      records.append(_Record(self._normalized(inputs), [output], output))
+      return output
+
+    return call
+
+  def recompute(self, record):
+    z = self._scaled(tf.stop_gradient(record.saved))
+    return _Record(record.saved, [z], z)
+
+  def sums(self, records, deltas, transform):
+    scale = self.layer._trainable_variables[0]
+    per_sample = []
+    for r, d in zip(records, deltas):
+      g = _f32(d[0]) * r.saved
+      per_sample.append(tf.reduce_sum(g, axis=list(range(1, len(g.shape) - 1))))
+    return {id(scale): tf.reduce_sum(transform(tf.add_n(per_sample)), axis=0)}
+
+
+# Per layer, whether and how it is an RMS norm (None: it is not).
+_RMS_OFFSETS = weakref.WeakKeyDictionary()
+
+
+def _rms_offset(layer):
+  """`c` where `layer` computes `x̂·(c + γ)` (see `RMSScaleUnit`), else None.
+
+  Tried once per layer, eagerly, on random inputs with two random `γ` put in
+  place of the weight's value (`keras.StatelessScope`): a layer whose output
+  is not exactly that keeps the per-sample loop.
+  """
+  if layer in _RMS_OFFSETS:
+    return _RMS_OFFSETS[layer]
+  offset = None
+  own = list(layer._trainable_variables)
+  epsilon = getattr(layer, "epsilon", None)
+  if (len(own) == 1 and len(own[0].shape) == 1 and not layer.weights[1:]
+      and isinstance(epsilon, (int, float))
+      and not isinstance(layer, (keras.layers.LayerNormalization,
+                                 keras.layers.BatchNormalization,
+                                 keras.layers.GroupNormalization))):
+    offset = _probe_rms_offset(layer, own[0], float(epsilon))
+  _RMS_OFFSETS[layer] = offset
+  return offset
+
+
+def _probe_rms_offset(layer, scale, epsilon):
+  rng = np.random.default_rng(0)
+  width = scale.shape[0]
+  x = rng.normal(size=(2, 3, width)).astype("float32") * 3
+  normalized = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + epsilon)
+  half = keras.backend.standardize_dtype(layer.compute_dtype) != "float32"
+  rtol = 1e-2 if half else 1e-5
+  trials = [rng.normal(size=(width,)).astype("float32") for _ in range(2)]
+  with tf.init_scope():
+    for offset in (0.0, 1.0):
+      for gamma in trials:
+        try:
+          with keras.StatelessScope(state_mapping=[
+              (scale, ops.cast(gamma, scale.dtype))]), _as_called(layer):
+            output = type(layer).call(layer, ops.cast(x, layer.compute_dtype))
+          output = np.asarray(ops.convert_to_numpy(ops.cast(output,
+                                                            "float32")))
+        except Exception:  # pylint: disable=broad-except
+          return None  # Not callable on a plain tensor: the loop measures it.
+        expected = normalized * (offset + gamma)
+        if output.shape != expected.shape or not np.allclose(
+            output, expected, rtol=rtol,
+            atol=rtol * float(np.max(np.abs(expected)))):
+          break
+      else:
+        return offset
+  return None
 
 
 class NormalizationUnit(Unit):
@@ -731,13 +1007,15 @@ class ModelFallback(Fallback):
 
 
 _CLOSED_FORMS = (DenseUnit, EinsumDenseUnit, ConvUnit, DepthwiseConvUnit,
-                 SeparableConvUnit, EmbeddingUnit, NormalizationUnit)
+                 SeparableConvUnit, EmbeddingUnit, ReversibleEmbeddingUnit,
+                 PositionEmbeddingUnit, NormalizationUnit, RMSScaleUnit)
 
 CLOSED_FORM_LAYERS = (
     "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D",
     "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "Embedding",
+    "ReversibleEmbedding", "PositionEmbedding (KerasHub)",
     "BatchNormalization", "LayerNormalization", "GroupNormalization",
-    "RMSNormalization")
+    "RMSNormalization", "RMS norms x̂·(c + γ) (KerasHub's, found by trying)")
 
 
 # --------------------------------------------------------------------------
