@@ -204,14 +204,17 @@ def test_app_adapts_a_saved_model_on_image_folders(deployed):
   assert tuple(served.serve(tf.zeros((3, 8, 8, 1))).shape) == (3, 2)
 
 
-def test_app_adapts_a_saved_model_to_one_new_folder(deployed):
-  # The paper's setting: the model one has, plus one new dataset.
+@pytest.mark.parametrize("method", ["mas", "finetune"])
+def test_app_adapts_a_saved_model_to_one_new_folder(deployed, method):
+  # The paper's setting: the model one has, plus one new dataset; and the
+  # baseline it is compared with, plain fine-tuning, on the same report.
   folder, model_path = deployed
   workdir = str(folder / "run")
   done = _run(f"--workdir={workdir}", f"--init_model={model_path}",
               f"--task_dirs={folder}/task_b",
               f"--importance_data={folder}/old", "--scenario=domain",
-              "--method=mas", "--epochs=1", "--batch_size=8", "--verbose=1")
+              f"--method={method}", "--epochs=1", "--batch_size=8",
+              "--verbose=1")
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)

@@ -122,10 +122,13 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       (the others write to a temporary directory they delete).
     importance_data: the data a starting `model` was deployed on: its
       inputs, or `(inputs, labels)` with labels over the model's outputs.
-      Before the first task, Ω is measured on it (labels unused, except by
-      `ewc`) and the anchors set, so that what the model knows is protected
-      from the start; with labels, `results["importance_data_accuracy"]`
-      lists the accuracy on it before the first task and after each.
+      With a method that measures importance on data (`mas`, `local_mas`,
+      `l2`, `ewc`, `online_ewc`, `mas_oracle`), Ω is measured on it before
+      the first task (labels unused, except by `ewc`) and the anchors set,
+      so that what the model knows is protected from the start. With any
+      method, labels give `results["importance_data_accuracy"]`, the
+      accuracy on it before the first task and after each: the baseline
+      (`finetune`, `si`, `lwf`, ...) is compared on the same footing.
     batch_norm: what becomes of BatchNormalization's moving statistics
       after each task, one of `batch_statistics.POLICIES`: `"recompute"`
       (default: the population statistics of the task just learned,
@@ -243,7 +246,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         net = _initial_model(model, sequence, hidden_units, weights,
                              freeze_backbone, seed, lora_rank)
       progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
-      if old_x is not None:
+      if old_x is not None and _measures_on_data(method_spec):
         _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
                               importance_samples, fisher)
 
@@ -730,11 +733,6 @@ def _check_importance_data(data, sequence, method_spec, model):
         "Invalid value for argument `importance_data`. Expected inputs of "
         f"the tasks' shape {tuple(sequence.input_shape)}. Received: inputs "
         f"of shape {x.shape}")
-  if method_spec.estimator in (None, "path_integral"):
-    raise ValueError(
-        "Invalid value for argument `importance_data`. Expected a method "
-        "that measures importance on data (mas, local_mas, l2, ewc, "
-        f"online_ewc). Received: method={method_spec.name!r}")
   if y is not None:
     y = np.asarray(y)
     outputs = (model.outputs[0].shape[-1] if isinstance(model, keras.Model)
@@ -761,6 +759,12 @@ def _old_accuracy(net, x, y, batch_size):
     return []
   logits = predict_logits(net, x, batch_size)
   return [float(np.mean(np.argmax(logits, axis=-1) == y))]
+
+
+def _measures_on_data(method_spec):
+  """Whether the method's importance is measured on data (not on the path
+  of training, as SI's, nor absent, as fine-tuning's)."""
+  return method_spec.estimator not in (None, "path_integral")
 
 
 def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
