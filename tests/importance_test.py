@@ -282,6 +282,19 @@ def test_default_batch_holds_about_a_million_input_values():
   tolerances.assert_all_close(
       importance.mas(model, x),
       [t.numpy() for t in importance.mas(model, x, batch_size=7)])
+  assert importance.default_batch_size(x, model) == 1024
+
+
+def test_default_batch_of_a_language_model_is_bounded_by_its_logits():
+  # Token ids are few input values; the logits, sequence × vocabulary per
+  # sample, are many: 128 tokens × 8,192 → 16 samples (16M values).
+  ids = keras.Input((None,), dtype="int32")
+  logits = keras.layers.Dense(8192)(keras.layers.Embedding(10, 4)(ids))
+  model = keras.Model(ids, logits)
+  tokens = np.zeros((9, 128), "int32")
+  assert importance.default_batch_size(tokens) == 1024
+  assert importance.default_batch_size(tokens, model) == 16
+  assert importance.default_batch_size(np.zeros((9, 1 << 16)), model) == 1
 
 
 def test_one_trace_per_model_is_not_reported_as_retracing(caplog):

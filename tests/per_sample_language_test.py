@@ -17,6 +17,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import keras_mas
 from keras_mas import importance
 from keras_mas import per_sample
 import tolerances
@@ -168,3 +169,16 @@ def test_local_mas_of_a_reversible_embedding_sums_both_calls(tie):
         loss, model.trainable_variables, unconnected_gradients="zero")):
       e += np.abs(tf.convert_to_tensor(g).numpy()) / len(x)
   _assert_close(importance.local_mas(model, x, batch_size=3), expected)
+
+
+def test_a_wrapped_causal_lm_is_batched_by_its_logits():
+  # Token-id arrays of a wrapped LM: the inner model's logits (128 tokens
+  # × 4,096 words a sample) bound the default batch, not the few ids.
+  keras.utils.set_random_seed(0)
+  backbone = keras_hub.models.Llama3Backbone(4096, **_GQA)
+  model = keras_mas.MASModel.from_model(keras_hub.models.Llama3CausalLM(
+      backbone=backbone, preprocessor=None))
+  tokens = {"token_ids": np.zeros((4, 128), "int32"),
+            "padding_mask": np.ones((4, 128), bool)}
+  assert importance.default_batch_size(tokens) == 1024
+  assert importance.default_batch_size(tokens, model) == 32

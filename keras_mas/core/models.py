@@ -593,7 +593,8 @@ class MASModel(keras.Model):
       alpha: weight of the old importance for `accumulate="decay"`, in [0, 1].
       num_samples: use at most this many samples.
       batch_size: batch size when `data` is an array; by default
-        `importance.default_batch_size(data)` (32 to 1,024 samples).
+        `importance.default_batch_size(data, model)` (32 to 1,024
+        samples, fewer where the outputs are large, as an LM's logits).
       **options: passed to the estimator, e.g. `per_sample=False` or
         `output_fn` for `"mas"`.
 

@@ -53,20 +53,53 @@ _COMPILED = weakref.WeakKeyDictionary()
 # (`per_sample._CHUNK_VALUES`).
 _BATCH_INPUT_VALUES = 1 << 20
 _BATCH_RANGE = (32, 1024)
+# And at most this many output values: the outputs, their gradients and
+# the activations beside them grow with it (a language model's logits).
+_BATCH_OUTPUT_VALUES = 1 << 24
 
 
-def default_batch_size(data):
-  """The batch size used for array `data` when none is given."""
-  per_sample = 1
+def default_batch_size(data, model=None):
+  """The batch size used for array `data` when none is given.
+
+  A power of two of samples from 32 to 1,024 holding about a million input
+  values; with `model`, also at most about 16 million output values, down to
+  one sample: a language model's logits (sequence × vocabulary per sample)
+  then bound the batch, as they bound its training batch.
+
+  Args:
+    data: the arrays (or `tf.TensorSpec`s), batch first.
+    model: the model whose outputs the batch produces, if known.
+
+  Returns:
+    The number of samples per batch.
+  """
+  per_sample, longest = 1, 1
   for t in tf.nest.flatten(data):
     shape = getattr(t, "shape", None)
     if shape is not None and len(shape) > 1:
       per_sample += math.prod(int(d or 1) for d in shape[1:])
+      longest = max([longest] + [int(d or 1) for d in shape[1:]])
   batch = _BATCH_RANGE[0]
   while batch * 2 <= _BATCH_RANGE[1] and batch * 2 * per_sample <= (
       _BATCH_INPUT_VALUES):
     batch *= 2
+  outputs = _output_values(model, longest)
+  while batch > 1 and batch * outputs > _BATCH_OUTPUT_VALUES:
+    batch //= 2
   return batch
+
+
+def _output_values(model, longest):
+  """Output values per sample of `model`, an axis of unknown length (a
+  sequence) taken as long as the longest input axis."""
+  # A model wrapping another (`WrappedMASModel`) has the inner one's outputs.
+  outputs = (getattr(model, "outputs", None)
+             or getattr(getattr(model, "model", None), "outputs", None) or [])
+  total = 0
+  for output in outputs:
+    total += math.prod(longest if d is None else int(d)
+                       for d in output.shape[1:])
+  return total
 
 
 def squared_output_norm(outputs):
@@ -113,7 +146,8 @@ def mas(model, data, per_sample=True, num_samples=None, batch_size=None,
       batch cancel and so underestimates importance.
     num_samples: use at most this many samples of `data`.
     batch_size: batch size when `data` is an array; by default a power of
-      two from 32 to 1,024 holding about a million input values
+      two from 32 to 1,024 holding about a million input values, fewer where
+      the outputs are large, as a language model's logits
       (`default_batch_size`).
     output_fn: optional function applied to the model's outputs before the
       norm, e.g. to measure one task head of a multi-head model.
@@ -341,7 +375,7 @@ def _average(model, key, step, variables, data, batch_size, num_samples,
   global sample count.
   """
   if batch_size is None:
-    batch_size = default_batch_size(data)
+    batch_size = default_batch_size(data, model)
   if not _TF:
     return _transformed_average(model, step, data, batch_size, num_samples,
                                 labels)
