@@ -297,14 +297,21 @@ def _deployed_model(sequence):
   return own, (old.x_test, old.y_test)
 
 
-def test_importance_data_protects_a_deployed_model_from_the_start(tmp_path):
-  sequence = _tiny(recipe="permuted", num_tasks=3)
+def _deployed_and_later(num_tasks):
+  """A model trained on task 0, its test data and accuracy, and the later
+  tasks as a domain-incremental sequence."""
+  sequence = _tiny(recipe="permuted", num_tasks=num_tasks)
   own, old = _deployed_model(sequence)
   deployed_accuracy = float(np.mean(
       np.argmax(own.predict(old[0], verbose=0), -1) == old[1]))
   later = tasks.from_arrays(
       [(t.x_train, t.y_train, t.x_test, t.y_test)
        for t in sequence.tasks[1:]], scenario="domain")
+  return own, old, deployed_accuracy, later
+
+
+def test_importance_data_protects_a_deployed_model_from_the_start(tmp_path):
+  own, old, deployed_accuracy, later = _deployed_and_later(num_tasks=3)
   workdir = str(tmp_path / "run")
   results = training.run_sequence(later, workdir, model=own, method="mas",
                                   strength=1.0, importance_data=old, **_FAST)
@@ -327,13 +334,7 @@ def test_importance_data_reports_the_baseline_of_any_method(tmp_path, method):
   # Fine-tuning the deployed model on the new task is what MAS is compared
   # with: its accuracy on the deployed data is reported the same way, and
   # nothing is consolidated on it.
-  sequence = _tiny(recipe="permuted", num_tasks=2)
-  own, old = _deployed_model(sequence)
-  deployed_accuracy = float(np.mean(
-      np.argmax(own.predict(old[0], verbose=0), -1) == old[1]))
-  later = tasks.from_arrays(
-      [(t.x_train, t.y_train, t.x_test, t.y_test)
-       for t in sequence.tasks[1:]], scenario="domain")
+  own, old, deployed_accuracy, later = _deployed_and_later(num_tasks=2)
   workdir = str(tmp_path / "run")
   results = training.run_sequence(later, workdir, model=own, method=method,
                                   importance_data=old, **_FAST)
