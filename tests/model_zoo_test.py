@@ -21,9 +21,10 @@ _EXPECTED_UNITS = {
     "recurrent": {"DenseUnit", "Fallback"},
     "text_cnn": {"ConvUnit", "DenseUnit", "EmbeddingUnit"},
     # Its token and position embeddings are KerasHub layers of their own
-    # (ReversibleEmbedding, PositionEmbedding): fallback units.
+    # (ReversibleEmbedding, PositionEmbedding), in closed form too.
     "keras_hub_bert": {"DenseUnit", "EinsumDenseUnit", "EmbeddingUnit",
-                       "Fallback", "NormalizationUnit"},
+                       "NormalizationUnit", "PositionEmbeddingUnit",
+                       "ReversibleEmbeddingUnit"},
 }
 
 
