@@ -94,9 +94,10 @@ def remove_partial_writes(workdir):
         shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
-def read_state(path):
-  """The `state.json` of checkpoint `path`; ValueError if damaged."""
-  keys = ("config", "accuracy_matrix", "baseline", "timings")
+def read_state(path,
+               keys=("config", "accuracy_matrix", "baseline", "timings")):
+  """The `state.json` of checkpoint `path`; ValueError if damaged (any of
+  `keys` missing)."""
   try:
     state = read_json(os.path.join(path, _STATE))
     missing = [k for k in keys if k not in state]
@@ -281,7 +282,7 @@ def latest_in_task(workdir):
                for f in (_MODEL, _STATE)):
       continue
     try:
-      state = read_state(path)
+      state = read_state(path, keys=("config", "task", "epoch", "batch"))
       return (int(state["task"]), int(state["epoch"]), int(state["batch"]),
               path)
     except (ValueError, KeyError, TypeError):

@@ -13,10 +13,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 import weakref
 
 import keras
@@ -38,6 +36,7 @@ from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
+from keras_mas.experiments import resumable
 
 __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
            "validate_learning_rate"]
@@ -262,11 +261,11 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       task = sequence.tasks[k]
       first = start if k == progress.first_task else (0, 0)
       if stop is not None and stop.is_set():
-        raise preemption.Preempted(stop.reason, k, _resumes_from(k, None))
+        raise preemption.Preempted(stop.reason, k, resumable.resumes_from(k, None))
       started = time.perf_counter()
       keras.utils.set_random_seed(seed * 1009 + k)
       statistics.before_task(net)
-      in_task_checkpoints = _InTaskCheckpoint(
+      in_task_checkpoints = resumable.InTaskCheckpoint(
           write_dir, k, epochs, first, checkpoint_seconds, checkpoint_steps,
           stop, lambda: {"config": config, **progress.state()})
       _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate,
@@ -274,7 +273,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
            first=first, extra_callbacks=[in_task_checkpoints])
       if stop is not None and stop.is_set():
         raise preemption.Preempted(
-            stop.reason, k, _resumes_from(k, in_task_checkpoints.last))
+            stop.reason, k, resumable.resumes_from(k, in_task_checkpoints.last))
       statistics.after_task(net, _training_inputs(net, task, batch_size),
                             importance_samples)
       trained = time.perf_counter()
@@ -394,66 +393,6 @@ def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
   return net, _Progress.from_state(k, state)
 
 
-class _InTaskCheckpoint(keras.callbacks.Callback):
-  """Checkpoints inside task `k`, and stops on request.
-
-  At epoch ends, at most every `seconds`; every `steps` training steps
-  inside an epoch if given; and where training stops when `stop` is set
-  (then `fit` ends). `last` is the `(epoch, batch)` of the last one.
-  """
-
-  def __init__(self, write_dir, k, epochs, first, seconds, steps, stop,
-               state):
-    super().__init__()
-    self.write_dir, self.k, self.epochs = write_dir, k, epochs
-    self.seconds, self.steps = seconds, steps
-    self.stop, self.state = stop, state
-    self.first = first
-    self.last = first if first != (0, 0) else None
-    self._last_time = time.monotonic()
-    self._last_step = None
-    self._epoch, self._offset = 0, 0
-
-  def _write(self, epoch, batch):
-    checkpoints.write_in_task(self.write_dir, self.k, epoch, batch,
-                              self.model, self.state())
-    self.last, self._last_time = (epoch, batch), time.monotonic()
-    self._last_step = (epoch, batch)
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._epoch = epoch - self.k * self.epochs
-    # The rest of a resumed epoch counts its batches from 0 again.
-    self._offset = (self.first[1] if self._epoch == self.first[0]
-                    and self.last == self.first else 0)
-
-  def on_train_batch_end(self, batch, logs=None):
-    done = batch + 1 + self._offset
-    stopping = self.stop is not None and self.stop.is_set()
-    due = self.steps is not None and done - (
-        self._last_step[1] if self._last_step
-        and self._last_step[0] == self._epoch else 0) >= self.steps
-    if stopping or due:
-      self._write(self._epoch, done)
-    if stopping:
-      self.model.stop_training = True
-
-  def on_epoch_end(self, epoch, logs=None):
-    within = epoch - self.k * self.epochs
-    if (within >= self.epochs - 1  # The task's own checkpoint follows.
-        or self.model.stop_training
-        or time.monotonic() - self._last_time < self.seconds):
-      return
-    self._write(within + 1, 0)
-
-
-def _resumes_from(k, at):
-  """Where a run stopped in task `k` continues (`at`: `(epoch, batch)` of
-  its last checkpoint inside the task, or None)."""
-  if at is not None:
-    return f"the checkpoint inside task {k} at epoch {at[0]}, batch {at[1]}"
-  return f"the checkpoint after task {k - 1}" if k else "the start"
-
-
 def _training_inputs(net, task, batch_size):
   """A task's training inputs as the model takes them, in training-sized
   batches for a pipeline or a model with a preprocessor."""
@@ -486,15 +425,12 @@ def _initial_model(model, sequence, hidden_units, weights, freeze_backbone,
 def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
          batch_size, temperature, seed, write_dir, writer, verbose,
          first=(0, 0), extra_callbacks=()):
-  """One `fit` call for task `k`, with a fresh optimizer state.
+  """Task `k`'s training, with a fresh optimizer state.
 
   Arrays are batched by `pipelines.array_batches`; a streaming task's
   pipeline comes batched. From `first` = `(epoch, batch)` past the start
   (resumed inside the task) the model keeps the optimizer state it was
-  loaded with, and the data orders of the epochs done, and the batches of
-  the epoch under way, are drawn and skipped: the rest of the task sees
-  the batches an uninterrupted run sees (array tasks; a streamed task of
-  unknown size sees them for its first resumed epoch only).
+  loaded with, and `resumable.fit_task` skips what was trained.
   """
   x, y, loss, task_metrics = method_spec.training_data(
       net, sequence, k, batch_size, temperature=temperature,
@@ -528,51 +464,8 @@ def _fit(net, method_spec, sequence, k, scope, optimizer, learning_rate, epochs,
   _COMPILED_FOR[net] = compiled_for
   if y is not None:
     x = pipelines.array_batches(x, y, batch_size, seed * 1009 + k)
-  # Each new iterator of the dataset draws the next order. Keras's `fit`
-  # makes two per epoch of a dataset of known size (one to start the epoch,
-  # one at its end that the next epoch does not use); one for the first
-  # epoch of a dataset of unknown size. Draw those of the epochs trained.
-  size = int(x.cardinality())
-  epoch, batch = first
-  if size > 0 and batch >= size:
-    epoch, batch = epoch + 1, 0
-  for _ in range(2 * epoch if size > 0 else max(0, 2 * epoch - 1)):
-    iter(x)
-  fit_options = dict(
-      # Progress bars only on a terminal: in a log file they are a flood
-      # (the line per task says how the task went).
-      verbose=verbose if sys.stdout.isatty() else 0,
-      shuffle=False,  # Keras warns that it cannot shuffle a pipeline.
-      callbacks=[
-          keras.callbacks.TensorBoard(
-              os.path.join(write_dir, "tensorboard"), write_graph=False),
-          callbacks_lib.DriftLogger(writer),
-          # MASModel.fit adds DivergenceGuard itself (first).
-      ] + list(extra_callbacks))
-  with warnings.catch_warnings():
-    # A pipeline of unknown size ends its epoch where its data end, as it
-    # should: Keras warns about that.
-    warnings.filterwarnings("ignore", message="Your input ran out of data")
-    if batch:
-      # The rest of the epoch under way: its iterator, the batches trained
-      # drawn and dropped.
-      iterator = iter(x)
-      for _ in range(batch):
-        next(iterator)
-      net.fit(_rest(iterator), initial_epoch=k * epochs + epoch,
-              epochs=k * epochs + epoch + 1, **fit_options)
-      if net.stop_training:
-        return
-      iter(x)  # The one an uninterrupted epoch makes at its end.
-      epoch += 1
-    if epoch < epochs:
-      net.fit(x,  # batched and shuffled
-              initial_epoch=k * epochs + epoch, epochs=(k + 1) * epochs,
-              **fit_options)
-
-
-def _rest(iterator):
-  yield from iterator
+  resumable.fit_task(net, x, k, epochs, first, verbose, write_dir, writer,
+                     extra_callbacks)
 
 
 def _check_options(fisher, alpha, temperature, penalty_mode, epochs,
