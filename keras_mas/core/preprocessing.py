@@ -26,7 +26,11 @@ def preprocessed(preprocessor, x, y=None, sample_weight=None, batch_size=None,
       preprocessed `x`, or `(x, y)`, or `(x, y, sample_weight)` (a KerasHub
       preprocessor).
     x: raw inputs (an array or list of them, e.g. strings), or a batched
-      `tf.data.Dataset` of `x`, `(x, y)` or `(x, y, sample_weight)`.
+      `tf.data.Dataset` of `x`, `(x, y)` or `(x, y, sample_weight)`. A
+      dataset whose inputs hold no strings, for a preprocessor that takes
+      text, is taken as preprocessed already (token ids made by the
+      caller, e.g. with response-only sample weights) and returned as it
+      is.
     y: labels, with array `x`.
     sample_weight: sample weights, with array `x`.
     batch_size: batch size for array `x` (default 32); a dataset keeps its
@@ -52,6 +56,8 @@ def preprocessed(preprocessor, x, y=None, sample_weight=None, batch_size=None,
             f"is a tf.data.Dataset (it holds the batches). Received: "
             f"{name}={value!r}")
     dataset = x
+    if _token_batches(preprocessor, dataset):
+      return dataset
   else:
     if inputs_only:
       y = sample_weight = None
@@ -72,3 +78,13 @@ def preprocessed(preprocessor, x, y=None, sample_weight=None, batch_size=None,
 
   return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
       tf.data.AUTOTUNE)
+
+
+def _token_batches(preprocessor, dataset):
+  """Whether `dataset` holds what a text preprocessor makes: its inputs
+  hold no strings, as raw text would."""
+  if getattr(preprocessor, "tokenizer", None) is None:
+    return False
+  spec = dataset.element_spec
+  inputs = spec[0] if isinstance(spec, tuple) else spec
+  return all(s.dtype != tf.string for s in tf.nest.flatten(inputs))
