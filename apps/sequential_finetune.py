@@ -4,10 +4,16 @@ r"""Learns a sequence of tasks one after another, with MAS or without.
   python apps/sequential_finetune.py --method=finetune --workdir=/tmp/ft
   python apps/sequential_finetune.py --task_spec=examples/task_spec.py \
       --scenario=task --workdir=/tmp/spec    # TFRecords, streamed
+  python apps/sequential_finetune.py --init_model=/presets/gemma3 \
+      --task_dirs=/data/news,/data/recipes --lora_rank=8 --workdir=/tmp/lm
   tensorboard --logdir=/tmp
 
-Writes results.json, TensorBoard logs, a checkpoint and a SavedModel per
-task into --workdir; --resume continues an interrupted run. A bad flag stops
+With a KerasHub causal LM as --init_model, each of --task_dirs is a text
+corpus (.txt files, or .jsonl prompt and response pairs) and the table is
+each corpus's next-token loss and perplexity (keras_mas.experiments.language).
+
+Writes results.json, TensorBoard logs, a checkpoint and a SavedModel (a
+causal LM: a KerasHub preset) per task into --workdir; --resume continues an interrupted run. A bad flag stops
 the app before training with one line naming it (exit status 1). SIGTERM or
 SIGINT stops it after the training step under way, keeping its last
 checkpoint (exit status 75; --resume continues).
@@ -23,10 +29,12 @@ from absl import logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 from apps import app_startup  # First: log level, a faster Keras import.
+from keras_mas.data import corpora
 from keras_mas.data import sources
 from keras_mas.data import tasks
 from keras_mas.experiments import checkpoints
 from keras_mas.experiments import cli
+from keras_mas.experiments import language
 from keras_mas.experiments import methods
 from keras_mas.experiments import preemption
 from keras_mas.experiments import sequential as training
@@ -45,7 +53,16 @@ _TASK_DIRS = flags.DEFINE_list(
     "The user's tasks: folders of images or of .txt files, one per task "
     "(one folder: the --init_model plus one new task), each with one "
     "subfolder per class (optionally train/ and test/); replaces "
-    "--dataset/--recipe.")
+    "--dataset/--recipe. With a causal LM --init_model: text corpora, "
+    "folders of .txt files or of .jsonl lines {\"prompt\": ..., "
+    "\"response\": ...}.")
+_SEQUENCE_LENGTH = flags.DEFINE_integer(
+    "sequence_length", None, "A causal LM --init_model: tokens per text "
+    "(default: its preprocessor's).", lower_bound=1)
+_GENERATE_LENGTH = flags.DEFINE_integer(
+    "generate_length", 32, "A causal LM --init_model: tokens generated from "
+    "each corpus after each task, shown in TensorBoard (0: none).",
+    lower_bound=0)
 _TASK_SPEC = flags.DEFINE_string(
     "task_spec", None,
     "The user's tasks as tf.data pipelines or TFRecord files, streamed: a "
@@ -187,6 +204,10 @@ def _main():
   init_model = None
   if _INIT_MODEL.value:
     init_model = sources.load_model(_INIT_MODEL.value)
+  if _is_causal_lm(init_model):
+    _stoppable(lambda stop: _run_corpora(init_model, stop))
+    return
+  _refuse_corpora()
   if _TASK_SPEC.value and _TASK_DIRS.value:
     raise ValueError(
         "Invalid value for argument `task_spec`. Expected either --task_spec "
@@ -255,6 +276,74 @@ def _run_sequence(sequence, init_model, importance_data, strategy, stop):
       verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
                        flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+
+
+def _is_causal_lm(model):
+  hub = sys.modules.get("keras_hub")
+  return hub is not None and isinstance(model, hub.models.CausalLM)
+
+
+# The settings LanguageRun takes from flags the user gave (its own defaults
+# suit a language model otherwise).
+_LANGUAGE_FLAGS = {
+    "method": _METHOD, "strength": _STRENGTH, "epochs": _EPOCHS,
+    "batch_size": _BATCH_SIZE, "learning_rate": _LEARNING_RATE,
+    "optimizer": _OPTIMIZER, "lora_rank": _LORA_RANK,
+    "sequence_length": _SEQUENCE_LENGTH,
+    "importance_samples": _IMPORTANCE_SAMPLES,
+    "generate_length": _GENERATE_LENGTH, "seed": _SEED,
+    "checkpoint_seconds": _CHECKPOINT_SECONDS,
+    "checkpoint_steps": _CHECKPOINT_STEPS,
+}
+_CLASSIFIER_FLAGS = (
+    _DATASET, _TASK_SPEC, _IMAGE_SIZE, _RECIPE, _SCENARIO, _NUM_TASKS,
+    _TASK_BOUNDARIES, _MODEL, _HIDDEN_UNITS, _WEIGHTS, _FREEZE_BACKBONE,
+    _BATCH_NORM, _PENALTY, _ALPHA, _FISHER, _TEMPERATURE, _MAX_ANGLE,
+    _DATA_DIR, _TFDS_SPLITS, _DISTRIBUTION, _VIRTUAL_CPUS)
+
+
+def _run_corpora(lm, stop):
+  """A causal LM --init_model: --task_dirs are text corpora."""
+  given = [f"--{f.name}" for f in _CLASSIFIER_FLAGS
+           if flags.FLAGS[f.name].present]
+  if given:
+    raise ValueError(
+        f"Invalid value for argument `{given[0][2:]}`. Expected only the "
+        "flags of a language-model run with a causal LM --init_model. "
+        f"Received: {given}")
+  if not _TASK_DIRS.value:
+    raise ValueError(
+        "Invalid value for argument `task_dirs`. Expected the text corpora "
+        "for the causal LM --init_model. Received: none")
+  run = language.LanguageRun(
+      corpora=_TASK_DIRS.value,
+      **{name: flag.value for name, flag in _LANGUAGE_FLAGS.items()
+         if flags.FLAGS[flag.name].present})
+  language.run_corpora(
+      run, lm, _WORKDIR.value, importance_corpus=_IMPORTANCE_DATA.value,
+      resume=_RESUME.value, stop=stop, verbose=_VERBOSE.value,
+      extra={"flags": {f.name: f.value for f in
+                       flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+
+
+def _refuse_corpora():
+  """Language-model flags and corpora need a causal LM --init_model."""
+  for flag in (_SEQUENCE_LENGTH, _GENERATE_LENGTH):
+    if flag.present:
+      raise ValueError(
+          f"Invalid value for argument `{flag.name}`. Expected it with a "
+          "KerasHub causal LM --init_model. Received: "
+          f"--{flag.name}={flag.value} with "
+          + (f"--init_model={_INIT_MODEL.value}" if _INIT_MODEL.value else
+             "no --init_model"))
+  for folder in _TASK_DIRS.value or ():
+    if corpora.is_corpus(folder):
+      raise ValueError(
+          "Invalid value for argument `task_dirs`. Expected class subfolders "
+          "(a classifier's task), or a KerasHub causal LM --init_model for "
+          f"text corpora. Received: {folder!r}, a corpus of .txt/.jsonl "
+          "files, with " + (f"--init_model={_INIT_MODEL.value}"
+                            if _INIT_MODEL.value else "no --init_model"))
 
 
 def _stream(sequence):
