@@ -38,6 +38,7 @@ from keras_mas.data import corpora as corpora_lib
 from keras_mas.experiments import checkpoints
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
+from keras_mas.experiments import progress as progress_lib
 from keras_mas.experiments import resumable
 
 __all__ = ["METHODS", "LanguageRun", "format_losses", "next_token_loss",
@@ -232,7 +233,9 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
   if METHODS[run.method] is not None:
     _consolidate(net, run, corpora[k])
   consolidated = time.perf_counter()
-  progress.record(k, net, old, run.batch_size, fit_s=trained - started,
+  progress.record(k, None if old is None else
+                  next_token_loss(net, old.test, run.batch_size),
+                  fit_s=trained - started,
                   evaluate_s=evaluated - trained,
                   consolidate_s=consolidated - evaluated)
   samples = _samples(net, corpora, run.generate_length)
@@ -368,40 +371,16 @@ def _loss_sums(net):
   return sums
 
 
-@dataclasses.dataclass
-class _Progress:
-  """What a run has measured so far; a checkpoint's state."""
-  first_task: int
-  matrix: np.ndarray
-  baseline: list
-  timings: list
-  old_loss: list = None
-  resumes: list = dataclasses.field(default_factory=list)
+class _Progress(progress_lib.Progress):
+  """A language-model run's progress: next-token losses."""
+  MATRIX = "loss_matrix"
+  DEPLOYED = "importance_data_loss"
 
   @classmethod
   def start(cls, net, corpora, old, batch_size):
-    size = len(corpora)
-    return cls(0, np.full((size, size), np.nan),
-               [next_token_loss(net, c.test, batch_size) for c in corpora],
-               [], None if old is None else
-               [next_token_loss(net, old.test, batch_size)])
-
-  @classmethod
-  def from_state(cls, k, state):
-    return cls(k + 1, np.array(state["loss_matrix"], dtype="float64"),
-               state["baseline"], state["timings"],
-               state.get("importance_data_loss"),
-               list(state.get("resumes", [])))
-
-  def record(self, k, net, old, batch_size, **timings):
-    self.timings.append({"task": k, **timings})
-    if self.old_loss is not None:
-      self.old_loss.append(next_token_loss(net, old.test, batch_size))
-
-  def state(self):
-    return {"loss_matrix": self.matrix.tolist(), "baseline": self.baseline,
-            "timings": self.timings, "importance_data_loss": self.old_loss,
-            "resumes": self.resumes}
+    return cls.new([next_token_loss(net, c.test, batch_size) for c in corpora],
+                   None if old is None else
+                   [next_token_loss(net, old.test, batch_size)])
 
   def summary(self):
     """The results' measures of the corpora learned so far."""

@@ -10,7 +10,6 @@ arguments.
 """
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ from keras_mas.experiments import methods as methods_lib
 from keras_mas.experiments import metrics as metrics_lib
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
+from keras_mas.experiments import progress as progress_lib
 from keras_mas.experiments import resumable
 
 __all__ = ["METHODS", "format_matrix", "predict_logits", "run_sequence",
@@ -287,7 +287,7 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                                         importance_samples, fisher))
         callbacks_lib.log_importance(writer, net, step=k)
       consolidated = time.perf_counter()
-      progress.record(k, net, old_x, old_y, batch_size,
+      progress.record(k, _old_accuracy(net, old_x, old_y, batch_size),
                       fit_s=trained - started,
                       evaluate_s=evaluated - trained,
                       consolidate_s=consolidated - evaluated)
@@ -314,8 +314,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         method, sequence, progress.matrix, progress.baseline, config,
         extra=extra or {}, timings=progress.timings,
         resumes=progress.resumes, setup_s=setup_s)
-    if progress.old_accuracy is not None:
-      results["importance_data_accuracy"] = progress.old_accuracy
+    if progress.deployed is not None:
+      results["importance_data_accuracy"] = progress.deployed
     checkpoints.write_json(os.path.join(write_dir, "results.json"), results)
     if write_dir != workdir:
       shutil.rmtree(write_dir, ignore_errors=True)
@@ -324,44 +324,18 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
     return results
 
 
-@dataclasses.dataclass
-class _Progress:
-  """What a run has measured so far; a checkpoint's state."""
-  first_task: int
-  matrix: np.ndarray
-  baseline: list
-  timings: list
-  old_accuracy: list = None
-  resumes: list = dataclasses.field(default_factory=list)
+class _Progress(progress_lib.Progress):
+  """A classifier run's progress: accuracies."""
 
   @classmethod
   def start(cls, net, sequence, batch_size, old_x=None, old_y=None):
-    size = len(sequence)
-    return cls(0, np.full((size, size), np.nan),
-               evaluation.task_accuracies(net, sequence, batch_size), [],
-               _old_accuracy(net, old_x, old_y, batch_size) or None)
-
-  @classmethod
-  def from_state(cls, k, state):
-    return cls(k + 1, np.array(state["accuracy_matrix"], dtype="float64"),
-               state["baseline"], state["timings"],
-               state.get("importance_data_accuracy"),
-               list(state.get("resumes", [])))
-
-  def record(self, k, net, old_x, old_y, batch_size, **timings):
-    self.timings.append({"task": k, **timings})
-    if self.old_accuracy is not None:
-      self.old_accuracy += _old_accuracy(net, old_x, old_y, batch_size)
+    old = _old_accuracy(net, old_x, old_y, batch_size)
+    return cls.new(evaluation.task_accuracies(net, sequence, batch_size),
+                   None if old is None else [old])
 
   def summary(self, k):
     return metrics_lib.summarize(self.matrix[:k + 1, :k + 1],
                                  self.baseline[:k + 1])
-
-  def state(self):
-    return {"accuracy_matrix": self.matrix.tolist(),
-            "baseline": self.baseline, "timings": self.timings,
-            "importance_data_accuracy": self.old_accuracy,
-            "resumes": self.resumes}
 
 
 def _resume(checkpoint, config, workdir, write_dir, sequence, scope,
@@ -648,10 +622,11 @@ def _is_text(x):
 
 
 def _old_accuracy(net, x, y, batch_size):
+  """Accuracy on the labelled importance data; None without labels."""
   if x is None or y is None:
-    return []
+    return None
   logits = predict_logits(net, x, batch_size)
-  return [float(np.mean(np.argmax(logits, axis=-1) == y))]
+  return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
 def _measures_on_data(method_spec):
