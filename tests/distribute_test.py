@@ -175,6 +175,8 @@ def test_training_pipelines_are_sharded_across_two_workers(tmp_path):
   assert sorted(seen[0] + seen[1]) == list(range(64))
 
 
+# sequential_finetune_test streams the same task spec on one device.
+@pytest.mark.slow
 def test_streamed_tfrecord_tasks_train_on_two_workers(task_spec_records,
                                                       tmp_path):
   # TFRecord pipelines, with LwF's frozen copy applied in them, under

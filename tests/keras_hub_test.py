@@ -252,6 +252,8 @@ def test_causal_lm_importance_sums_the_real_tokens_logits():
                                err_msg=v.path)
 
 
+# The behaviour on a causal LM (the app's route is language_test's).
+@pytest.mark.slow
 def test_causal_lm_forgets_the_old_domain_less_with_mas(tmp_path):
   lm = _causal_lm()
   net = keras_mas.MASModel.from_model(lm)

@@ -221,6 +221,9 @@ def _final(workdir):
                           + model.anchors)
 
 
+# language_test stops and resumes a LoRA causal LM's app run in the fast
+# suite; this classifier's run is slow.
+@pytest.mark.slow
 def test_app_lora_run_stopped_inside_its_task_resumes_as_uninterrupted(
     tmp_path):
   preset = str(tmp_path / "preset")

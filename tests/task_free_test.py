@@ -387,6 +387,7 @@ class TestApp:
     assert len(errors) == 1 and "buffer_size" in errors[0]
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
+  @pytest.mark.slow
   def test_seeds_print_the_readme_table(self, tmp_path):
     done = _app(f"--workdir={tmp_path}", "--num_tasks=2",
                 "--methods=finetune,mas", "--seeds=2", "--checkpoint_every=0")
