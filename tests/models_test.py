@@ -105,6 +105,23 @@ def test_accumulate_sum_doubles_and_decay_is_a_convex_combination():
     tolerances.assert_close(omega.numpy(), 0.25 * 2 * f + 0.75 * n)
 
 
+@pytest.mark.parametrize("normalize, statistic", [("mean", np.mean),
+                                                  ("max", np.max)])
+def test_normalized_importance_keeps_the_ratios_at_a_fixed_scale(
+    normalize, statistic):
+  model = _functional()
+  raw = [e.numpy() for e in importance.mas(model, _X)]
+  scale = statistic(np.concatenate([r.ravel() for r in raw]))
+  model.consolidate(_X, normalize=normalize)
+  # Data 3× larger: Ω grows, its normalized form does not.
+  model.consolidate(_X * 3, normalize=normalize)
+  larger = [e.numpy() for e in importance.mas(model, _X * 3)]
+  larger_scale = statistic(np.concatenate([r.ravel() for r in larger]))
+  assert larger_scale > 2 * scale
+  for omega, r, big in zip(model.importances, raw, larger):
+    tolerances.assert_close(omega.numpy(), r / scale + big / larger_scale)
+
+
 def test_local_mas_consolidation():
   model = _functional()
   model.consolidate(_X, method="local_mas")
@@ -262,6 +279,7 @@ def test_mixed_precision_training_and_importance_stay_finite(policy):
     ({"accumulate": "max"}, "accumulate"),
     ({"alpha": 1.5}, "alpha"),
     ({"num_samples": -3}, "num_samples"),
+    ({"normalize": "median"}, "normalize"),
 ])
 def test_bad_consolidate_arguments_leave_the_state_unchanged(kwargs, argument):
   model = _functional()

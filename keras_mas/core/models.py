@@ -23,6 +23,8 @@ __all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
 ESTIMATORS = importance_lib.ESTIMATORS
 
 _ACCUMULATE = ("sum", "decay")
+# `consolidate(normalize=...)`: what Ω_new is divided by (None: nothing).
+NORMALIZATIONS = (None, "mean", "max")
 PENALTY_MODES = penalty_lib.PENALTY_MODES
 
 # The backend is fixed when Keras is imported. JAX has its own train step
@@ -572,7 +574,8 @@ class MASModel(keras.Model):
   # The method.
 
   def consolidate(self, data, method="mas", strength=None, accumulate="sum",
-                  alpha=0.5, num_samples=None, batch_size=None, **options):
+                  alpha=0.5, num_samples=None, batch_size=None,
+                  normalize=None, **options):
     """Measures importance on `data` and anchors the current weights.
 
     Runs after a task is learned: `Ω_new` is computed with `method`, then
@@ -595,6 +598,11 @@ class MASModel(keras.Model):
       batch_size: batch size when `data` is an array; by default
         `importance.default_batch_size(data, model)` (32 to 1,024
         samples, fewer where the outputs are large, as an LM's logits).
+      normalize: None (the paper: Ω as measured), `"mean"` (`Ω_new`
+        divided by its mean over every protected weight, so that Ω's
+        scale, which follows the model's outputs — an LM's sum over tokens
+        and vocabulary — leaves λ; relative importances are kept) or
+        `"max"` (divided by its largest entry).
       **options: passed to the estimator, e.g. `per_sample=False` or
         `output_fn` for `"mas"`.
 
@@ -624,6 +632,10 @@ class MASModel(keras.Model):
           "Invalid value for argument `alpha`. Expected a number in [0, 1]. "
           f"Received: alpha={alpha!r}"
       )
+    if normalize not in NORMALIZATIONS:
+      raise ValueError(
+          "Invalid value for argument `normalize`. Expected one of "
+          f"{list(NORMALIZATIONS)}. Received: normalize={normalize!r}")
     if strength is not None:
       strength = regularizers.validate_strength(strength)
     state = self._require_mas_state("consolidate")
@@ -654,6 +666,8 @@ class MASModel(keras.Model):
           "The existing importance and anchors were kept."
       )
 
+    if normalize is not None:
+      new = _normalized(new, normalize)
     first = int(_value(state.tasks)) == 0
     for omega, anchor, v, omega_new in zip(
         state.importances, state.anchors, state.targets, new):
@@ -900,6 +914,22 @@ def _is_plain_graph(model):
 
 
 @keras.saving.register_keras_serializable(package="keras_mas")
+def _normalized(importances, statistic):
+  """`importances` divided by their `statistic` (`"mean"`, `"max"`) over
+  every entry; unchanged where that is 0 (nothing measured)."""
+  values = [keras.ops.convert_to_numpy(o).astype("float64")
+            for o in importances]
+  count = sum(v.size for v in values)
+  if statistic == "mean":
+    scale = sum(float(v.sum()) for v in values) / max(count, 1)
+  else:
+    scale = max((float(v.max()) for v in values if v.size), default=0.0)
+  if not scale > 0:
+    return importances
+  return [keras.ops.convert_to_tensor((v / scale).astype("float32"))
+          for v in values]
+
+
 class WrappedMASModel(MASModel):
   """A MASModel around an existing subclassed model (see `from_model`)."""
 

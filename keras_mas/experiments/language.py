@@ -73,6 +73,8 @@ class LanguageRun:
       run); None keeps the model's.
     importance_samples: texts of each corpus importance is measured on
       (all if None).
+    normalize_importance: `MASModel.consolidate`'s `normalize`: None (Ω
+      as measured), `"mean"` or `"max"`.
     generate_length: tokens of the sample generated from each corpus's
       first held-out text after each task (0: none).
     seed: seeds the splits, the shuffles and the training.
@@ -90,6 +92,7 @@ class LanguageRun:
   lora_rank: int = None
   sequence_length: int = None
   importance_samples: int = None
+  normalize_importance: str = None
   generate_length: int = 32
   seed: int = 0
   checkpoint_seconds: float = 60.0
@@ -113,6 +116,11 @@ class LanguageRun:
                                   "importance_samples", "checkpoint_steps")
                                  if getattr(self, k) is not None})
     options.check_optimizer(self.optimizer, self.learning_rate)
+    if self.normalize_importance not in models.NORMALIZATIONS:
+      raise ValueError(
+          "Invalid value for argument `normalize_importance`. Expected one "
+          f"of {list(models.NORMALIZATIONS)}. Received: "
+          f"normalize_importance={self.normalize_importance!r}")
     if self.generate_length != 0:
       options.positive_integers(generate_length=self.generate_length)
     if not (isinstance(self.checkpoint_seconds, (int, float))
@@ -194,7 +202,7 @@ def run_corpora(run, model, workdir, importance_corpus=None, resume=False,
     writer.close()
     results = {"method": run.method, "corpora": [c.name for c in corpora],
                **progress.summary(), "config": config, "setup_s": setup_s,
-               **(extra or {})}
+               "extra": extra or {}}
     checkpoints.write_json(os.path.join(workdir, "results.json"), results)
   if verbose:
     print(format_losses(results))
@@ -311,7 +319,8 @@ def _consolidate(net, run, corpus):
   texts = corpus.texts[:run.importance_samples]
   net.consolidate(corpora_lib.token_batches(net.preprocessor, texts,
                                             run.batch_size),
-                  method=METHODS[run.method], strength=run.strength)
+                  method=METHODS[run.method], strength=run.strength,
+                  normalize=run.normalize_importance)
 
 
 def next_token_loss(net, part, batch_size):

@@ -88,7 +88,7 @@ class Method:
     return task.x_train, task.y_train, loss, [_accuracy(task)]
 
   def consolidation(self, task, strength, alpha, num_samples,
-                    fisher="empirical"):
+                    fisher="empirical", normalize=None):
     """`MASModel.consolidate`'s arguments after `task`.
 
     No batch size: importance batches by input size, not at the training
@@ -101,7 +101,7 @@ class Method:
       options["empirical"] = fisher == "empirical"
     return dict(method=self.estimator, strength=strength,
                 accumulate=self.accumulate, alpha=alpha,
-                num_samples=num_samples, **options)
+                num_samples=num_samples, normalize=normalize, **options)
 
   def consolidation_data(self, task, input_shape=None):
     """The inputs (and labels, if the estimator reads them) of `task`.

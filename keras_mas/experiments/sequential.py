@@ -65,7 +65,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
                  fisher="empirical", temperature=2.0, seed=0, resume=False,
                  strategy=None, importance_data=None, batch_norm="recompute",
                  lora_rank=None, checkpoint_seconds=60.0,
-                 checkpoint_steps=None, stop=None, extra=None, verbose=1):
+                 checkpoint_steps=None, stop=None, extra=None, verbose=1,
+                 normalize_importance=None):
   """Trains `sequence` task by task and writes the results into `workdir`.
 
   Writes `results.json` (method, dataset, scenario, tasks, accuracy matrix
@@ -153,6 +154,9 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       `preemption.Preempted` is raised.
     extra: a JSON-serialisable dict recorded in `results.json` (e.g. flags).
     verbose: 0 silent, 1 progress bars and a line per task.
+    normalize_importance: `MASModel.consolidate`'s `normalize`: None (Ω
+      as measured) or `"mean"` / `"max"` (each task's Ω divided by it, so
+      that one λ suits models whose Ω differ in scale).
 
   Returns:
     The results dict that was written to `results.json`.
@@ -209,6 +213,13 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
   }
   if lora_rank:
     config["lora_rank"] = int(lora_rank)
+  if normalize_importance is not None:
+    if normalize_importance not in models.NORMALIZATIONS:
+      raise ValueError(
+          "Invalid value for argument `normalize_importance`. Expected one "
+          f"of {list(models.NORMALIZATIONS)}. Received: "
+          f"normalize_importance={normalize_importance!r}")
+    config["normalize_importance"] = normalize_importance
   scope = strategy.scope if strategy is not None else contextlib.nullcontext
   write_dir = (workdir if checkpoints.is_chief(strategy)
                else tempfile.mkdtemp(prefix="keras_mas_worker_"))
@@ -247,7 +258,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
       progress = _Progress.start(net, sequence, batch_size, old_x, old_y)
       if old_x is not None and _measures_on_data(method_spec):
         _consolidate_deployed(net, method_spec, old_x, old_y, strength, alpha,
-                              importance_samples, fisher)
+                              importance_samples, fisher,
+                              normalize_importance)
 
     net.penalty_mode = penalty_mode
     if method_spec.tracks_path:
@@ -284,7 +296,8 @@ def run_sequence(sequence, workdir, method="mas", strength=0.1,
         net.consolidate(
             method_spec.consolidation_data(task, sequence.input_shape),
             **method_spec.consolidation(task, strength, alpha,
-                                        importance_samples, fisher))
+                                        importance_samples, fisher,
+                                        normalize_importance))
         callbacks_lib.log_importance(writer, net, step=k)
       consolidated = time.perf_counter()
       progress.record(k, _old_accuracy(net, old_x, old_y, batch_size),
@@ -636,7 +649,7 @@ def _measures_on_data(method_spec):
 
 
 def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
-                          fisher):
+                          fisher, normalize=None):
   """Ω on the data the model was deployed on, over all its outputs."""
   inner = net.model if isinstance(net, models.WrappedMASModel) else net
   outputs = int(inner.outputs[0].shape[-1])
@@ -648,7 +661,7 @@ def _consolidate_deployed(net, method_spec, x, y, strength, alpha, num_samples,
                       deployed, strength, alpha,
                       None if num_samples is None else min(num_samples,
                                                            len(x)),
-                      fisher))
+                      fisher, normalize))
 
 
 def _export(exporter, workdir, sequence, k):
