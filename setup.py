@@ -9,7 +9,16 @@ setuptools.setup(
                  "Keras 3 on TensorFlow, JAX and PyTorch"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["keras_mas", "keras_mas.*"]),
+    # The apps: apps/ in the clone, `keras_mas_apps` installed (a name of
+    # this project's own, not a bare `apps`).
+    packages=setuptools.find_packages(include=["keras_mas", "keras_mas.*"])
+    + ["keras_mas_apps"],
+    package_dir={"keras_mas_apps": "apps"},
+    entry_points={"console_scripts": [
+        "keras-mas-finetune = keras_mas_apps.sequential_finetune:run",
+        "keras-mas-compare = keras_mas_apps.compare:run",
+        "keras-mas-task-free = keras_mas_apps.task_free:run",
+    ]},
     python_requires=">=3.10",
     install_requires=[
         "absl-py>=2.0",

@@ -9,15 +9,17 @@ training with one line naming it (exit status 1).
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from apps import app_startup  # First: log level, a faster Keras import.
+# First: the log level, and a faster Keras import.
+if __package__:  # Installed (keras_mas_apps), or `python -m apps.<app>`.
+  from . import app_startup
+else:  # Run as a file: its folder is first on sys.path.
+  import app_startup
 from keras_mas.data import tasks
 from keras_mas.experiments import cli
 from keras_mas.experiments import comparison
@@ -87,5 +89,10 @@ def _main():
 
 main = cli.main_with_one_line_errors(_main)
 
-if __name__ == "__main__":
+def run():
+  """The console script's entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

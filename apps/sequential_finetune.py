@@ -26,9 +26,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-from apps import app_startup  # First: log level, a faster Keras import.
+# First: the log level, and a faster Keras import.
+if __package__:  # Installed (keras_mas_apps), or `python -m apps.<app>`.
+  from . import app_startup
+else:  # Run as a file: its folder is first on sys.path.
+  import app_startup
 from keras_mas.data import corpora
 from keras_mas.data import sources
 from keras_mas.data import tasks
@@ -119,6 +122,11 @@ _EXPORT_CONSOLIDATIONS = flags.DEFINE_bool(
 _STRENGTH = flags.DEFINE_float(
     "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
     "permuted-digits sequence; see README).")
+_NORMALIZE_IMPORTANCE = flags.DEFINE_enum(
+    "normalize_importance", "none", ["none", "mean", "max"],
+    "Each task's Ω divided by its mean ('mean') or largest entry ('max') "
+    "over the protected weights, so that one --strength suits models whose "
+    "Ω differ in scale; 'none': Ω as measured (the paper).")
 _PENALTY = flags.DEFINE_enum(
     "penalty", "gradient", ["gradient", "proximal"],
     "'gradient': the penalty's gradient enters the optimizer step (paper); "
@@ -273,9 +281,9 @@ def _run_sequence(sequence, init_model, importance_data, strategy, stop):
       lora_rank=_LORA_RANK.value,
       checkpoint_seconds=_CHECKPOINT_SECONDS.value,
       checkpoint_steps=_CHECKPOINT_STEPS.value, stop=stop,
-      verbose=_VERBOSE.value,
+      verbose=_VERBOSE.value, normalize_importance=_normalization(),
       extra={"flags": {f.name: f.value for f in
-                       flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+                       _OWN_FLAGS}})
 
 
 def _is_causal_lm(model):
@@ -302,6 +310,11 @@ _CLASSIFIER_FLAGS = (
     _DATA_DIR, _TFDS_SPLITS, _DISTRIBUTION, _VIRTUAL_CPUS)
 
 
+def _normalization():
+  value = _NORMALIZE_IMPORTANCE.value
+  return None if value == "none" else value
+
+
 def _run_corpora(lm, stop):
   """A causal LM --init_model: --task_dirs are text corpora."""
   given = [f"--{f.name}" for f in _CLASSIFIER_FLAGS
@@ -315,15 +328,16 @@ def _run_corpora(lm, stop):
     raise ValueError(
         "Invalid value for argument `task_dirs`. Expected the text corpora "
         "for the causal LM --init_model. Received: none")
-  run = language.LanguageRun(
-      corpora=_TASK_DIRS.value,
-      **{name: flag.value for name, flag in _LANGUAGE_FLAGS.items()
-         if flags.FLAGS[flag.name].present})
+  given = {name: flag.value for name, flag in _LANGUAGE_FLAGS.items()
+           if flags.FLAGS[flag.name].present}
+  if _NORMALIZE_IMPORTANCE.present:
+    given["normalize_importance"] = _normalization()
+  run = language.LanguageRun(corpora=_TASK_DIRS.value, **given)
   language.run_corpora(
       run, lm, _WORKDIR.value, importance_corpus=_IMPORTANCE_DATA.value,
       resume=_RESUME.value, stop=stop, verbose=_VERBOSE.value,
       extra={"flags": {f.name: f.value for f in
-                       flags.FLAGS.get_key_flags_for_module(sys.argv[0])}})
+                       _OWN_FLAGS}})
 
 
 def _refuse_corpora():
@@ -350,9 +364,11 @@ def _stream(sequence):
   """--task_boundaries=none: the sequence as one stream, task-free."""
   unsupported = [f"--{f.name}" for f in (
       _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES,
-      _LORA_RANK)
-                 if f.value] + (["--distribution"] if _DISTRIBUTION.value !=
-                                "none" else [])
+      _LORA_RANK) if f.value]
+  if _DISTRIBUTION.value != "none":
+    unsupported.append("--distribution")
+  if _normalization():
+    unsupported.append("--normalize_importance")
   if unsupported:
     raise ValueError(
         "Invalid value for argument `task_boundaries`. Expected given task "
@@ -431,5 +447,16 @@ def _image_size(init_model):
 
 main = cli.main_with_one_line_errors(_main)
 
-if __name__ == "__main__":
+# This app's flags, recorded with the results (however it was started: a
+# file, `python -m`, a console script).
+_OWN_FLAGS = [v for v in tuple(globals().values())
+              if isinstance(v, flags.FlagHolder)]
+
+
+def run():
+  """The console script's entry point."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -22,6 +22,7 @@ from absl import app
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+sys.path.insert(0, os.path.join(_ROOT, "apps"))  # As for the app's own file.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import keras
