@@ -913,7 +913,6 @@ def _is_plain_graph(model):
           and type(model).from_config.__func__ is Functional.from_config.__func__)
 
 
-@keras.saving.register_keras_serializable(package="keras_mas")
 def _normalized(importances, statistic):
   """`importances` divided by their `statistic` (`"mean"`, `"max"`) over
   every entry; unchanged where that is 0 (nothing measured)."""
@@ -930,6 +929,7 @@ def _normalized(importances, statistic):
           for v in values]
 
 
+@keras.saving.register_keras_serializable(package="keras_mas")
 class WrappedMASModel(MASModel):
   """A MASModel around an existing subclassed model (see `from_model`)."""
 
