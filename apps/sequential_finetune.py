@@ -126,7 +126,8 @@ _NORMALIZE_IMPORTANCE = flags.DEFINE_enum(
     "normalize_importance", "none", ["none", "mean", "max"],
     "Each task's Ω divided by its mean ('mean') or largest entry ('max') "
     "over the protected weights, so that one --strength suits models whose "
-    "Ω differ in scale; 'none': Ω as measured (the paper).")
+    "Ω differ in scale; 'none': Ω as measured (the paper). A causal LM "
+    "--init_model takes 'mean' (and --strength=0.1) unless given.")
 _PENALTY = flags.DEFINE_enum(
     "penalty", "gradient", ["gradient", "proximal"],
     "'gradient': the penalty's gradient enters the optimizer step (paper); "

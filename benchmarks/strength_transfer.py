@@ -11,17 +11,19 @@ the protected weights (`MASModel.consolidate(normalize=...)`):
 
 * `mlp`: the main job's MLP on permuted digits (bundled; 3 tasks, 5
   epochs each, domain-incremental);
-* `cnn`: the `cnn` on Fashion-MNIST split into 5 tasks of 2 classes (task-
-  incremental heads; 1,000 training images per task from Debian's
-  `dataset-fashion-mnist`, 3 epochs each);
-* `lm`: a GPT-2 causal LM from a config (1 layer, width 16, byte tokens,
-  random weights) trained on a license text (GPL-3, Debian's), then
-  adapted to Debian package changelogs (3 epochs each, full fine-tuning).
+* `cnn`: the `cnn` on Fashion-MNIST split into 5 tasks of 2 classes
+  (domain-incremental: one head of 2 outputs that every task reuses, so
+  that forgetting is the problem; 1,000 training images per task from
+  Debian's `dataset-fashion-mnist`, 3 epochs each);
+* `lm`: a GPT-2 causal LM from a config (1 layer, width 16, byte tokens)
+  trained 30 epochs on a license text (GPL-3, Debian's) and saved as a
+  preset: the deployed model. The run adapts it to Debian package
+  changelogs (3 epochs, full fine-tuning), with Ω measured on the license
+  text first (`importance_corpus`), as the app's `--importance_data` does.
 
 Score: the classifiers' final average accuracy (ACC); the LM's mean
-next-token loss over both corpora after the second (lower is better), with
-the old corpus's loss rise and the new one's gain as fractions of
-fine-tuning's. Writes a Markdown table (best λ per model and
+next-token loss over both corpora after the adaptation (lower is better),
+with the old corpus's loss rise and the new one's gain. Writes a Markdown table (best λ per model and
 normalization, and each model's score at every λ) to --output.
 """
 
@@ -42,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 
+from keras_mas.data import corpora
 from keras_mas.data import sources
 from keras_mas.data import tasks
 from keras_mas.experiments import language
@@ -69,7 +72,7 @@ def _fashion_mnist():
     train, test = pick(y, 1000), pick(y_test, 400)
     parts.append((x[train], y[train] - 2 * k, x_test[test],
                   y_test[test] - 2 * k))
-  return tasks.from_arrays(parts, scenario="task", dataset="fashion_mnist")
+  return tasks.from_arrays(parts, scenario="domain", dataset="fashion_mnist")
 
 
 def _classifier(model, sequence, epochs, normalize, strength, workdir):
@@ -81,18 +84,20 @@ def _classifier(model, sequence, epochs, normalize, strength, workdir):
   return {"score": results["acc"], "forgetting": results["forgetting"]}
 
 
-def _language(corpora_dirs, preset, normalize, strength, workdir):
+def _language(old, new, preset, normalize, strength, workdir):
   method = "finetune" if strength is None else "mas"
   run = language.LanguageRun(
-      corpora=corpora_dirs, method=method, strength=strength or 0.0,
+      corpora=(new,), method=method, strength=strength or 0.0,
       epochs=3, batch_size=8, learning_rate=3e-3, generate_length=0,
       normalize_importance=normalize, checkpoint_seconds=1e9)
   results = language.run_corpora(run, sources.load_model(preset), workdir,
-                                 verbose=0)
-  matrix = np.array(results["loss_matrix"])
-  return {"score": float(matrix[-1].mean()),
-          "old_rise": float(matrix[1, 0] - matrix[0, 0]),
-          "new_gain": float(matrix[0, 1] - matrix[1, 1])}
+                                 importance_corpus=old, verbose=0)
+  before, after = (results["importance_data_loss"][0],
+                   results["importance_data_loss"][-1])
+  new_loss = results["loss_matrix"][-1][0]
+  return {"score": float((after + new_loss) / 2),
+          "old_rise": float(after - before),
+          "new_gain": float(results["gain"][0])}
 
 
 def _runners(folder):
@@ -111,9 +116,11 @@ def _runners(folder):
     new = language_models.write_corpus(
         os.path.join(folder, "changelogs"),
         language_models.changelog_text(chars=12000))
-    preset = language_models.save_preset("gpt2", os.path.join(folder, "gpt2"),
-                                         sequence_length=48)
-    runners["lm"] = lambda n, s, w: _language((old, new), preset, n, s, w)
+    texts = corpora.load_corpus(old, passage_words=36)
+    preset = language_models.save_preset(
+        "gpt2", os.path.join(folder, "gpt2"), sequence_length=48,
+        trained_on=texts.train, epochs=30)
+    runners["lm"] = lambda n, s, w: _language(old, new, preset, n, s, w)
   return runners
 
 
@@ -126,6 +133,7 @@ def main(argv):
       baseline = runner(None, None, os.path.join(folder, f"{name}_ft"))
       rows.append({"model": name, "normalize": "finetune", "strength": 0,
                    **baseline})
+      print(json.dumps(rows[-1]), flush=True)
       for normalize in _NORMALIZATIONS.value:
         for strength in _STRENGTHS.value:
           workdir = os.path.join(folder, f"{name}_{normalize}_{strength}")

@@ -48,8 +48,11 @@ def write_corpus(folder, text, name="part.txt"):
   return str(folder)
 
 
-def save_preset(kind, directory, sequence_length=SEQUENCE_LENGTH):
-  """A `kind` CausalLM (one of `ARCHITECTURES`) saved at `directory`."""
+def save_preset(kind, directory, sequence_length=SEQUENCE_LENGTH,
+                trained_on=None, epochs=0):
+  """A `kind` CausalLM (one of `ARCHITECTURES`) saved at `directory`;
+  first trained `epochs` epochs on the texts `trained_on` if given (a
+  model that knows a domain, as a user's downloaded one does)."""
   import keras_hub  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   hub = keras_hub.models
@@ -90,6 +93,9 @@ def save_preset(kind, directory, sequence_length=SEQUENCE_LENGTH):
                                 tokenizer, sequence_length=sequence_length))
   else:
     raise ValueError(kind)
+  if trained_on is not None:
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2), sampler="greedy")
+    lm.fit(trained_on, batch_size=8, epochs=epochs, verbose=0)
   lm.save_to_preset(str(directory))
   return str(directory)
 

@@ -191,6 +191,9 @@ def test_app_adapts_a_causal_lm_preset_and_resumes_as_uninterrupted(data):
   assert results["gain"][0] > 0  # It learned the first corpus.
   assert len(results["importance_data_loss"]) == 3
   assert results["config"]["lora_rank"] == 2
+  # A causal LM's defaults: Ω over its mean, λ = 0.1 (benchmarks/STRENGTH.md).
+  assert results["config"]["normalize_importance"] == "mean"
+  assert results["config"]["strength"] == 0.1
 
   # The adapted model loads as any preset, without LoRA, and generates.
   adapted = keras_hub.models.CausalLM.from_preset(

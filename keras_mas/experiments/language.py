@@ -61,7 +61,9 @@ class LanguageRun:
     corpora: the task corpora's folders, in training order.
     method: one of `METHODS`: `"mas"` (default), `"local_mas"`, `"l2"` or
       `"finetune"` (no protection).
-    strength: λ of the penalty.
+    strength: λ of the penalty; the default, with `normalize_importance`'s
+      default, was near-best on a causal LM, an MLP and a CNN alike
+      (benchmarks/STRENGTH.md).
     epochs: epochs per corpus.
     batch_size: texts per batch (training, importance and measuring).
     learning_rate: the optimizer's learning rate.
@@ -73,8 +75,10 @@ class LanguageRun:
       run); None keeps the model's.
     importance_samples: texts of each corpus importance is measured on
       (all if None).
-    normalize_importance: `MASModel.consolidate`'s `normalize`: None (Ω
-      as measured), `"mean"` or `"max"`.
+    normalize_importance: `MASModel.consolidate`'s `normalize`: `"mean"`
+      (default: each corpus's Ω divided by its mean, so that λ does not
+      follow the vocabulary and the tokens summed), `"max"` or None (Ω as
+      measured, the paper).
     generate_length: tokens of the sample generated from each corpus's
       first held-out text after each task (0: none).
     seed: seeds the splits, the shuffles and the training.
@@ -84,7 +88,7 @@ class LanguageRun:
   """
   corpora: tuple
   method: str = "mas"
-  strength: float = 1.0
+  strength: float = 0.1
   epochs: int = 3
   batch_size: int = 8
   learning_rate: float = 1e-4
@@ -92,7 +96,7 @@ class LanguageRun:
   lora_rank: int = None
   sequence_length: int = None
   importance_samples: int = None
-  normalize_importance: str = None
+  normalize_importance: str = "mean"
   generate_length: int = 32
   seed: int = 0
   checkpoint_seconds: float = 60.0
