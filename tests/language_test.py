@@ -7,17 +7,16 @@ architectures through the whole app run are marked slow.
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import app_runner
 import language_models
 import tolerances
 from keras_mas.data import corpora
@@ -154,15 +153,7 @@ def test_a_run_must_be_sound_before_anything_runs():
 
 # --- The app. ---------------------------------------------------------------
 
-def _app(workdir, *flags, crash_at=None):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  script = os.path.join(_ROOT, "apps", "sequential_finetune.py")
-  if crash_at:
-    env["KERAS_MAS_TEST_CRASH_AT"] = crash_at
-    script = os.path.join(_ROOT, "tests", "crash_app.py")
-  return subprocess.run([sys.executable, script, f"--workdir={workdir}",
-                         *flags], env=env, capture_output=True, text=True,
-                        timeout=900, check=False)
+_app = app_runner.run_finetune
 
 
 def _lm_flags(data, *corpus_names, preset=None):

@@ -8,20 +8,18 @@ an in-task resume.
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import keras
 import numpy as np
 import pytest
 
+import app_runner  # pylint: disable=g-bad-import-order
 import keras_mas
 from keras_mas.core import exact_state
 
 keras_hub = pytest.importorskip("keras_hub")
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RNG = np.random.default_rng(0)
 _LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -190,18 +188,13 @@ def test_an_entry_for_other_lora_layers_is_refused():
 # --- The app: a LoRA run stopped inside its task resumes as it would have. -
 
 def _app(workdir, preset, data, *extra, stop=False):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  script = os.path.join(_ROOT, "apps", "sequential_finetune.py")
-  if stop:  # SIGTERM after the task's first checkpoint inside it.
-    env["KERAS_MAS_TEST_CRASH_AT"] = "sigterm:0"
-    script = os.path.join(_ROOT, "tests", "crash_app.py")
-  flags = [f"--workdir={workdir}", f"--init_model={preset}", "--lora_rank=2",
-           f"--task_dirs={data / 'new'}", f"--importance_data={data / 'old'}",
-           "--scenario=domain", "--epochs=3", "--batch_size=4",
-           "--checkpoint_seconds=0", "--strength=1", "--verbose=0"]
-  return subprocess.run([sys.executable, script, *flags, *extra], env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
+  return app_runner.run_finetune(
+      workdir, f"--init_model={preset}", "--lora_rank=2",
+      f"--task_dirs={data / 'new'}", f"--importance_data={data / 'old'}",
+      "--scenario=domain", "--epochs=3", "--batch_size=4",
+      "--checkpoint_seconds=0", "--strength=1", "--verbose=0", *extra,
+      # SIGTERM after the task's first checkpoint inside it.
+      crash_at="sigterm:0" if stop else None, timeout=600)
 
 
 def _text_folder(folder, texts, labels):

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 
@@ -16,6 +15,7 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import app_runner  # pylint: disable=g-bad-import-order
 import keras_mas
 from keras_mas import callbacks
 from keras_mas import importance
@@ -29,14 +29,8 @@ _METRICS = ("accuracy_matrix", "baseline", "acc", "bwt", "fwt", "forgetting")
 
 
 def _app(workdir, *extra, crash_at=None):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  script = os.path.join(_ROOT, "apps", "sequential_finetune.py")
-  if crash_at:
-    env["KERAS_MAS_TEST_CRASH_AT"] = crash_at
-    script = os.path.join(_ROOT, "tests", "crash_app.py")
-  return subprocess.run(
-      [sys.executable, script, f"--workdir={workdir}", *_FLAGS, *extra],
-      env=env, capture_output=True, text=True, timeout=300)
+  return app_runner.run_finetune(workdir, *_FLAGS, *extra, crash_at=crash_at,
+                                 timeout=300)
 
 
 def _final_state(workdir):
