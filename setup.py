@@ -40,8 +40,10 @@ setuptools.setup(
     extras_require={
         # keras-hub: a KerasHub backbone built from a config (no download)
         # in tests/model_zoo_test.py.
+        # setuptools: tests/install_test.py builds the wheel offline with
+        # this environment's (70.1 builds wheels without the `wheel` package).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
-                 "psutil>=5.9", "keras-hub>=0.32"],
+                 "psutil>=5.9", "keras-hub>=0.32", "setuptools>=70.1"],
         # Keras's JAX backend (KERAS_BACKEND=jax); tests/backends_test.py
         # ran on jax 0.10.2 (the newest for Python 3.11 on the index here).
         "jax": ["jax>=0.4.30"],
