@@ -33,6 +33,7 @@ corpus.kind, len(corpus.train), corpus.test[:2]
 import dataclasses
 import json
 import os
+import weakref
 
 import numpy as np
 
@@ -41,6 +42,8 @@ __all__ = ["Corpus", "KINDS", "is_corpus", "load_corpus", "takes_pairs",
 
 KINDS = {".txt": "text", ".jsonl": "supervised"}
 _TEST_FRACTION = 0.1
+# Per preprocessor, the input forms it takes (`_takes`).
+_FORMS = weakref.WeakKeyDictionary()
 _SPLITS = ("train", "test")
 
 
@@ -161,19 +164,26 @@ def token_batches(preprocessor, part, batch_size, seed=None):
 
 def takes_pairs(preprocessor):
   """Whether `preprocessor` takes `{"prompts", "responses"}` itself."""
-  try:
-    preprocessor({"prompts": ["a"], "responses": ["b"]})
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
+  return _takes(preprocessor, "pairs")
 
 
 def _takes_text(preprocessor):
-  try:
-    preprocessor(["a"])
-    return True
-  except Exception:  # pylint: disable=broad-except
-    return False
+  return _takes(preprocessor, "text")
+
+
+def _takes(preprocessor, form):
+  """Whether `preprocessor` takes `form`, found by trying once per
+  preprocessor (a KerasHub preprocessor says it no other way)."""
+  forms = _FORMS.setdefault(preprocessor, {})
+  if form not in forms:
+    sample = ({"prompts": ["a"], "responses": ["b"]} if form == "pairs"
+              else ["a"])
+    try:
+      preprocessor(sample)
+      forms[form] = True
+    except Exception:  # pylint: disable=broad-except
+      forms[form] = False
+  return forms[form]
 
 
 def _response_only(preprocessor, pairs):
