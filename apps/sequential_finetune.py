@@ -13,10 +13,11 @@ corpus (.txt files, or .jsonl prompt and response pairs) and the table is
 each corpus's next-token loss and perplexity (keras_mas.experiments.language).
 
 Writes results.json, TensorBoard logs, a checkpoint and a SavedModel (a
-causal LM: a KerasHub preset) per task into --workdir; --resume continues an interrupted run. A bad flag stops
-the app before training with one line naming it (exit status 1). SIGTERM or
-SIGINT stops it after the training step under way, keeping its last
-checkpoint (exit status 75; --resume continues).
+causal LM: a KerasHub preset) per task into --workdir; --resume continues
+an interrupted run. A bad flag stops the app before training with one line
+naming it (exit status 1). SIGTERM or SIGINT stops it after the training
+step under way, keeping its last checkpoint (exit status 75; --resume
+continues).
 """
 
 import os
@@ -283,8 +284,7 @@ def _run_sequence(sequence, init_model, importance_data, strategy, stop):
       checkpoint_seconds=_CHECKPOINT_SECONDS.value,
       checkpoint_steps=_CHECKPOINT_STEPS.value, stop=stop,
       verbose=_VERBOSE.value, normalize_importance=_normalization(),
-      extra={"flags": {f.name: f.value for f in
-                       _OWN_FLAGS}})
+      extra={"flags": _flag_values()})
 
 
 def _is_causal_lm(model):
@@ -337,8 +337,7 @@ def _run_corpora(lm, stop):
   language.run_corpora(
       run, lm, _WORKDIR.value, importance_corpus=_IMPORTANCE_DATA.value,
       resume=_RESUME.value, stop=stop, verbose=_VERBOSE.value,
-      extra={"flags": {f.name: f.value for f in
-                       _OWN_FLAGS}})
+      extra={"flags": _flag_values()})
 
 
 def _refuse_corpora():
@@ -452,6 +451,10 @@ main = cli.main_with_one_line_errors(_main)
 # file, `python -m`, a console script).
 _OWN_FLAGS = [v for v in tuple(globals().values())
               if isinstance(v, flags.FlagHolder)]
+
+
+def _flag_values():
+  return {f.name: f.value for f in _OWN_FLAGS}
 
 
 def run():
