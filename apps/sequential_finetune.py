@@ -266,24 +266,29 @@ def _stoppable(run):
     sys.exit(preemption.EXIT_CODE)
 
 
+# The SequenceRun setting each flag fills.
+_SEQUENCE_FLAGS = {
+    "method": _METHOD, "strength": _STRENGTH, "penalty_mode": _PENALTY,
+    "epochs": _EPOCHS, "batch_size": _BATCH_SIZE,
+    "learning_rate": _LEARNING_RATE, "optimizer": _OPTIMIZER,
+    "model": _MODEL, "hidden_units": _HIDDEN_UNITS, "weights": _WEIGHTS,
+    "freeze_backbone": _FREEZE_BACKBONE,
+    "importance_samples": _IMPORTANCE_SAMPLES, "alpha": _ALPHA,
+    "fisher": _FISHER, "temperature": _TEMPERATURE, "seed": _SEED,
+    "batch_norm": _BATCH_NORM, "lora_rank": _LORA_RANK,
+    "checkpoint_seconds": _CHECKPOINT_SECONDS,
+    "checkpoint_steps": _CHECKPOINT_STEPS,
+}
+
+
 def _run_sequence(sequence, init_model, importance_data, strategy, stop):
+  run = training.SequenceRun(
+      normalize_importance=_normalization(),
+      **{name: flag.value for name, flag in _SEQUENCE_FLAGS.items()})
   training.run_sequence(
-      sequence, _WORKDIR.value, method=_METHOD.value,
-      strength=_STRENGTH.value, penalty_mode=_PENALTY.value,
-      epochs=_EPOCHS.value,
-      batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-      optimizer=_OPTIMIZER.value,
-      model=init_model if init_model is not None else _MODEL.value,
-      hidden_units=_HIDDEN_UNITS.value, weights=_WEIGHTS.value,
-      freeze_backbone=_FREEZE_BACKBONE.value,
-      importance_samples=_IMPORTANCE_SAMPLES.value, alpha=_ALPHA.value,
-      fisher=_FISHER.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
-      resume=_RESUME.value, strategy=strategy,
-      importance_data=importance_data, batch_norm=_BATCH_NORM.value,
-      lora_rank=_LORA_RANK.value,
-      checkpoint_seconds=_CHECKPOINT_SECONDS.value,
-      checkpoint_steps=_CHECKPOINT_STEPS.value, stop=stop,
-      verbose=_VERBOSE.value, normalize_importance=_normalization(),
+      sequence, _WORKDIR.value, run, model=init_model,
+      importance_data=importance_data, resume=_RESUME.value,
+      strategy=strategy, stop=stop, verbose=_VERBOSE.value,
       extra={"flags": _flag_values()})
 
 
@@ -374,16 +379,17 @@ def _stream(sequence):
         "Invalid value for argument `task_boundaries`. Expected given task "
         f"boundaries with {unsupported}. Received: task_boundaries='none'")
   methods.get(_METHOD.value, task_free=True)  # Raises, naming the flag.
-  results = {}
-  _stoppable(lambda stop: results.update(streaming.run_stream(
-      sequence, method=_METHOD.value, workdir=_WORKDIR.value, stop=stop,
-      batch_size=_STREAM_BATCH_SIZE.value,
+  run = streaming.StreamRun(
+      method=_METHOD.value, batch_size=_STREAM_BATCH_SIZE.value,
       transition_steps=_TRANSITION_STEPS.value,
       buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
       learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
       model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value, seed=_SEED.value,
-      checkpoint_every=_CHECKPOINT_EVERY.value, resume=_RESUME.value,
-      export_consolidations=_EXPORT_CONSOLIDATIONS.value,
+      checkpoint_every=_CHECKPOINT_EVERY.value,
+      export_consolidations=_EXPORT_CONSOLIDATIONS.value)
+  results = {}
+  _stoppable(lambda stop: results.update(streaming.run_stream(
+      sequence, run, workdir=_WORKDIR.value, stop=stop, resume=_RESUME.value,
       verbose=_VERBOSE.value)))
   if _VERBOSE.value:
     print(training.format_matrix(results))

@@ -15,6 +15,7 @@ mean ± std (the README's table).
 training with one line naming it (exit status 1).
 """
 
+import dataclasses
 import json
 import os
 
@@ -134,7 +135,19 @@ def _sequence(seed):
                              data_dir=_DATA_DIR.value)
 
 
-def _run_seed(seed, workdir):
+def _settings():
+  """The run the flags give; each method and seed replace theirs."""
+  return task_free.StreamRun(
+      batch_size=_BATCH_SIZE.value, transition_steps=_TRANSITION_STEPS.value,
+      buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
+      learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
+      model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value,
+      updates_per_batch=_UPDATES.value, window=_window(),
+      checkpoint_every=_CHECKPOINT_EVERY.value or None,
+      export_consolidations=_EXPORT_CONSOLIDATIONS.value)
+
+
+def _run_seed(settings, seed, workdir):
   """Every method on the stream of `seed`, each into workdir/<method>/."""
   sequence = _sequence(seed)
   results = []
@@ -146,17 +159,9 @@ def _run_seed(seed, workdir):
         results.append(json.load(f))
       continue
     results.append(task_free.run_stream(
-        sequence, method, workdir=method_dir,
-        checkpoint_every=_CHECKPOINT_EVERY.value or None,
-        resume=_RESUME.value and os.path.isdir(
-            os.path.join(method_dir, "checkpoint")),
-        batch_size=_BATCH_SIZE.value,
-        transition_steps=_TRANSITION_STEPS.value,
-        buffer_size=_BUFFER_SIZE.value, strength=_STRENGTH.value,
-        learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
-        model=_MODEL.value, hidden_units=_HIDDEN_UNITS.value,
-        updates_per_batch=_UPDATES.value, window=_window(), seed=seed,
-        export_consolidations=_EXPORT_CONSOLIDATIONS.value))
+        sequence, dataclasses.replace(settings, method=method, seed=seed),
+        workdir=method_dir, resume=_RESUME.value and os.path.isdir(
+            os.path.join(method_dir, "checkpoint"))))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
   return sequence, results
@@ -169,18 +174,18 @@ def _main():
     raise ValueError(
         f"Invalid value for flag --methods. Expected names from "
         f"{list(task_free.METHODS)}. Received: {_METHODS.value}")
-  _window()  # A bad detector flag stops the app here, before any data.
   if _CHECKPOINT_EVERY.value < 0:
     raise ValueError(
         "Invalid value for flag --checkpoint_every. Expected an integer >= "
         f"0. Received: {_CHECKPOINT_EVERY.value}")
+  settings = _settings()  # A bad flag stops the app here, before any data.
   seeds = range(_SEED.value, _SEED.value + _SEEDS.value)
   runs = []
   for seed in seeds:
     workdir = (_WORKDIR.value if _SEEDS.value == 1 else
                os.path.join(_WORKDIR.value, f"seed_{seed}"))
     os.makedirs(workdir, exist_ok=True)
-    sequence, results = _run_seed(seed, workdir)
+    sequence, results = _run_seed(settings, seed, workdir)
     runs.append(results)
     print(f"{sequence.dataset} ({sequence.recipe}, {sequence.scenario}-"
           f"incremental), seed {seed}, one stream of "

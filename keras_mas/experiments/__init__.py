@@ -2,7 +2,9 @@
 
 `sequential.run_sequence` (one `fit` per task, the loop behind
 `apps/sequential_finetune.py`), `streaming.run_stream` (task-free
-streams), `comparison` (λ selection, seeds, tables), `methods` (each
+streams), `language.run_corpora` (causal language models on text
+corpora), `configs` (each runner's settings, one typed object),
+`comparison` (λ selection, seeds, tables), `methods` (each
 continual-learning method's data, loss and consolidation), `metrics`
 (ACC, BWT, FWT, forgetting), `checkpoints`, `export` (SavedModels),
 `architectures` (models to run) and `cli` (the apps' one-line errors).

@@ -21,7 +21,6 @@ print(results["loss_matrix"], results["forgetting"])
 ```
 """
 
-import dataclasses
 import os
 import random
 import time
@@ -33,9 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mas.core import models
-from keras_mas.core import regularizers
 from keras_mas.data import corpora as corpora_lib
 from keras_mas.experiments import checkpoints
+from keras_mas.experiments import configs
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
 from keras_mas.experiments import progress as progress_lib
@@ -44,102 +43,12 @@ from keras_mas.experiments import resumable
 __all__ = ["METHODS", "LanguageRun", "format_losses", "next_token_loss",
            "run_corpora"]
 
-# Importance estimator of each method (None: no penalty).
-METHODS = {"mas": "mas", "local_mas": "local_mas", "l2": "l2",
-           "finetune": None}
+METHODS = configs.LANGUAGE_METHODS
+LanguageRun = configs.LanguageRun
 _STATE_KEYS = ("config", "loss_matrix", "baseline", "timings")
 _PROMPT_WORDS = 4
 # Per model, its traced next-token loss sums (`next_token_loss`).
 _LOSS_SUMS = weakref.WeakKeyDictionary()
-
-
-@dataclasses.dataclass(frozen=True)
-class LanguageRun:
-  """The settings of a language-model run, checked when made.
-
-  Attributes:
-    corpora: the task corpora's folders, in training order.
-    method: one of `METHODS`: `"mas"` (default), `"local_mas"`, `"l2"` or
-      `"finetune"` (no protection).
-    strength: λ of the penalty; the default, with `normalize_importance`'s
-      default, was near-best on a causal LM, an MLP and a CNN alike
-      (benchmarks/STRENGTH.md).
-    epochs: epochs per corpus.
-    batch_size: texts per batch (training, importance and measuring).
-    learning_rate: the optimizer's learning rate.
-    optimizer: a Keras optimizer name; a fresh one for each corpus.
-    lora_rank: enable LoRA of this rank on the backbone before the first
-      corpus (only the factors train; Ω and θ* are theirs); None: the
-      whole model trains.
-    sequence_length: tokens per text (the preprocessor's, changed for the
-      run); None keeps the model's.
-    importance_samples: texts of each corpus importance is measured on
-      (all if None).
-    normalize_importance: `MASModel.consolidate`'s `normalize`: `"mean"`
-      (default: each corpus's Ω divided by its mean, so that λ does not
-      follow the vocabulary and the tokens summed), `"max"` or None (Ω as
-      measured, the paper).
-    generate_length: tokens of the sample generated from each corpus's
-      first held-out text after each task (0: none).
-    seed: seeds the splits, the shuffles and the training.
-    checkpoint_seconds: inside a corpus, checkpoint at the first epoch end
-      this many seconds after the last checkpoint (0: every epoch end).
-    checkpoint_steps: also checkpoint every this many training steps.
-  """
-  corpora: tuple
-  method: str = "mas"
-  strength: float = 0.1
-  epochs: int = 3
-  batch_size: int = 8
-  learning_rate: float = 1e-4
-  optimizer: str = "adam"
-  lora_rank: int = None
-  sequence_length: int = None
-  importance_samples: int = None
-  normalize_importance: str = "mean"
-  generate_length: int = 32
-  seed: int = 0
-  checkpoint_seconds: float = 60.0
-  checkpoint_steps: int = None
-
-  def __post_init__(self):
-    object.__setattr__(self, "corpora", tuple(self.corpora))
-    if not self.corpora:
-      raise ValueError("Invalid value for argument `corpora`. Expected one "
-                       "corpus folder or more. Received: none")
-    if self.method not in METHODS:
-      raise ValueError(
-          "Invalid value for argument `method`. Expected one of "
-          f"{list(METHODS)} for a language model. Received: "
-          f"method={self.method!r}")
-    object.__setattr__(self, "strength",
-                       regularizers.validate_strength(self.strength))
-    options.positive_integers(epochs=self.epochs, batch_size=self.batch_size,
-                              **{k: getattr(self, k) for k in (
-                                  "lora_rank", "sequence_length",
-                                  "importance_samples", "checkpoint_steps")
-                                 if getattr(self, k) is not None})
-    options.check_optimizer(self.optimizer, self.learning_rate)
-    if self.normalize_importance not in models.NORMALIZATIONS:
-      raise ValueError(
-          "Invalid value for argument `normalize_importance`. Expected one "
-          f"of {list(models.NORMALIZATIONS)}. Received: "
-          f"normalize_importance={self.normalize_importance!r}")
-    if self.generate_length != 0:
-      options.positive_integers(generate_length=self.generate_length)
-    if not (isinstance(self.checkpoint_seconds, (int, float))
-            and self.checkpoint_seconds >= 0):
-      raise ValueError(
-          "Invalid value for argument `checkpoint_seconds`. Expected a "
-          f"number >= 0. Received: {self.checkpoint_seconds!r}")
-
-  def recorded(self):
-    """The settings a resume must match (timing options may change)."""
-    kept = dataclasses.asdict(self)
-    for key in ("checkpoint_seconds", "checkpoint_steps"):
-      kept.pop(key)
-    kept["corpora"] = [os.path.abspath(c) for c in self.corpora]
-    return kept
 
 
 def run_corpora(run, model, workdir, importance_corpus=None, resume=False,

@@ -8,6 +8,8 @@ told the true boundaries.
 """
 
 import contextlib
+import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -21,6 +23,7 @@ from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.data import streams as streams_lib
 from keras_mas.experiments import architectures
 from keras_mas.experiments import checkpoints
+from keras_mas.experiments import configs
 from keras_mas.experiments import evaluation as evaluation_lib
 from keras_mas.experiments import export as export_lib
 from keras_mas.experiments import methods as methods_lib
@@ -28,12 +31,12 @@ from keras_mas.experiments import metrics as metrics_lib
 from keras_mas.experiments import online_evaluation
 from keras_mas.experiments import options
 from keras_mas.experiments import preemption
-from keras_mas.task_free import _checks
 from keras_mas.task_free import consolidation
 from keras_mas.task_free import hard_buffer
 
-__all__ = ["DEFAULT_STRENGTH", "METHODS", "accuracies", "format_results",
-           "format_summary", "run_stream", "summarize_seeds"]
+__all__ = ["DEFAULT_STRENGTH", "METHODS", "StreamRun", "accuracies",
+           "format_results", "format_summary", "run_stream",
+           "summarize_seeds"]
 
 # What `run_stream` compares, on the same stream and buffer size:
 # task-free MAS; online fine-tuning (no buffer, no penalty); experience
@@ -45,10 +48,8 @@ TaskFreeConsolidation = consolidation.TaskFreeConsolidation
 LossWindow = consolidation.LossWindow
 fit_stream = consolidation.fit_stream
 DEFAULT_BUFFER_SIZE = hard_buffer.DEFAULT_BUFFER_SIZE
-# λ of task-free MAS with the detector's defaults: on the README's streams
-# 0.1 did better than 1.0, which held the 10-class permuted tasks too
-# stiffly (benchmarks/CHOICES.md).
-DEFAULT_STRENGTH = 0.1
+StreamRun = configs.StreamRun
+DEFAULT_STRENGTH = StreamRun.strength
 
 
 def accuracies(model, sequence, trained=None, batch_size=256):
@@ -83,13 +84,8 @@ class _BoundaryAccuracy(online_evaluation.EachIncomingBatch):
           self._writer.flush()
 
 
-def run_stream(sequence, method="mas", workdir=None, batch_size=10,
-               transition_steps=0, buffer_size=DEFAULT_BUFFER_SIZE,
-               strength=DEFAULT_STRENGTH, learning_rate=1e-3,
-               optimizer="adam", model="mlp", hidden_units=128,
-               updates_per_batch=3, window=None, seed=0, callbacks=None,
-               checkpoint_every=None, export_consolidations=False,
-               online_every=None, stop=None, resume=False, verbose=0):
+def run_stream(sequence, run="mas", workdir=None, *, callbacks=None,
+               stop=None, resume=False, verbose=0, **settings):
   """Learns `sequence` as one stream with hidden boundaries; scores it.
 
   The tasks' training data become one stream of small batches
@@ -115,42 +111,31 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
       of arrays or of `tf.data` pipelines (`from_datasets`, a task spec's
       TFRecords or datasets): pipelines are streamed, never held whole, and
       give the same run as arrays of the same data.
-    method: one of `METHODS`.
+    run: a `keras_mas.experiments.configs.StreamRun`, the run's settings,
+      or one of `METHODS` (`StreamRun(method=run)`).
     workdir: if given, `results.json`, `online_accuracy.png` (the
       prequential and anytime average accuracy along the stream, changes
       and consolidations marked), TensorBoard logs (`tensorboard/`, the
       stream's scalars under `stream/`) and the final model as a
-      SavedModel (`export/`) are written there.
-    batch_size: samples per incoming batch.
-    transition_steps: blur each change over this many batches.
-    buffer_size: samples in the hard buffer (all methods but `finetune`
-      train on it).
-    strength: λ of the MAS penalty.
-    learning_rate: optimizer learning rate.
-    optimizer: a Keras optimizer name.
-    model: an architecture name (see `architectures.build`).
-    hidden_units: hidden width of the `mlp` and `cnn`.
-    updates_per_batch: train steps on each incoming batch.
-    window: a `LossWindow` (default: the documented defaults).
-    seed: seeds the model, the stream's blur and training.
+      SavedModel (`export/`) are written there; with `run.checkpoint_every`
+      a checkpoint is written into `workdir/checkpoint/` every that many
+      incoming batches (the model with its optimizer, Ω and θ*; the
+      window, the buffer, the accuracy rows and the online record),
+      replaced whole each time; with `run.export_consolidations` a
+      SavedModel at each consolidation, in
+      `export_consolidations/step_<incoming batch>/`.
     callbacks: more Keras callbacks for the `fit` (their batch index
       counts train steps, `updates_per_batch` per incoming batch).
     stop: a `preemption.StopRequest`: once set (SIGTERM, SIGINT under
       `preemption.on_signals`), the stream stops at the end of the incoming
       batch under way, a checkpoint is written there (with `workdir`) and
       `preemption.Preempted` is raised; `resume` continues from it.
-    export_consolidations: with `workdir`, also export a SavedModel at each
-      consolidation, to `export_consolidations/step_<incoming batch>/`.
-    online_every: measure the anytime average accuracy every this many
-      incoming batches (default: about 50 points along the stream), on up
-      to 500 test samples a task.
-    checkpoint_every: with `workdir`, write a checkpoint every this many
-      incoming batches into `workdir/checkpoint/` (the model with its
-      optimizer, Ω and θ*; the window, the buffer, the accuracy rows and
-      the online record), replaced whole each time.
     resume: continue the run whose checkpoint is in `workdir` (same
-      arguments); the result equals that of an uninterrupted run.
+      settings); the result equals that of an uninterrupted run.
     verbose: 1 prints the table at the end.
+    **settings: `StreamRun` fields that replace `run`'s:
+      `run_stream(s, method="replay", buffer_size=100)` is
+      `run_stream(s, StreamRun(method="replay", buffer_size=100))`.
 
   Returns:
     A dict: `method`, `dataset`, `recipe`, `scenario`, `tasks`,
@@ -164,29 +149,28 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
 
   Raises:
     ValueError: naming the argument, before any training; for `resume`, if
-      the checkpoint is missing, damaged or of other arguments; without
+      the checkpoint is missing, damaged or of other settings; without
       `resume`, if `workdir` holds a checkpoint.
   """
-  methods_lib.get(method, task_free=True)  # Raises for another name.
-  options.validate_learning_rate(learning_rate)
-  stream = streams_lib.from_sequence(sequence, batch_size=batch_size,
-                                     transition_steps=transition_steps,
-                                     seed=seed)
-  window = window if window is not None else LossWindow()
+  if isinstance(run, str):
+    settings.setdefault("method", run)
+    run = None
+  run = dataclasses.replace(run or configs.StreamRun(), **settings)
+  stream = streams_lib.from_sequence(sequence, batch_size=run.batch_size,
+                                     transition_steps=run.transition_steps,
+                                     seed=run.seed)
   consolidate_at = {"mas": "plateaus", "mas_oracle": stream.boundaries[:-1],
-                    "finetune": None, "replay": None}[method]
+                    "finetune": None, "replay": None}[run.method]
   log_dir = None if workdir is None else os.path.join(workdir, "tensorboard")
   task_free = TaskFreeConsolidation(
-      buffer_size=buffer_size, window=window,
-      rehearse=method != "finetune", consolidate_at=consolidate_at or None,
-      updates_per_batch=updates_per_batch, log_dir=log_dir)
-  if (checkpoint_every is not None or resume) and workdir is None:
+      buffer_size=run.buffer_size, window=copy.deepcopy(run.window),
+      rehearse=run.method != "finetune", consolidate_at=consolidate_at or None,
+      updates_per_batch=run.updates_per_batch, log_dir=log_dir)
+  if (run.checkpoint_every is not None or resume) and workdir is None:
     raise ValueError(
         "Invalid value for argument `workdir`. Expected a directory for "
         "checkpoint_every or resume. Received: workdir=None")
-  if checkpoint_every is not None:
-    checkpoint_every = _checks.positive_int("checkpoint_every",
-                                           checkpoint_every)
+  config = run.recorded()
   # One run per workdir (see `checkpoints.workdir_lock`).
   with (contextlib.nullcontext() if workdir is None else
         checkpoints.workdir_lock(workdir)):
@@ -198,42 +182,30 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
           "Invalid value for argument `workdir`. Expected a directory without "
           "a stream checkpoint, or resume=True to continue it. Received: "
           f"workdir={workdir!r} holding {checkpoint_dir}")
-    net = architectures.build(model, sequence.input_shape, sequence.num_outputs,
-                              hidden_units=hidden_units, seed=seed)
-    opt = options.check_optimizer(optimizer, learning_rate)
+    net = architectures.build(run.model, sequence.input_shape,
+                              sequence.num_outputs,
+                              hidden_units=run.hidden_units, seed=run.seed)
     # The accuracy metric is the prequential accuracy (see MASModel.rehearsal);
     # no XLA: the joined batch grows while the buffer fills.
-    net.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), metrics=["accuracy"], jit_compile=False)
-    net.strength = strength
-    config = {"method": method, "batch_size": int(batch_size),
-              "transition_steps": int(transition_steps),
-              "buffer_size": int(buffer_size), "strength": float(strength),
-              "learning_rate": float(learning_rate), "optimizer": optimizer,
-              "model": model, "hidden_units": int(hidden_units),
-              "updates_per_batch": int(updates_per_batch),
-              "window": window.get_config(), "seed": int(seed)}
+    net.compile(optimizer=options.check_optimizer(run.optimizer,
+                                                  run.learning_rate),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                metrics=["accuracy"], jit_compile=False)
+    net.strength = run.strength
     evaluation = _BoundaryAccuracy(task_free, sequence, stream.boundaries,
                                    log_dir)
     online = online_evaluation.AnytimeAccuracy(
-        task_free, sequence, stream.boundaries, every=online_every,
+        task_free, sequence, stream.boundaries, every=run.online_every,
         log_dir=log_dir)
     first_step, seconds_before = 0, 0.0
     if resume:
-      net, state = _read_checkpoint(checkpoint_dir, config)
-      task_free.set_state(state)
-      baseline = state["baseline"]
-      evaluation.matrix = np.array(
-          [[np.nan if v is None else v for v in row]
-           for row in state["matrix"]],
-          dtype="float64")
-      online.records = state.get("online", [])
-      first_step, seconds_before = task_free.step, state["seconds"]
+      net, first_step, seconds_before = _restore(
+          checkpoint_dir, config, task_free, evaluation, online)
     else:
-      baseline = accuracies(net, sequence)
-    evaluation.baseline = baseline
+      evaluation.baseline = accuracies(net, sequence)
     listed = [evaluation, online]
-    if export_consolidations and workdir is not None:
+    if run.export_consolidations and workdir is not None:
       listed.append(_ExportAtConsolidation(
           task_free, os.path.join(workdir, "export_consolidations"),
           sequence))
@@ -241,10 +213,10 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     stream_checkpoint = None
     if checkpoint_dir is not None or stop is not None:
       stream_checkpoint = _StreamCheckpoint(
-          checkpoint_dir, checkpoint_every, config, task_free, evaluation,
-          online, baseline, stream.num_steps, seconds_before, stop)
+          checkpoint_dir, run.checkpoint_every, config, task_free, evaluation,
+          online, evaluation.baseline, stream.num_steps, seconds_before, stop)
       listed.append(stream_checkpoint)
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(run.seed)
     started = time.perf_counter()
     fit_stream(net, stream.as_dataset().skip(first_step), task_free,
                callbacks=listed)
@@ -256,22 +228,8 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
           stop.reason, task,
           f"the stream checkpoint at incoming batch {step}"
           if checkpoint_dir is not None else "the start (no workdir)")
-    seconds = seconds_before + time.perf_counter() - started
-    matrix = evaluation.matrix
-    starts = [0] + stream.boundaries[:-1]
-    per_task = []
-    for start, end in zip(starts, stream.boundaries):
-      part = task_free.online_correct[start:end]
-      per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
-    results = evaluation_lib.results(
-        method, sequence, matrix, baseline, config,
-        boundaries=list(stream.boundaries),
-        consolidations=list(task_free.consolidations),
-        peaks=list(task_free.window.peaks[1:]),
-        plateaus=list(task_free.window.plateaus),
-        online_accuracy=task_free.online_accuracy,
-        online_accuracy_per_task=per_task, online=list(online.records),
-        num_steps=stream.num_steps, seconds=seconds)
+    results = _results(run, sequence, stream, task_free, evaluation, online,
+                       config, seconds_before + time.perf_counter() - started)
     if workdir is not None:
       os.makedirs(workdir, exist_ok=True)
       export_lib.export_serving(net, os.path.join(workdir, "export"),
@@ -282,6 +240,38 @@ def run_stream(sequence, method="mas", workdir=None, batch_size=10,
     if verbose:
       print(format_results([results]))
     return results
+
+
+def _restore(checkpoint_dir, config, task_free, evaluation, online):
+  """`(model, first incoming batch, seconds so far)` of the checkpointed
+  stream; the callbacks' state is restored from it."""
+  net, state = _read_checkpoint(checkpoint_dir, config)
+  task_free.set_state(state)
+  evaluation.baseline = state["baseline"]
+  evaluation.matrix = np.array(
+      [[np.nan if v is None else v for v in row] for row in state["matrix"]],
+      dtype="float64")
+  online.records = state.get("online", [])
+  return net, task_free.step, state["seconds"]
+
+
+def _results(run, sequence, stream, task_free, evaluation, online, config,
+             seconds):
+  """The results dict of a finished stream."""
+  starts = [0] + stream.boundaries[:-1]
+  per_task = []
+  for start, end in zip(starts, stream.boundaries):
+    part = task_free.online_correct[start:end]
+    per_task.append(sum(c for c, _ in part) / max(1, sum(n for _, n in part)))
+  return evaluation_lib.results(
+      run.method, sequence, evaluation.matrix, evaluation.baseline, config,
+      boundaries=list(stream.boundaries),
+      consolidations=list(task_free.consolidations),
+      peaks=list(task_free.window.peaks[1:]),
+      plateaus=list(task_free.window.plateaus),
+      online_accuracy=task_free.online_accuracy,
+      online_accuracy_per_task=per_task, online=list(online.records),
+      num_steps=stream.num_steps, seconds=seconds)
 
 
 _CHECKPOINT = "checkpoint"

@@ -24,8 +24,9 @@ from keras_mas.task_free.loss_window import LossWindow
 
 # The stream experiment, loaded on first use: the library does not import
 # the harness.
-_EXPERIMENT = ("DEFAULT_STRENGTH", "METHODS", "accuracies", "format_results",
-               "format_summary", "run_stream", "summarize_seeds")
+_EXPERIMENT = ("DEFAULT_STRENGTH", "METHODS", "StreamRun", "accuracies",
+               "format_results", "format_summary", "run_stream",
+               "summarize_seeds")
 
 __all__ = ["DEFAULT_BUFFER_SIZE", "DEFAULT_PEAK_MIN_HIGH",
            "DEFAULT_PEAK_MIN_RELATIVE_RISE", "DEFAULT_PEAK_QUANTILE",
