@@ -243,6 +243,97 @@ def test_fit_with_the_penalty_equals_tensorflow_step_for_step(backend):
   assert jax_result["gradient"][1][-1] > 0  # the penalty was on
 
 
+# Each term of the train step on its own, a few steps each, from the same
+# weights, Ω, θ* and λ on every backend: the logs of every step and every
+# variable after them (weights, Ω, θ*, SI's ω and start, the optimizer's).
+_TERMS = """
+    x = np.random.default_rng(0).normal(size=(64, 5)).astype("float32")
+    y = np.arange(64) % 3
+    optimizers = keras.optimizers
+
+    def run(mode="gradient", interval=1, optimizer=None, regularized=False,
+            frozen=False):
+      inputs = keras.Input((5,))
+      extra = {}
+      if regularized:  # `add_loss` in the forward pass, and `model.losses`.
+        extra = dict(activity_regularizer=keras.regularizers.L2(0.01),
+                     kernel_regularizer=keras.regularizers.L2(0.02))
+      hidden = keras.layers.Dense(7, activation="relu", **extra)(inputs)
+      model = keras_mas.MASModel(inputs, keras.layers.Dense(3)(hidden))
+      set_weights(model)
+      model.track_path_integral()
+      rng = np.random.default_rng(1)
+      for v, omega, anchor in model.mas_variables:
+        omega.assign(rng.uniform(0.5, 2.0, size=v.shape).astype("float32"))
+        anchor.assign((numpy(v) + rng.normal(scale=0.3, size=v.shape))
+                      .astype("float32"))
+      model.strength = 2.0
+      model.penalty_mode = mode
+      model.penalty_log_interval = interval
+      if frozen:  # Counted in the penalty's value, not in its gradient.
+        model.layers[1].trainable = False
+      model.compile(optimizer or optimizers.SGD(0.1, momentum=0.5),
+                    keras.losses.SparseCategoricalCrossentropy(
+                        from_logits=True))
+      steps = []
+      record = keras.callbacks.LambdaCallback(
+          on_train_batch_end=lambda batch, logs: steps.append(
+              [float(logs[k]) for k in ("loss", "task_loss", "mas_penalty")]))
+      model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                callbacks=[record])
+      return {"logs": steps, "weights": arrays(model.weights),
+              "optimizer": arrays(model.optimizer.variables),
+              "si": [float(np.sum(np.abs(numpy(w))))
+                     for w in model.path_integral.integrals]}
+
+    decaying = optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)
+    emit({
+        "gradient": run(),
+        # The proximal step at the learning rate after the update.
+        "proximal": run("proximal", optimizer=optimizers.SGD(decaying,
+                                                             momentum=0.5)),
+        # Due at the first step (empty tracker) and the fourth.
+        "interval": run(interval=3),
+        "loss_scale": run(optimizer=optimizers.LossScaleOptimizer(
+            optimizers.SGD(0.1, momentum=0.5), initial_scale=2.0 ** 10,
+            dynamic_growth_steps=2)),
+        "add_loss": run(regularized=True),
+        "frozen": run(frozen=True),
+    })
+"""
+
+
+def test_each_term_of_the_step_equals_tensorflow_step_for_step(backend):
+  # The penalty's gradient, the proximal step, the log interval, loss
+  # scaling, SI's path integral, `add_loss` losses and a frozen layer, each
+  # compared with TensorFlow's step after every step.
+  result = _run(_TERMS, backend)
+  expected = _run(_TERMS, backend="tensorflow")
+  assert result.keys() == expected.keys()
+  for case in expected:
+    assert len(result[case]["logs"]) == len(expected[case]["logs"]) == 4
+    for key in ("logs", "weights", "optimizer", "si"):
+      _close(result[case][key], expected[case][key])
+  for outcome in (result, expected):
+    # Loss scaling changes nothing, the penalty's gradient included.
+    for key in ("logs", "weights"):
+      _close(outcome["loss_scale"][key], outcome["gradient"][key])
+    # The logs are the epoch's running means. With the interval, the
+    # computed values alone count: the first stands in for the next two,
+    # then the fourth joins it.
+    penalties = [step[2] for step in outcome["interval"]["logs"]]
+    means = [step[2] for step in outcome["gradient"]["logs"]]
+    assert penalties[1] == penalties[2] == penalties[0] == means[0]
+    _close(penalties[3], (means[0] + 4 * means[3] - 3 * means[2]) / 2,
+           rtol=1e-4)  # Running means taken apart: some cancellation.
+    # The penalty was on and moved the weights; SI's ω accumulated.
+    assert all(step[2] > 0 for step in outcome["gradient"]["logs"])
+    assert all(integral > 0 for integral in outcome["gradient"]["si"])
+    # The regularizers' losses count in the task loss.
+    assert (outcome["add_loss"]["logs"][0][1]
+            > outcome["gradient"]["logs"][0][1])
+
+
 def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes(
     backend):
   result = _run(backend=backend, code="""

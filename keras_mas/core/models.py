@@ -27,9 +27,9 @@ _ACCUMULATE = ("sum", "decay")
 NORMALIZATIONS = (None, "mean", "max")
 PENALTY_MODES = penalty_lib.PENALTY_MODES
 
-# The backend is fixed when Keras is imported. JAX has its own train step
-# (`keras_mas.core._jax_trainer`); TensorFlow and PyTorch share
-# `keras_mas.core.trainer`'s. `tf.distribute` is TensorFlow's alone.
+# The backend is fixed when Keras is imported. Every backend runs
+# `keras_mas.core.trainer`'s step; JAX's stateless trainer through
+# `keras_mas.core._jax_trainer`. `tf.distribute` is TensorFlow's alone.
 _JAX = _backend.JAX
 _TF = _backend.TENSORFLOW
 if _JAX:
@@ -719,17 +719,22 @@ class MASModel(keras.Model):
     Synaptic Intelligence's path integral, when tracked, reads each update.
 
     On JAX, Keras calls it as `train_step(state, data)` and it returns
-    `(logs, state)`: the same step, stateless (`keras_mas.core._jax_trainer`).
-    On PyTorch the step runs eagerly, its gradients from autograd.
+    `(logs, state)`: the same step and terms, run on the state's values
+    (`keras_mas.core._jax_trainer`). On PyTorch the step runs eagerly, its
+    gradients from autograd.
     """
     if _JAX:
-      return _jax_trainer.train_step(self, *args)
+      state, data = args
+      return _jax_trainer.train_step(self, state, data, self._task_loss,
+                                     self._gradient_terms)
     data, = args
     return self._replica_logs(trainer.train_step(
-        self, data,
-        lambda x, y, y_pred, sample_weight: super(MASModel, self).compute_loss(
-            x, y, y_pred, sample_weight, training=True),
-        self._gradient_terms))
+        self, data, self._task_loss, self._gradient_terms))
+
+  def _task_loss(self, x, y, y_pred, sample_weight):
+    # Keras's loss alone: `compute_loss` would add the penalty, whose
+    # gradient the penalty term adds in closed form.
+    return super().compute_loss(x, y, y_pred, sample_weight, training=True)
 
   def _gradient_terms(self):
     # A subclassed model that `fit` builds is built by the forward pass,

@@ -7,7 +7,9 @@ gradient (the penalty's excluded) and `Δθ` the step the optimizer took.
 `MASModel.track_path_integral()` was called, `PathIntegral` is a term of the
 train step (`keras_mas.core.trainer`) around the optimizer's update. The
 variables are weights of the model, so saving keeps them. Written in
-`keras.ops`, for TensorFlow's traced step and PyTorch's eager one.
+`keras.ops`, for TensorFlow's traced step, PyTorch's eager one and JAX's
+stateless one (where the variables read and assigned are the trainer
+state's values, through a `keras.StatelessScope`).
 """
 
 from keras import ops
@@ -58,8 +60,6 @@ class PathIntegral:
 
   def restart(self):
     """A new task: ω ← 0, start ← θ."""
-    # On JAX, `keras_mas.core._jax_trainer` accumulates ω inside its own
-    # step; only this runs here.
     for w, start, v in zip(self.integrals, self.starts, self.targets):
       if _backend.TENSORFLOW:
         w.assign(tf.zeros_like(w))

@@ -5,7 +5,9 @@ Its value (logged as `mas_penalty` and added to `loss`), its gradient
 through autodiff), and the proximal step that replaces the gradient in
 `penalty_mode="proximal"`. `PenaltyTerm` is the penalty as one term of
 `keras_mas.core.trainer`'s step. Written in `keras.ops`: TensorFlow traces it
-into its train step, PyTorch runs it eagerly after autograd.
+into its train step, PyTorch runs it eagerly after autograd, and JAX traces it
+inside a `keras.StatelessScope` mapping each variable to the trainer state's
+value (`keras_mas.core._jax_trainer`).
 """
 
 from keras import ops

@@ -11,8 +11,10 @@ path integral (`keras_mas.core.path_integral`). Rehearsal
 and updates it after the step; metrics then count the incoming samples
 alone. The step serves TensorFlow (traced into a `tf.function`, gradients
 from the tape) and PyTorch (run eagerly, gradients from autograd); the terms
-are written in `keras.ops`. JAX's stateless step is
-`keras_mas.core._jax_trainer`.
+are written in `keras.ops`. On JAX the same terms and `_update` run inside
+Keras's stateless trainer: `keras_mas.core._jax_trainer` differentiates with
+`jax.value_and_grad` and runs `_update` in a `keras.StatelessScope` that maps
+every variable to its value in the trainer's state.
 """
 
 import contextlib
@@ -121,9 +123,19 @@ def _updating():
   return torch.no_grad() if _backend.TORCH else contextlib.nullcontext()
 
 
+def _apply_gradients(optimizer, gradients, variables):
+  """The optimizer's update (JAX's step passes its stateless one)."""
+  optimizer.apply_gradients(zip(gradients, variables))
+
+
 def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
-            optimizer, make_terms, incoming):
-  """The terms around the optimizer's update, then the metrics."""
+            optimizer, make_terms, incoming, apply_gradients=_apply_gradients):
+  """The terms around the optimizer's update, then the metrics.
+
+  The step of every backend: TensorFlow's traced, PyTorch's eager, JAX's
+  inside a `keras.StatelessScope` (`keras_mas.core._jax_trainer`), where
+  `apply_gradients(optimizer, gradients, variables)` is stateless.
+  """
   rehearsal = model.rehearsal
   one = keras.ops.ones((), "float32")
   loss_scale = optimizer.scale_loss(one) if optimizer is not None else one
@@ -137,7 +149,7 @@ def _update(model, x, y, y_pred, sample_weight, loss, gradients, variables,
   for term in terms:
     term.before_update(step)
   if variables:  # Keras's optimizer refuses an empty update.
-    optimizer.apply_gradients(zip(step.gradients, variables))
+    apply_gradients(optimizer, step.gradients, variables)
   for term in terms:
     term.after_update(step)
 
