@@ -33,6 +33,9 @@ if __package__:  # Installed (keras_mas_apps), or `python -m apps.<app>`.
   from . import app_startup
 else:  # Run as a file: its folder is first on sys.path.
   import app_startup
+import keras
+
+from keras_mas.core import model_parallel
 from keras_mas.data import corpora
 from keras_mas.data import sources
 from keras_mas.data import tasks
@@ -122,7 +125,7 @@ _EXPORT_CONSOLIDATIONS = flags.DEFINE_bool(
     "SavedModel at each consolidation (export_consolidations/step_N/).")
 _STRENGTH = flags.DEFINE_float(
     "strength", 0.1, "λ, the MAS penalty strength (0.1 suits the default "
-    "permuted-digits sequence; see README).")
+    "permuted-digits sequence; see docs/guides/baselines-and-lambda.md).")
 _NORMALIZE_IMPORTANCE = flags.DEFINE_enum(
     "normalize_importance", "none", ["none", "mean", "max"],
     "Each task's Ω divided by its mean ('mean') or largest entry ('max') "
@@ -193,6 +196,17 @@ _VIRTUAL_CPUS = flags.DEFINE_integer(
     "virtual_cpus", 0,
     "Split the CPU into this many logical devices (to run 'mirrored' with "
     "several replicas on a machine without accelerators).", lower_bound=0)
+_MESH = flags.DEFINE_list(
+    "mesh", None,
+    "On KERAS_BACKEND=jax, train under Keras's ModelParallel: the device "
+    "mesh's shape as data,model (e.g. 2,4: two copies of the model, each "
+    "split over 4 devices; 1,8: one copy split over 8). The product is the "
+    "number of devices. Weights, optimizer state, Ω and θ* are laid out by "
+    "the layout map of --init_model's KerasHub backbone where it has one "
+    "(Gemma, Llama, Qwen), else by keras_mas.core.model_parallel's rule.")
+_MESH_AXES = flags.DEFINE_list(
+    "mesh_axes", ["batch", "model"],
+    "Names of the --mesh axes, data axis first.")
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
 
 
@@ -211,9 +225,10 @@ def _main():
   }[_DISTRIBUTION.value]()
   tf.config.experimental.enable_op_determinism()
   _check_workdir()
+  distribution = _distribution() if _MESH.value else None
   init_model = None
   if _INIT_MODEL.value:
-    init_model = sources.load_model(_INIT_MODEL.value)
+    init_model = _load_init_model(distribution)
   if _is_causal_lm(init_model):
     _stoppable(lambda stop: _run_corpora(init_model, stop))
     return
@@ -252,6 +267,49 @@ def _main():
     # The library's `model` is the user's --init_model here.
     raise ValueError(str(e).replace("argument `model`",
                                     "argument `init_model`")) from e
+
+
+def _distribution():
+  """--mesh: Keras's ModelParallel, set before any variable is made."""
+  if _DISTRIBUTION.value != "none":
+    raise ValueError(
+        "Invalid value for argument `mesh`. Expected either --mesh "
+        "(keras.distribution, JAX) or --distribution (tf.distribute). "
+        f"Received: --mesh={','.join(_MESH.value)} and "
+        f"--distribution={_DISTRIBUTION.value}")
+  try:
+    shape = [int(size) for size in _MESH.value]
+  except ValueError as e:
+    raise ValueError(
+        "Invalid value for argument `mesh`. Expected integers data,model "
+        f"(e.g. 2,4). Received: --mesh={','.join(_MESH.value)}") from e
+  backbone = (sources.preset_backbone_class(_INIT_MODEL.value)
+              if _INIT_MODEL.value and os.path.isdir(_INIT_MODEL.value)
+              else None)
+  distribution = model_parallel.make_distribution(
+      shape, _MESH_AXES.value,
+      layout_map=model_parallel.layout_map_of(backbone, _MESH_AXES.value))
+  keras.distribution.set_distribution(distribution)
+  return distribution
+
+
+def _load_init_model(distribution):
+  """--init_model, laid out by `distribution` (None: on one device)."""
+  try:
+    model = sources.load_model(_INIT_MODEL.value)
+  except ValueError as e:
+    if distribution is None or "evenly divide" not in str(e):
+      raise
+    raise ValueError(
+        "Invalid value for argument `mesh`. Expected a model axis that "
+        "divides the sharded axes of --init_model's weights (e.g. its "
+        f"attention heads). Received: --mesh={','.join(_MESH.value)}: "
+        f"{str(e)[-300:]}") from e
+  if isinstance(distribution, keras.distribution.ModelParallel) and (
+      not isinstance(distribution, model_parallel.RuleModelParallel)):
+    model_parallel.check_layout_map(
+        distribution._layout_map, model)  # pylint: disable=protected-access
+  return model
 
 
 def _stoppable(run):
@@ -369,7 +427,7 @@ def _stream(sequence):
   """--task_boundaries=none: the sequence as one stream, task-free."""
   unsupported = [f"--{f.name}" for f in (
       _INIT_MODEL, _IMPORTANCE_DATA, _WEIGHTS, _IMPORTANCE_SAMPLES,
-      _LORA_RANK) if f.value]
+      _LORA_RANK, _MESH) if f.value]
   if _DISTRIBUTION.value != "none":
     unsupported.append("--distribution")
   if _normalization():

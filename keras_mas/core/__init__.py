@@ -4,8 +4,9 @@ Everything a user's own `model.fit` needs: `models` (`MASModel`),
 `regularizers` (`MASRegularizer`, `attach`), `path_integral` (Synaptic
 Intelligence's path), `callbacks` (the divergence guard and TensorBoard
 logging), `heads` (losses and metrics of one task's outputs),
-`batch_statistics` (BatchNormalization statistics across tasks) and
-`multi_worker` (tf.distribute fixes).
+`batch_statistics` (BatchNormalization statistics across tasks),
+`multi_worker` (tf.distribute fixes) and `model_parallel` (Keras's
+`ModelParallel` on JAX: a device mesh, variables' layouts).
 """
 
 from keras_mas import _lazy

@@ -123,7 +123,12 @@ class DivergenceGuard(keras.callbacks.Callback):
   """
 
   def on_epoch_begin(self, epoch, logs=None):
-    self._good = [v.numpy() for v in self.model.trainable_variables]
+    if keras.backend.backend() == "jax":
+      # JAX's arrays never change: keeping them is the snapshot, with no
+      # copy to the host (which a value sharded across processes refuses).
+      self._good = [v.value for v in self.model.trainable_variables]
+    else:
+      self._good = [v.numpy() for v in self.model.trainable_variables]
 
   def on_epoch_end(self, epoch, logs=None):
     loss = (logs or {}).get("loss")

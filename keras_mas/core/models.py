@@ -3,6 +3,7 @@
 import contextlib
 
 import keras
+from keras.src import backend as keras_backend
 from keras.src.models.functional import Functional
 import numpy as np
 import tensorflow as tf
@@ -223,9 +224,25 @@ class MASModel(keras.Model):
         tracker.lock()
 
   def _copy_shaped(self, variable, name):
-    """A zero, non-trainable float32 variable shaped like `variable`."""
-    return self.add_weight(shape=variable.shape, dtype="float32",
-                           initializer="zeros", trainable=False, name=name)
+    """A zero, non-trainable float32 variable shaped and laid out like
+    `variable`.
+
+    Under `keras.distribution.ModelParallel` (JAX) the copy takes its
+    variable's layout: Ω and θ* are sharded as the weight they belong to,
+    and the penalty's element-wise terms stay on each weight's shards,
+    instead of a replicated copy of every sharded weight on every device.
+    """
+    layout = getattr(variable, "_layout", None)
+    if layout is None:
+      return self.add_weight(shape=variable.shape, dtype="float32",
+                             initializer="zeros", trainable=False, name=name)
+    # `add_weight` takes no layout; this is its body with one.
+    with keras_backend.name_scope(self.name, caller=self):
+      copy = keras.Variable(initializer="zeros", shape=variable.shape,
+                            dtype="float32", trainable=False, name=name,
+                            layout=layout)
+    self._track_variable(copy)
+    return copy
 
   def _require_mas_state(self, action):
     if not self.built:
@@ -639,8 +656,7 @@ class MASModel(keras.Model):
     if strength is not None:
       strength = regularizers.validate_strength(strength)
     state = self._require_mas_state("consolidate")
-    diverged = [v.path for v in state.targets
-                if not np.all(np.isfinite(_value(v)))]
+    diverged = [v.path for v in state.targets if not _all_finite(v)]
     if diverged:
       raise ValueError(
           f"Cannot consolidate model '{self.name}': its weights {diverged} "
@@ -658,7 +674,7 @@ class MASModel(keras.Model):
     by_id = dict(zip((id(v) for v in self.trainable_variables), measured))
     new = [by_id.get(id(v), _zeros(v.shape)) for v in state.targets]
     bad = [v.path for v, omega in zip(state.targets, new)
-           if not np.all(np.isfinite(keras.ops.convert_to_numpy(omega)))]
+           if not _all_finite(omega)]
     if bad:
       raise ValueError(
           f"The importance measured with method={method!r} is not finite for "
@@ -867,6 +883,20 @@ def _value(variable):
   return keras.ops.convert_to_numpy(tf.convert_to_tensor(variable.value))
 
 
+def _all_finite(value):
+  """Whether a variable or tensor holds no NaN or infinity. On JAX the test
+  runs where the shards are: across processes no one process can fetch a
+  sharded value, but each can its replicated verdict."""
+  if _TF:
+    if isinstance(value, keras.Variable):
+      value = _value(value)
+    return bool(np.all(np.isfinite(keras.ops.convert_to_numpy(value))))
+  if isinstance(value, keras.Variable):
+    value = value.value
+  return bool(keras.ops.convert_to_numpy(
+      keras.ops.all(keras.ops.isfinite(value))))
+
+
 def _zeros(shape):
   return tf.zeros(shape) if _TF else keras.ops.zeros(shape)
 
@@ -921,6 +951,17 @@ def _is_plain_graph(model):
 def _normalized(importances, statistic):
   """`importances` divided by their `statistic` (`"mean"`, `"max"`) over
   every entry; unchanged where that is 0 (nothing measured)."""
+  if not all(getattr(o, "is_fully_addressable", True) for o in importances):
+    # Sharded across processes (JAX): the statistic where the shards are.
+    ops = keras.ops
+    if statistic == "mean":
+      count = sum(int(np.prod(o.shape)) for o in importances)
+      scale = sum(ops.sum(o) for o in importances) / max(count, 1)
+    else:
+      scale = ops.max(ops.stack([ops.max(o) for o in importances]))
+    if not float(ops.convert_to_numpy(scale)) > 0:
+      return importances
+    return [o / scale for o in importances]
   values = [keras.ops.convert_to_numpy(o).astype("float64")
             for o in importances]
   count = sum(v.size for v in values)

@@ -131,7 +131,8 @@ def load_corpus(directory, seed=0, passage_words=96, argument="task_dirs"):
                 _take(passages, order[:n_test]))
 
 
-def token_batches(preprocessor, part, batch_size, seed=None):
+def token_batches(preprocessor, part, batch_size, seed=None,
+                  drop_remainder=False):
   """A corpus part as batches of `(x, y, sample_weight)` token tensors.
 
   Args:
@@ -140,6 +141,8 @@ def token_batches(preprocessor, part, batch_size, seed=None):
     batch_size: texts per batch.
     seed: shuffle (reshuffled each epoch, seeded), or None to keep the
       order.
+    drop_remainder: leave out the last, smaller batch (one that would not
+      split among a mesh's data-parallel devices).
 
   Returns:
     A `tf.data.Dataset`; `MASModel` takes it as preprocessed.
@@ -148,7 +151,7 @@ def token_batches(preprocessor, part, batch_size, seed=None):
   data = tf.data.Dataset.from_tensor_slices(part)
   if seed is not None:
     data = data.shuffle(_size(part), seed=seed, reshuffle_each_iteration=True)
-  data = data.batch(batch_size)
+  data = data.batch(batch_size, drop_remainder=drop_remainder)
   pairs = takes_pairs(preprocessor)
   if isinstance(part, dict) and not pairs:
     prepare = lambda pairs: _response_only(preprocessor, pairs)

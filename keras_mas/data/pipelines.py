@@ -132,7 +132,7 @@ def training_batches(dataset, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER,
   return _sharded(dataset).prefetch(tf.data.AUTOTUNE)
 
 
-def array_batches(x, y, batch_size, seed):
+def array_batches(x, y, batch_size, seed, drop_remainder=False):
   """In-memory arrays as `fit` batches them, reshuffled every epoch.
 
   A full shuffle of the sample indices (seeded), each batch gathered from the
@@ -149,6 +149,8 @@ def array_batches(x, y, batch_size, seed):
     y: the labels or targets, an array with as many rows.
     batch_size: samples per batch; the last batch holds the remainder.
     seed: seeds the shuffle.
+    drop_remainder: leave the remainder out (a batch that would not split
+      among a mesh's data-parallel devices).
 
   Returns:
     A `tf.data.Dataset` of `(x, y)` batches, one epoch per iteration.
@@ -158,7 +160,7 @@ def array_batches(x, y, batch_size, seed):
   count = int(x.shape[0])
   dataset = (tf.data.Dataset.range(count)
              .shuffle(count, seed=seed, reshuffle_each_iteration=True)
-             .batch(batch_size)
+             .batch(batch_size, drop_remainder=drop_remainder)
              .map(lambda index: (tf.gather(x, index), tf.gather(y, index)),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
   return _sharded(dataset).prefetch(tf.data.AUTOTUNE)

@@ -27,8 +27,8 @@ import numpy as np
 from keras_mas.data import digits
 
 __all__ = ["FASHION_MNIST_DIR", "load", "load_idx", "load_image_folder",
-           "load_importance_data", "load_model", "read_idx",
-           "read_task_spec"]
+           "load_importance_data", "load_model", "preset_backbone_class",
+           "read_idx", "read_task_spec"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _TEST_FRACTION = 0.25
@@ -353,6 +353,21 @@ def load_model(path):
         "Invalid value for argument `init_model`. Expected a Keras model. "
         f"Received: {path!r} holding a {type(model).__name__}")
   return model
+
+
+def preset_backbone_class(path):
+  """The backbone class of the KerasHub preset in directory `path` (from its
+  `config.json`), or None where `path` holds none or it does not import."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+    return getattr(importlib.import_module(config["module"]),
+                   config["class_name"])
+  except (OSError, ValueError, KeyError, ImportError, AttributeError,
+          TypeError):
+    return None
 
 
 def _load_preset(path):

@@ -31,6 +31,7 @@ from keras.src.backend.common import global_state
 import numpy as np
 import tensorflow as tf
 
+from keras_mas.core import model_parallel
 from keras_mas.core import models
 from keras_mas.data import corpora as corpora_lib
 from keras_mas.experiments import checkpoints
@@ -100,6 +101,7 @@ def run_corpora(run, model, workdir, importance_corpus=None, resume=False,
       importance_corpus, seed=run.seed, passage_words=words,
       argument="importance_data"))
   _check_responses_fit(lm.preprocessor, corpora, run)
+  model_parallel.check_batch_size(run.batch_size)
   checkpoints.check_writable(workdir)
   config = {**run.recorded(), "model": f"{type(lm).__name__}:{lm.name}",
             "importance_corpus": None if old is None else old.name}
@@ -141,8 +143,10 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
                     from_logits=True),
                 weighted_metrics=[])
   resumable.fit_task(
-      net, corpora_lib.token_batches(preprocessor, corpora[k].train,
-                                     run.batch_size, seed=run.seed * 1009 + k),
+      net, corpora_lib.token_batches(
+          preprocessor, corpora[k].train, run.batch_size,
+          seed=run.seed * 1009 + k,
+          drop_remainder=model_parallel.data_parallel_size() > 1),
       k, run.epochs, first, verbose, workdir, writer, [in_task])
   if stop is not None and stop.is_set():
     raise preemption.Preempted(stop.reason, k,
@@ -361,11 +365,16 @@ def _samples(net, corpora, length):
   if not length:
     return {}
   samples = {}
+  # Under a mesh, one prompt a data-parallel device: a batch of one would not
+  # split among them.
+  copies = model_parallel.data_parallel_size()
   for corpus in corpora:
     first = (corpus.test["prompts"][0] if corpus.kind == "supervised"
              else " ".join(corpus.test[0].split()[:_PROMPT_WORDS]))
-    samples[corpus.name] = str(net.model.generate(
-        first, max_length=min(length, net.preprocessor.sequence_length)))
+    generated = net.model.generate(
+        [first] * copies if copies > 1 else first,
+        max_length=min(length, net.preprocessor.sequence_length))
+    samples[corpus.name] = str(generated[0] if copies > 1 else generated)
   return samples
 
 

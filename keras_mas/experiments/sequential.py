@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from keras_mas.core import batch_statistics
 from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.core import model_parallel
 from keras_mas.core import models
 from keras_mas.core import preprocessing
 from keras_mas.data import pipelines
@@ -138,6 +139,7 @@ def run_sequence(sequence, workdir, run=None, *, model=None,
   run = dataclasses.replace(run or configs.SequenceRun(), **settings)
   method_spec = methods_lib.get(run.method)
   old_x, old_y = checks.check_run(run, sequence, model, importance_data)
+  model_parallel.check_batch_size(run.batch_size)
   checkpoints.check_writable(workdir)
   config = {
       "dataset": sequence.dataset, "recipe": sequence.recipe,
@@ -411,7 +413,9 @@ def _fit(context, net, k, first=(0, 0), extra_callbacks=()):
               else _STEPS_PER_EXECUTION))
   _COMPILED_FOR[net] = compiled_for
   if y is not None:
-    x = pipelines.array_batches(x, y, run.batch_size, run.seed * 1009 + k)
+    x = pipelines.array_batches(
+        x, y, run.batch_size, run.seed * 1009 + k,
+        drop_remainder=model_parallel.data_parallel_size() > 1)
   resumable.fit_task(net, x, k, run.epochs, first, context.verbose,
                      context.write_dir, context.writer, extra_callbacks)
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import keras
 from keras import ops
+from keras.src.backend.jax import trainer as jax_trainer
 import numpy as np
 import tensorflow as tf
 
@@ -222,6 +223,24 @@ def _abs_grad_sums(objective, own_values):
   return per_chunk
 
 
+def placed(batch):
+  """`batch` sharded on the batch axis of the `keras.distribution` in
+  effect, as Keras's JAX trainer places a training batch (each device
+  computes its samples' gradients against its shards of the weights);
+  unplaced without a distribution, or where the batch does not divide
+  among the batch axis's devices (a last, smaller batch: replicated)."""
+  distribution = keras.distribution.distribution()
+  if distribution is None:
+    return batch
+  mesh = distribution.device_mesh
+  axis = distribution.batch_dim_name
+  devices = (mesh.shape[list(mesh.axis_names).index(axis)]
+             if axis in mesh.axis_names else 1)
+  if int(_batch_size(batch[0])) % devices:
+    return batch
+  return jax_trainer._distribute_data(batch)  # pylint: disable=protected-access
+
+
 def run(model, step, dataset):
   """Sums `step` over the batches of `dataset`.
 
@@ -243,11 +262,13 @@ def run(model, step, dataset):
   totals, count = None, 0
   for batch in dataset:
     batch = tuple(tf.nest.map_structure(np.asarray, tuple(batch)))
-    sums, ok = step(trainable, non_trainable, batch)
+    # Across processes each gives its own samples of the global batch.
+    global_batch = placed(batch)
+    sums, ok = step(trainable, non_trainable, global_batch)
     if not bool(ok):
       raise _functional.LabelsOutOfRange(batch[1])
     totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
-    count += int(_batch_size(batch[0]))
+    count += int(_batch_size(global_batch[0]))
   if totals is None:
     totals = [jnp.zeros(v.shape, "float32") for v in model.trainable_variables]
   return totals, count
