@@ -52,6 +52,11 @@ setuptools.setup(
         # takes a CUDA build of several GB: install the CPU build first
         # (tools/test.sh does) or the build for your GPU.
         "torch": ["torch>=2.13"],
+        # The documentation site (mkdocs.yml): guides and an API reference
+        # generated from the docstrings; black formats long signatures.
+        "docs": ["mkdocs>=1.6.1", "mkdocs-material>=9.8.1",
+                 "mkdocstrings>=1.0.8", "mkdocstrings-python>=2.0.11",
+                 "black>=24"],
     },
     license="Apache-2.0",
 )

@@ -10,7 +10,7 @@ boundaries), each as one `model.fit` over the stream, into
 --workdir/<method>/ (results.json, online_accuracy.png, TensorBoard, a
 checkpoint every --checkpoint_every batches, the final model as a SavedModel
 in export/), and prints the table; --seeds=3 runs three seeds and prints
-mean ± std (the README's table).
+mean ± std (the task-free guide's table).
 --resume continues an interrupted run. A bad flag stops the app before
 training with one line naming it (exit status 1).
 """

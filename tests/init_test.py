@@ -1,4 +1,4 @@
-"""`import keras_mas`: the modules the README lists, lazily; loading saved files."""
+"""`import keras_mas`: the modules it documents, lazily; loading saved files."""
 
 import os
 import subprocess

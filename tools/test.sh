@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the project's virtual environment and runs the fast test suite:
 # pytest (everything not marked slow), then `bazel build //...` and the small
-# Bazel test targets. The README's test command; .ci/run calls it.
+# Bazel test targets, then the documentation site's strict build. The
+# README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,15 +11,16 @@ sudo_if_needed=""
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # `jax`, `torch`: tests/backends_test.py runs the library on Keras's JAX and
-# PyTorch backends. PyTorch's CPU build first: `torch` alone would bring a
-# CUDA build of several GB (this machine's pip finds 2.13.0's CPU wheel).
+# PyTorch backends; `docs`: the documentation site's generator. PyTorch's
+# CPU build first: `torch` alone would bring a CUDA build of several GB (this
+# machine's pip finds 2.13.0's CPU wheel).
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.13.0 \
   || echo "torch 2.13.0 (CPU) not installable here: PyTorch's tests skip"
 if .venv/bin/python -c "import torch" 2>/dev/null; then
-  "${pip[@]}" -e ".[test,jax,torch]"
+  "${pip[@]}" -e ".[test,jax,torch,docs]"
 else
-  "${pip[@]}" -e ".[test,jax]"
+  "${pip[@]}" -e ".[test,jax,docs]"
 fi
 
 # Fashion-MNIST offline (Debian's IDX files, 30 MB) for the real-data tests;
@@ -32,7 +34,8 @@ fi
 
 export TF_CPP_MIN_LOG_LEVEL=2
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+site=$(mktemp -d)  # The documentation site's build, outside the clone.
+trap 'rm -rf "$log" "$site"' EXIT
 .venv/bin/python -m pytest -m "not slow" -n 2 -q -p no:cacheprovider 2>&1 \
   | tee "$log"
 
@@ -43,6 +46,11 @@ if ! command -v bazel >/dev/null 2>&1; then
 fi
 PATH="$PWD/.venv/bin:$PATH" bazel build //...
 PATH="$PWD/.venv/bin:$PATH" bazel test //... --test_size_filters=small
+
+# The documentation site, warnings as errors (broken links and anchors,
+# unresolved references in docstrings).
+NO_MKDOCS_2_WARNING=1 .venv/bin/python -m mkdocs build --strict -q \
+  --site-dir "$site"
 
 # One closing line for the whole run (pytest's counts; Bazel passed above).
 passed=$(grep -Eo '[0-9]+ passed' "$log" | tail -1 | grep -Eo '[0-9]+')

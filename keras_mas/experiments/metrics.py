@@ -23,13 +23,13 @@ def _matrix(r):
 
 
 def average_accuracy(r):
-  """ACC = mean_j R[T−1][j]."""
+  """`ACC = mean_j R[T−1][j]`."""
   r = _matrix(r)
   return float(r[-1].mean())
 
 
 def backward_transfer(r):
-  """BWT = mean_{j<T−1} (R[T−1][j] − R[j][j]) (Lopez-Paz & Ranzato 2017)."""
+  """`BWT = mean_{j<T−1} (R[T−1][j] − R[j][j])` (Lopez-Paz & Ranzato 2017)."""
   r = _matrix(r)
   t = len(r)
   if t < 2:
@@ -38,7 +38,10 @@ def backward_transfer(r):
 
 
 def forward_transfer(r, baseline):
-  """FWT = mean_{j≥1} (R[j−1][j] − b_j), b_j the untrained model's accuracy."""
+  """`FWT = mean_{j≥1} (R[j−1][j] − b_j)`.
+
+  `b_j` is the untrained model's accuracy on task `j`.
+  """
   r = _matrix(r)
   b = np.asarray(baseline, dtype="float64")
   if b.shape != (len(r),):
@@ -52,7 +55,7 @@ def forward_transfer(r, baseline):
 
 
 def forgetting(r):
-  """Mean_{j<T−1} (max_{l<T−1} R[l][j] − R[T−1][j]) (Chaudhry et al. 2018)."""
+  """`mean_{j<T−1} (max_{l<T−1} R[l][j] − R[T−1][j])` (Chaudhry et al. 2018)."""
   r = _matrix(r)
   t = len(r)
   if t < 2:

@@ -405,7 +405,7 @@ def summarize_seeds(runs):
 
 
 def format_summary(summary):
-  """`summarize_seeds`'s rows as a Markdown table (the README's)."""
+  """`summarize_seeds`'s rows as a Markdown table (the task-free guide's)."""
   lines = ["| method | ACC | forgetting | online accuracy | consolidations |",
            "|---|---|---|---|---|"]
   for row in summary:

@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_PEAK_MIN_HIGH", "DEFAULT_PEAK_MIN_RELATIVE_RISE",
 
 # Losses in the window: few enough that a change shows within a short
 # task's first batches (split digits' tasks last 27 batches of 10). Every
-# default was chosen on recorded loss streams of the README's streams
+# default was chosen on recorded loss streams of the task-free guide's streams
 # (benchmarks/CHOICES.md has the comparison).
 DEFAULT_WINDOW_SIZE = 5
 # A loss is *high* if it exceeds this quantile of the plateau's losses ...
