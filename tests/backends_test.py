@@ -303,7 +303,19 @@ _TERMS = """
 """
 
 
-def test_each_term_of_the_step_equals_tensorflow_step_for_step(backend):
+def test_each_term_of_jaxs_step_equals_tensorflows_step_for_step(
+    jax_backend):
+  _check_each_term_against_tensorflow(jax_backend)
+
+
+@pytest.mark.slow
+def test_each_term_of_pytorchs_step_equals_tensorflows_step_for_step(
+    torch_backend):
+  # PyTorch's step is TensorFlow's own code, eager (slow: CI runs JAX's).
+  _check_each_term_against_tensorflow(torch_backend)
+
+
+def _check_each_term_against_tensorflow(backend):
   # The penalty's gradient, the proximal step, the log interval, loss
   # scaling, SI's path integral, `add_loss` losses and a frozen layer, each
   # compared with TensorFlow's step after every step.

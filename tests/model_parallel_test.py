@@ -130,20 +130,30 @@ def test_the_app_trains_a_classifier_on_a_mesh(tmp_path, monkeypatch):
   assert results["acc"] > 0.5, results["accuracy_matrix"]
 
 
-def test_bad_mesh_flags_are_named_before_training(tmp_path, monkeypatch):
+_BAD_FLAGS = {
+    "size": (["--mesh=3,2"], "argument `mesh`", "jax"),
+    "backend": (["--mesh=1,1"], "argument `mesh`", "tensorflow"),
+    "batch": (["--mesh=2,4", "--batch_size=5"], "argument `batch_size`",
+              "jax"),
+    "both": (["--mesh=1,8", "--distribution=mirrored"], "argument `mesh`",
+             "jax"),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "size", "backend",
+    pytest.param("batch", marks=pytest.mark.slow),
+    pytest.param("both", marks=pytest.mark.slow)])
+def test_bad_mesh_flags_are_named_before_training(case, tmp_path,
+                                                   monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", _EIGHT)
-  for flags, named, backend in (
-      (["--mesh=3,2"], "argument `mesh`", "jax"),
-      (["--mesh=2,4", "--batch_size=5"], "argument `batch_size`", "jax"),
-      (["--mesh=1,8", "--distribution=mirrored"], "argument `mesh`", "jax"),
-      (["--mesh=1,1"], "argument `mesh`", "tensorflow")):
-    workdir = tmp_path / f"bad_{len(list(tmp_path.iterdir()))}"
-    result = app_runner.run_finetune(workdir, *flags, *_TINY, timeout=300,
-                                     backend=backend)
-    assert result.returncode == 1, (flags, result.stderr[-3000:])
-    last = result.stderr.strip().splitlines()[-1]
-    assert named in last, (flags, last)
-    assert not (workdir / "checkpoints").exists()
+  flags, named, backend = _BAD_FLAGS[case]
+  result = app_runner.run_finetune(tmp_path / "run", *flags, *_TINY,
+                                   timeout=300, backend=backend)
+  assert result.returncode == 1, (flags, result.stderr[-3000:])
+  last = result.stderr.strip().splitlines()[-1]
+  assert named in last, (flags, last)
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
