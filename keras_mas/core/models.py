@@ -5,6 +5,7 @@ import contextlib
 import keras
 from keras.src import backend as keras_backend
 from keras.src.models.functional import Functional
+from keras.src.trainers.data_adapters import tf_dataset_adapter
 import numpy as np
 import tensorflow as tf
 
@@ -780,6 +781,21 @@ class MASModel(keras.Model):
     # before the train step is traced, so they are part of the graph.
     self._ensure_mas_state()
     return super().make_train_function(force=force)
+
+  def _symbolic_build(self, iterator=None, data_batch=None):
+    # Keras's JAX and PyTorch `fit` call this with the epoch iterator after
+    # every `compile` (the compiled loss and metrics are unbuilt), and Keras
+    # then builds from a batch it draws: that starts an iteration of the
+    # dataset, so a dataset reshuffled each iteration
+    # (`pipelines.array_batches`) trains on its second order, not its first,
+    # unlike a `fit` after `reset_optimizer` (nothing to build) and unlike
+    # TensorFlow (built when the step is traced). Shapes and dtypes are all
+    # the build reads.
+    if (data_batch is None and isinstance(
+        getattr(iterator, "data_adapter", None),
+        tf_dataset_adapter.TFDatasetAdapter)):
+      data_batch = multi_worker.element_spec(iterator)
+    super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # Keras's JAX trainer has no strategy (nor calls this hook).
