@@ -22,7 +22,8 @@ def _reference(model, x, loss_fn, transform=np.abs, y=None):
   """The definition: one sample at a time, a GradientTape each."""
   variables = model.trainable_variables
   totals = [np.zeros(v.shape) for v in variables]
-  for k in range(len(x)):
+  n = len(tf.nest.flatten(x)[0])
+  for k in range(n):
     sample = tf.nest.map_structure(lambda t, k=k: t[k:k + 1], x)
     with tf.GradientTape() as tape:
       if y is None:
@@ -32,7 +33,6 @@ def _reference(model, x, loss_fn, transform=np.abs, y=None):
     for t, g in zip(totals, tape.gradient(
         loss, variables, unconnected_gradients="zero")):
       t += transform(tf.convert_to_tensor(g).numpy().astype("float64"))
-  n = len(tf.nest.flatten(x)[0])
   return [t / n for t in totals]
 
 
@@ -150,6 +150,26 @@ CASES = {
     "separable1d": ((7, 2), lambda: [
         keras.layers.SeparableConv1D(3, 3, padding="same")],
                    "SeparableConvUnit"),
+    # At least `per_sample._FOLDED_MIN_POSITIONS` output positions: the
+    # batch folded into the channels of TensorFlow's filter gradient.
+    "conv2d_folded_strided": ((12, 12, 3), lambda: [
+        keras.layers.Conv2D(4, 3, strides=2, padding="same",
+                            activation="relu")], "ConvUnit"),
+    "conv2d_folded_dilated_groups": ((10, 10, 4), lambda: [
+        keras.layers.Conv2D(6, 3, dilation_rate=2, groups=2)], "ConvUnit"),
+    "conv1d_folded_strided": ((40, 3), lambda: [
+        keras.layers.Conv1D(4, 3, strides=2, padding="same")], "ConvUnit"),
+    "depthwise2d_folded": ((9, 9, 3), lambda: [
+        keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2)],
+                           "DepthwiseConvUnit"),
+    "depthwise1d_folded": ((20, 3), lambda: [
+        keras.layers.DepthwiseConv1D(3, depth_multiplier=2,
+                                     padding="same")], "DepthwiseConvUnit"),
+    # One output position a sample: `f` factors over the products.
+    "conv_single_position": ((3, 3, 4), lambda: [
+        keras.layers.Conv2D(6, 3, groups=2, activation="tanh"),
+        keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2),
+        keras.layers.Conv2D(3, 1)], "DepthwiseConvUnit"),
     "batchnorm_inference": ((4, 4, 3), lambda: [_trained_batchnorm()],
                             "NormalizationUnit"),
     "layernorm_two_axes": ((3, 4), lambda: [
@@ -169,6 +189,14 @@ CASES = {
     "lstm": ((4, 3), lambda: [keras.layers.LSTM(5)], "Fallback"),
     "gru_sequences": ((4, 3), lambda: [
         keras.layers.GRU(3, return_sequences=True)], "Fallback"),
+    "simple_rnn_backwards": ((5, 3), lambda: [
+        keras.layers.SimpleRNN(4, go_backwards=True, return_sequences=True)],
+                             "Fallback"),
+    "gru_reset_before_unrolled": ((4, 3), lambda: [
+        keras.layers.GRU(3, reset_after=False, unroll=True)], "Fallback"),
+    "lstm_without_bias": ((4, 3), lambda: [
+        keras.layers.LSTM(2, use_bias=False, return_sequences=True),
+        keras.layers.SimpleRNN(2, activation=None)], "Fallback"),
     "time_distributed": ((4, 3), lambda: [
         keras.layers.TimeDistributed(keras.layers.Dense(2))], "Fallback"),
     "prelu": ((5,), lambda: [keras.layers.Dense(4), keras.layers.PReLU()],
@@ -214,6 +242,41 @@ def test_fisher_uses_the_same_forms():
                 _reference(model, x, log_likelihood, np.square, y), rtol=1e-4)
 
 
+def test_fisher_squares_the_convolution_and_recurrent_forms():
+  # (·)² through the folded convolution, the single-position form and the
+  # per-step recurrent form, as |·| is.
+  model = _sequential((20, 3), keras.layers.Conv1D(4, 3, padding="same"),
+                      keras.layers.GRU(3, reset_after=False,
+                                       return_sequences=True),
+                      keras.layers.SimpleRNN(2),
+                      keras.layers.Reshape((1, 2)),
+                      keras.layers.Conv1D(3, 1), keras.layers.Flatten())
+  x, y = _x(6, 20, 3), _RNG.integers(0, 3, size=6)
+
+  def log_likelihood(logits, labels):
+    return -tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, "int32"), logits=logits))
+
+  _assert_close(importance.fisher(model, (x, y), batch_size=4),
+                _reference(model, x, log_likelihood, np.square, y), rtol=1e-4)
+
+
+def test_convolution_and_recurrent_forms_in_mixed_precision():
+  # float16 taps and δ meet float32 patches and states: cast, not mixed.
+  policy = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = _sequential((12, 3), keras.layers.Conv1D(4, 3),
+                        keras.layers.DepthwiseConv1D(3, padding="same"),
+                        keras.layers.LSTM(3, return_sequences=True),
+                        keras.layers.GRU(2), keras.layers.Dense(2))
+    x = _x(4, 12, 3)
+    _assert_close(importance.mas(model, x), _reference(model, x, _norm),
+                  rtol=2e-2)
+  finally:
+    keras.mixed_precision.set_global_policy(policy)
+
+
 def test_chunks_give_the_same_sums(monkeypatch):
   model = _sequential((3, 5), keras.layers.EinsumDense("abc,cd->abd", (3, 4)),
                       keras.layers.Conv1D(2, 2), keras.layers.GRU(2))
@@ -223,6 +286,47 @@ def test_chunks_give_the_same_sums(monkeypatch):
   monkeypatch.setattr(per_sample, "_CHUNK_VALUES", 25)  # ~1 sample a chunk
   _assert_close(importance.mas(model, x, batch_size=9),
                 [t.numpy() for t in whole])
+
+
+def test_a_shared_convolution_sums_its_forms_per_sample(monkeypatch):
+  # One call folded (many positions), one by patches (few), one a single
+  # position: their per-sample gradients add up before |·|.
+  forms = []
+  original = per_sample._conv_form
+  monkeypatch.setattr(per_sample, "_conv_form", lambda *args: forms.append(
+      original(*args)) or forms[-1])
+  keras.utils.set_random_seed(4)
+  conv = keras.layers.Conv2D(3, 3, activation="tanh")
+  sizes = {"many": 8, "few": 4, "one": 3}
+  inputs = {k: keras.Input((n, n, 2), name=k) for k, n in sizes.items()}
+  pooled = [keras.layers.GlobalAveragePooling2D()(conv(i))
+            for i in inputs.values()]
+  model = keras.Model(inputs, keras.layers.Dense(2)(
+      keras.layers.Concatenate()(pooled)))
+  x = {k: _x(5, n, n, 2) for k, n in sizes.items()}
+  _assert_close(importance.mas(model, x, batch_size=3),
+                _reference(model, x, _norm), rtol=1e-4)
+  assert set(forms) == {"folded", "patches", "single"}, forms
+
+
+def test_recurrent_layers_skip_masked_steps():
+  # Masked steps carry the state over: no gradient there, nor through them.
+  keras.utils.set_random_seed(6)
+  inputs = keras.Input((6, 3))
+  masked = keras.layers.Masking()(inputs)
+  sequence, state = keras.layers.GRU(4, return_sequences=True,
+                                     return_state=True, go_backwards=True)(
+                                         masked)
+  forward = keras.layers.Bidirectional(keras.layers.LSTM(
+      2, zero_output_for_mask=True))(sequence)
+  model = keras.Model(inputs, keras.layers.Concatenate()([forward, state]))
+  assert _kinds(model) == ["Fallback"] * 3
+  x = _x(5, 6, 3)
+  x[0, 4:] = 0.0
+  x[1, :2] = 0.0
+  x[2, 2:4] = 0.0
+  _assert_close(importance.mas(model, x, batch_size=3),
+                _reference(model, x, _norm), rtol=1e-4)
 
 
 class _Scale(keras.layers.Layer):

@@ -10,20 +10,32 @@ form for the layers models are made of:
   `a` and `δ` with the batch axis kept; with one position per sample and no
   summed axis, `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`, one matrix product.
 * Conv1D/2D/3D (groups, `channels_first`, causal), DepthwiseConv1D/2D,
-  SeparableConv1D/2D: input patches ⊗ `δ`, summed over positions per sample.
+  SeparableConv1D/2D: per sample, the input ⊗ `δ` summed over positions.
+  With many output positions, TensorFlow's own filter gradient computes
+  all samples' at once, the batch folded into the channels (one group per
+  sample); with one position, `f` factors as for Dense; with a few, or in
+  3-D, from input patches.
 * Embedding: `δ` scattered into the rows of the sample's token ids.
 * BatchNormalization (inference), Layer-, Group- and RMSNormalization:
   γ gets `Σ_p δ·x̂`, β gets `Σ_p δ`, per sample.
+* Keras's LSTM, GRU and SimpleRNN: the layer runs its recurrence with the
+  input projection `x·W + b` taken out of the loop; the gradient there is
+  `δ_t` at each step's pre-activations, and each step also returns the
+  state it started from, so W gets `Σ_t x_tᵀ δ_t`, the recurrent kernel
+  `Σ_t h_{t-1}ᵀ δ_t` (through the reset gate for GRU's candidate), the
+  bias `Σ_t δ_t`, per sample.
 
-A layer without a closed form (a recurrent layer, a custom layer with
-weights of its own) is a *fallback unit*: its variables alone get exact
-per-sample gradients by re-running that layer's own call one sample at a
-time inside a compiled `tf.while_loop`, with the recorded `δ` as the
-output's cotangent. Memory stays at one copy of the layer's variables
-whatever the batch. Only Keras's LSTM, GRU and SimpleRNN are vectorized
+A layer without a closed form (a custom layer with weights of its own, a
+`keras.layers.RNN` of any cell) is a *fallback unit*: its variables alone
+get exact per-sample gradients by re-running that layer's own call one
+sample at a time inside a compiled `tf.while_loop`, with the recorded `δ`
+as the output's cotangent. Memory stays at one copy of the layer's
+variables whatever the batch. For local MAS, which measures each layer on
+its own output, the recurrent layers above are re-run too, vectorized
 (`tf.vectorized_map` over chunks of samples): for any other code the
 vectorizer is not trusted, as it crashes the process on einsum gradients
-(TF 2.21).
+(TF 2.21). The recurrent layers' closed forms keep the unit type
+`Fallback`.
 
 Layers are found by walking the model: a layer with a closed form is a unit;
 a layer with weights of its own, or one that calls its sublayers inside a
@@ -39,6 +51,7 @@ import weakref
 
 import keras
 from keras import ops
+from keras.src import backend as keras_backend
 from keras.src.backend import AutocastScope
 import numpy as np
 import tensorflow as tf
@@ -124,15 +137,19 @@ def recording(units, records):
     yield
 
 
-@contextlib.contextmanager
 def _replaced_call(layer, new_call):
   # Keras's `__call__` looks `call` up on the instance, so an instance
   # attribute intercepts it without touching the class or the layer's state.
-  object.__setattr__(layer, "call", new_call)
+  return _replaced_attribute(layer, "call", new_call)
+
+
+@contextlib.contextmanager
+def _replaced_attribute(layer, name, value):
+  object.__setattr__(layer, name, value)
   try:
     yield
   finally:
-    object.__delattr__(layer, "call")
+    object.__delattr__(layer, name)
 
 
 @contextlib.contextmanager
@@ -208,10 +225,12 @@ class Unit:
 
 
 class _Record:
-  __slots__ = ("saved", "taps", "output")
+  __slots__ = ("saved", "taps", "output", "steps")
 
-  def __init__(self, saved, taps, output):
+  def __init__(self, saved, taps, output, steps=None):
     self.saved, self.taps, self.output = saved, taps, output
+    # A recurrent layer's per-step tensors (`_recurrent_loop`), or None.
+    self.steps = steps
 
 
 class _Affine(Unit):
@@ -412,7 +431,7 @@ class ConvUnit(_Affine):
 
   def sums(self, records, deltas, transform):
     layer = self.layer
-    deltas = [_channels_last(layer, d[0]) for d in deltas]
+    deltas = [_f32(_channels_last(layer, d[0])) for d in deltas]
     sums = {}
     kernel = _kernel(layer)
     if _measured(self, kernel):
@@ -424,26 +443,12 @@ class ConvUnit(_Affine):
 
   def _kernel_sums(self, kernel, inputs, deltas, transform):
     layer = self.layer
-    groups = layer.groups
-    kernel_shape = tuple(kernel.shape)
-    taps, cin_g, filters = _size(kernel_shape[:-2]), kernel_shape[-2], (
-        kernel_shape[-1])
-
-    def per_chunk(*tensors):
-      n = len(inputs)
-      total = 0.0
-      for x, d in zip(tensors[:n], tensors[n:]):
-        p = _patches(layer, x)  # (b, P, taps·cin)
-        p = tf.reshape(p, [tf.shape(p)[0], -1, taps, groups, cin_g])
-        d = tf.reshape(d, [tf.shape(d)[0], -1, groups, filters // groups])
-        total += tf.einsum("bpkgi,bpgf->bkigf", p, d)
-      g = tf.reshape(total, [-1, *kernel_shape])
-      return [tf.reduce_sum(transform(g), axis=0)]
-
-    per_sample = max(_size(kernel_shape), max(
-        _size(x.shape[1:]) * taps for x in inputs))
-    return _chunked_sum(per_chunk, list(inputs) + list(deltas),
-                        per_sample)[0]
+    if all(k == 1 for k in layer.kernel_size) and layer.groups == 1:
+      # A pointwise kernel is a Dense layer over the (strided) positions.
+      return tf.reshape(_outer_sums([_strided(layer, x) for x in inputs],
+                                    deltas, transform), kernel.shape)
+    return _conv_kernel_sums(layer, kernel, inputs, deltas, transform,
+                             depthwise=False)
 
 
 class DepthwiseConvUnit(ConvUnit):
@@ -458,24 +463,148 @@ class DepthwiseConvUnit(ConvUnit):
 
 
 def _depthwise_sums(layer, kernel, inputs, deltas, transform):
+  return _conv_kernel_sums(layer, kernel, inputs, deltas, transform,
+                           depthwise=True)
+
+
+def _conv_kernel_sums(layer, kernel, inputs, deltas, transform, depthwise):
+  """`Σ_k f(g_k)` of a convolution's kernel, by the cheapest exact form.
+
+  Per call: one position per sample factors `f` (`f(patch)ᵀ f(δ)`); many
+  positions go through TensorFlow's own filter gradient with the batch
+  folded into the channels (`_folded_filter_gradients`); a few positions,
+  or shapes that gradient does not take, through input patches.
+  """
   kernel_shape = tuple(kernel.shape)
-  taps, cin, multiplier = (_size(kernel_shape[:-2]), kernel_shape[-2],
-                           kernel_shape[-1])
+  forms = [_conv_form(layer, d, depthwise) for d in deltas]
+  if forms == ["single"]:
+    return _single_position_sums(layer, kernel_shape, inputs[0], deltas[0],
+                                 transform, depthwise)
 
   def per_chunk(*tensors):
     n = len(inputs)
-    total = 0.0
-    for x, d in zip(tensors[:n], tensors[n:]):
-      p = _patches(layer, x)
-      p = tf.reshape(p, [tf.shape(p)[0], -1, taps, cin])
-      d = tf.reshape(d, [tf.shape(d)[0], -1, cin, multiplier])
-      total += tf.einsum("bpkc,bpcm->bkcm", p, d)
-    g = tf.reshape(total, [-1, *kernel_shape])
-    return [tf.reduce_sum(transform(g), axis=0)]
+    grads = [_folded_filter_gradients(layer, kernel_shape, x, d, depthwise)
+             if form == "folded" else (
+                 _patch_gradients(layer, kernel_shape, x, d, depthwise), 0)
+             for form, x, d in zip(forms, tensors[:n], tensors[n:])]
+    if len(grads) == 1:
+      # Summed where TensorFlow left the batch axis: no transpose.
+      g, axis = grads[0]
+      return [tf.reduce_sum(transform(g), axis=axis)]
+    total = tf.add_n([_batch_first(g, axis) for g, axis in grads])
+    return [tf.reduce_sum(transform(total), axis=0)]
 
+  taps = _size(kernel_shape[:-2])
   per_sample = max(_size(kernel_shape), max(
       _size(x.shape[1:]) * taps for x in inputs))
   return _chunked_sum(per_chunk, list(inputs) + list(deltas), per_sample)[0]
+
+
+def _batch_first(g, axis):
+  if axis == 0:
+    return g
+  rank = len(g.shape)
+  return tf.transpose(g, [axis] + [i for i in range(rank) if i != axis])
+
+
+# Below this many output positions a sample, TensorFlow's grouped filter
+# gradients lose to patches, by up to 40× for depthwise kernels on 2×2
+# inputs of many channels (CPU, benchmarks/PER_SAMPLE.md).
+_FOLDED_MIN_POSITIONS = 16
+
+
+def _conv_form(layer, delta, depthwise):
+  """"single" (one output position a sample), "folded" or "patches"."""
+  positions = delta.shape[1:-1]
+  if not positions.is_fully_defined():
+    return "patches"
+  count = _size(positions)
+  if count == 1:
+    return "single"
+  if count < _FOLDED_MIN_POSITIONS or layer.rank == 3:
+    return "patches"  # No grouped 3-D filter gradient in TensorFlow.
+  if depthwise and (any(r != 1 for r in layer.dilation_rate) or len(
+      set(_pair(layer.strides))) > 1):
+    # TensorFlow's depthwise filter gradient gives wrong values for
+    # dilated kernels on CPU and takes equal strides only.
+    return "patches"
+  return "folded"
+
+
+def _single_position_sums(layer, kernel_shape, x, delta, transform,
+                          depthwise):
+  """One output position a sample: each gradient entry is one product of a
+  patch entry and a `δ` entry, so `f` factors and the batch sums inside."""
+  taps, cin, last = (_size(kernel_shape[:-2]), kernel_shape[-2],
+                     kernel_shape[-1])
+  groups = 1 if depthwise else layer.groups
+  a = transform(tf.reshape(_f32(_patches(layer, x)), [-1, taps, groups, cin]))
+  d = transform(tf.reshape(_f32(delta), [-1, groups, last // groups]))
+  if depthwise:  # groups is 1; δ's channels are (cin, multiplier).
+    total = tf.einsum("bkc,bcm->kcm", a[:, :, 0],
+                      tf.reshape(d, [-1, cin, last]))
+  else:
+    total = tf.einsum("bkgi,bgf->kigf", a, d)
+  return tf.reshape(total, kernel_shape)
+
+
+def _patch_gradients(layer, kernel_shape, x, d, depthwise):
+  """Per-sample kernel gradients `(batch, *kernel_shape)` from patches."""
+  taps, cin, last = (_size(kernel_shape[:-2]), kernel_shape[-2],
+                     kernel_shape[-1])
+  p, d = _f32(_patches(layer, x)), _f32(d)  # p: (b, P, taps·channels)
+  if depthwise:
+    p = tf.reshape(p, [tf.shape(p)[0], -1, taps, cin])
+    d = tf.reshape(d, [tf.shape(d)[0], -1, cin, last])
+    g = tf.einsum("bpkc,bpcm->bkcm", p, d)
+  else:
+    groups = layer.groups
+    p = tf.reshape(p, [tf.shape(p)[0], -1, taps, groups, cin])
+    d = tf.reshape(d, [tf.shape(d)[0], -1, groups, last // groups])
+    g = tf.einsum("bpkgi,bpgf->bkigf", p, d)
+  return tf.reshape(g, [-1, *kernel_shape])
+
+
+def _folded_filter_gradients(layer, kernel_shape, x, d, depthwise):
+  """Per-sample kernel gradients, all in one call of TensorFlow's filter
+  gradient: the batch folded into the channels, each sample a group of its
+  own, so a sample's inputs meet only its own `δ`.
+
+  Returns:
+    `(g, axis)`: the gradients, with the batch at `axis` of `g` and the
+    kernel's axes in order around it.
+  """
+  x, d = _f32(x), _f32(d)
+  if layer.rank == 1:  # As a 2-D convolution of height 1.
+    x, d = x[:, None], d[:, None]
+  count = tf.shape(x)[0]
+
+  def folded(t):  # (b, h, w, c) -> (1, h, w, b·c)
+    t = tf.transpose(t, [1, 2, 0, 3])
+    return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
+
+  options = dict(strides=[1, *_pair(layer.strides), 1],
+                 dilations=[1, *_pair(layer.dilation_rate), 1],
+                 padding="SAME" if layer.padding == "same" else "VALID")
+  spatial = _pair(kernel_shape[:-2])
+  cin, last = kernel_shape[-2], kernel_shape[-1]
+  if depthwise:
+    g = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+        input=folded(x), filter_sizes=tf.stack([*spatial, count * cin, last]),
+        out_backprop=folded(d), **options)
+    shape = [*kernel_shape[:-2], -1, cin, last]
+  else:
+    g = tf.raw_ops.Conv2DBackpropFilter(
+        input=folded(x), filter_sizes=tf.stack([*spatial, cin, count * last]),
+        out_backprop=folded(d), **options)
+    shape = [*kernel_shape[:-2], cin, -1, last]
+  return tf.reshape(g, shape), len(shape) - (3 if depthwise else 2)
+
+
+def _pair(values):
+  """Spatial sizes as 2-D (a 1-D convolution has height 1)."""
+  values = list(values)
+  return [1] + values if len(values) == 1 else values
 
 
 class SeparableConvUnit(ConvUnit):
@@ -950,9 +1079,15 @@ def _scale_and_offset(layer):
 
 
 class Fallback(Unit):
-  """Any other layer: its own call re-run one sample at a time."""
+  """Any other layer: its own call re-run one sample at a time.
+
+  Keras's LSTM, GRU and SimpleRNN are measured in closed form instead
+  (`_recurrent_loop`), except for local MAS, which re-runs them.
+  """
 
   def recording_call(self, records):
+    if type(self.layer) in _RECURRENT:
+      return _recurrent_recording_call(self.layer, records)
     original = functools.partial(type(self.layer).call, self.layer)
 
     def call(*args, **kwargs):
@@ -969,6 +1104,14 @@ class Fallback(Unit):
 
   def sums(self, records, deltas, transform, objective=None):
     """Per-sample gradients of `Σ <output, δ>` (or of `objective(output)`)."""
+    stepped = [r.steps is not None for r in records]
+    if objective is None and all(stepped):
+      return _recurrent_sums(self, records, deltas, transform)
+    if objective is None and any(stepped):
+      raise ValueError(
+          "Invalid value for argument `model`. Expected recurrent layers "
+          "called without dropout in training mode. Received: layer "
+          f"'{self.layer.name}' called both ways")
     inputs = [(r.saved, d) for r, d in zip(records, deltas)]
 
     def loss(sample):
@@ -1015,7 +1158,9 @@ CLOSED_FORM_LAYERS = (
     "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "Embedding",
     "ReversibleEmbedding", "PositionEmbedding (KerasHub)",
     "BatchNormalization", "LayerNormalization", "GroupNormalization",
-    "RMSNormalization", "RMS norms x̂·(c + γ) (KerasHub's, found by trying)")
+    "RMSNormalization", "RMS norms x̂·(c + γ) (KerasHub's, found by trying)",
+    "LSTM", "GRU", "SimpleRNN (global MAS and Fisher; local MAS re-runs "
+    "them per sample)")
 
 
 # --------------------------------------------------------------------------
@@ -1167,8 +1312,11 @@ def _per_example_sums(loss, inputs, variables, transform):
 
 # Keras's own recurrent layers vectorize safely (no einsum, whose
 # vectorized gradient crashes TF 2.21), and faster than the loop
-# (benchmarks/CHOICES.md).
+# (benchmarks/CHOICES.md): local MAS re-runs them so.
 _VECTORIZABLE = (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
+
+# Recurrent layers whose per-step closed form `_recurrent_loop` computes.
+_RECURRENT = _VECTORIZABLE
 
 
 def _vectorized_sums(loss, inputs, variables, transform):
@@ -1196,6 +1344,194 @@ def _vectorized_sums(loss, inputs, variables, transform):
                       sum(_size(v.shape) for v in variables))
 
 
+# --------------------------------------------------------------------------
+# Recurrent layers: closed forms per time step.
+#
+# A cell's pre-activations at step t are `x_t·W + b + h_{t-1}·U` (GRU's
+# candidate: `x_t·W + r_t ⊙ (h_{t-1}·U + b')`, or `(r_t ⊙ h_{t-1})·U`). The
+# input projection `x·W + b` of the whole sequence is computed before the
+# loop and is the tap: its gradient `δ_t` is the gradient at step t's
+# pre-activations. Per sample, W gets `Σ_t x_tᵀ δ_t`, U gets
+# `Σ_t h_{t-1}ᵀ δ_t` (through `r_t` for GRU's candidate), b `Σ_t δ_t`, from
+# the states `h_{t-1}` each step started from.
+
+
+def _recurrent_recording_call(layer, records):
+  """The layer's own call, its loop replaced by `_recurrent_loop`."""
+  original = functools.partial(type(layer).call, layer)
+
+  def call(*args, **kwargs):
+    steps = {}
+
+    def inner_loop(sequences, initial_state, mask, training=False):
+      cell = layer.cell
+      if training and (cell.dropout or cell.recurrent_dropout):
+        # Dropout masks: the layer's own loop (importance never trains).
+        return type(layer).inner_loop(layer, sequences, initial_state, mask,
+                                      training)
+      return _recurrent_loop(layer, sequences, initial_state, mask, steps)
+
+    with _replaced_attribute(layer, "inner_loop", inner_loop):
+      output = original(*args, **kwargs)
+    if steps:
+      records.append(_Record((args, kwargs), [steps["projected"]], output,
+                             steps))
+    else:
+      records.append(_Record((args, kwargs), tf.nest.flatten(output), output))
+    return output
+
+  return call
+
+
+def _recurrent_biases(cell):
+  """The bias added to the input projection, and the one inside the loop."""
+  if cell.bias is None:
+    return None, None
+  if isinstance(cell, keras.layers.GRUCell) and cell.reset_after:
+    return cell.bias[0], cell.bias[1]
+  return cell.bias, None
+
+
+def _recurrent_loop(layer, sequences, initial_state, mask, steps):
+  """`inner_loop` of LSTM, GRU, SimpleRNN, recording into `steps`.
+
+  The same computation as the cell's (inference: no dropout), with the
+  input projection taken out of the loop. The state each step starts from
+  is the previous step's output; with a mask, a masked step's output is
+  not its state, so each step returns its starting state too.
+  """
+  cell = layer.cell
+  units = cell.units
+  if isinstance(mask, (list, tuple)):
+    mask = mask[0]
+  input_bias, recurrent_bias = _recurrent_biases(cell)
+  projected = ops.matmul(sequences, cell.kernel)
+  if input_bias is not None:
+    projected = projected + input_bias
+  returns_start = mask is not None
+  step = _recurrent_step(cell, recurrent_bias, returns_start)
+  last, outputs, states = keras_backend.rnn(
+      step, projected, list(initial_state), go_backwards=layer.go_backwards,
+      mask=mask, unroll=layer.unroll, input_length=sequences.shape[1],
+      zero_output_for_mask=layer.zero_output_for_mask,
+      return_all_outputs=True)
+  if returns_start:
+    previous = outputs[..., units:]
+    last, outputs = last[..., :units], outputs[..., :units]
+  else:
+    previous = ops.concatenate(
+        [ops.expand_dims(initial_state[0], 1), outputs[:, :-1]], axis=1)
+  if layer.go_backwards:  # Back to the order of the inputs and taps.
+    previous = ops.flip(previous, axis=1)
+  steps.update(inputs=sequences, projected=projected, previous=previous)
+  return last, outputs, states
+
+
+def _recurrent_step(cell, recurrent_bias, returns_start):
+  """One step from the projected input: `output, new_states`, the output
+  followed by the starting state if `returns_start`."""
+  units = cell.units
+  kernel = cell.recurrent_kernel
+
+  def output(h, h_prev):
+    return ops.concatenate([h, h_prev], axis=-1) if returns_start else h
+
+  def lstm(projected, states):
+    h_prev, c_prev = states
+    z = projected + ops.matmul(h_prev, kernel)
+    z0, z1, z2, z3 = ops.split(z, 4, axis=-1)
+    i, f = cell.recurrent_activation(z0), cell.recurrent_activation(z1)
+    c = f * c_prev + i * cell.activation(z2)
+    h = cell.recurrent_activation(z3) * cell.activation(c)
+    return output(h, h_prev), [h, c]
+
+  def simple(projected, states):
+    h_prev = states[0]
+    h = projected + ops.matmul(h_prev, kernel)
+    if cell.activation is not None:
+      h = cell.activation(h)
+    return output(h, h_prev), [h]
+
+  def gru(projected, states):
+    h_prev = states[0]
+    x_z, x_r, x_h = ops.split(projected, 3, axis=-1)
+    if cell.reset_after:
+      inner = ops.matmul(h_prev, kernel)
+      if recurrent_bias is not None:
+        inner = inner + recurrent_bias
+    else:
+      inner = ops.matmul(h_prev, kernel[:, :2 * units])
+    z = cell.recurrent_activation(x_z + inner[:, :units])
+    r = cell.recurrent_activation(x_r + inner[:, units:2 * units])
+    if cell.reset_after:
+      recurrent_h = r * inner[:, 2 * units:]
+    else:
+      recurrent_h = ops.matmul(r * h_prev, kernel[:, 2 * units:])
+    h = z * h_prev + (1 - z) * cell.activation(x_h + recurrent_h)
+    return output(h, h_prev), [h]
+
+  if isinstance(cell, keras.layers.LSTMCell):
+    return lstm
+  if isinstance(cell, keras.layers.GRUCell):
+    return gru
+  return simple
+
+
+def _reset_gate(cell, projected, previous):
+  """GRU's reset gate at every step, from the recorded tensors: one batched
+  product instead of an extra output of each step."""
+  units = cell.units
+  kernel = _f32(cell.recurrent_kernel[:, units:2 * units])
+  inner = ops.matmul(previous, kernel)
+  _, recurrent_bias = _recurrent_biases(cell)
+  if recurrent_bias is not None:
+    inner += _f32(recurrent_bias[units:2 * units])
+  return cell.recurrent_activation(projected[..., units:2 * units] + inner)
+
+
+def _recurrent_sums(unit, records, deltas, transform):
+  """`Σ_k f(g_k)` of a recurrent layer's kernel, recurrent kernel, bias."""
+  cell = unit.layer.cell
+  units = cell.units
+  inputs = [r.steps["inputs"] for r in records]
+  previous = [_f32(r.steps["previous"]) for r in records]
+  projected = [_f32(d[0]) for d in deltas]
+  gru = isinstance(cell, keras.layers.GRUCell)
+  resets = [_reset_gate(cell, _f32(r.steps["projected"]), h)
+            for r, h in zip(records, previous)] if gru else None
+  if gru and cell.reset_after:
+    # The recurrent candidate `h_{t-1}·U + b'` is scaled by r_t.
+    recurrent = [d * tf.concat([tf.ones_like(d[..., :2 * units]), r], -1)
+                 for r, d in zip(resets, projected)]
+  else:
+    recurrent = projected
+  sums = {}
+  if _measured(unit, cell.kernel):
+    sums[id(cell.kernel)] = _outer_sums(inputs, projected, transform)
+  if _measured(unit, cell.recurrent_kernel):
+    if gru and not cell.reset_after:
+      gates = _outer_sums(previous, [d[..., :2 * units] for d in projected],
+                          transform)
+      candidate = _outer_sums([h * r for h, r in zip(previous, resets)],
+                              [d[..., 2 * units:] for d in projected],
+                              transform)
+      sums[id(cell.recurrent_kernel)] = tf.concat([gates, candidate], -1)
+    else:
+      sums[id(cell.recurrent_kernel)] = _outer_sums(previous, recurrent,
+                                                    transform)
+  if cell.bias is not None and _measured(unit, cell.bias):
+    per_sample = tf.add_n([_time_sum(d) for d in projected])
+    if gru and cell.reset_after:
+      per_sample = tf.stack(
+          [per_sample, tf.add_n([_time_sum(d) for d in recurrent])], axis=1)
+    sums[id(cell.bias)] = tf.reduce_sum(transform(per_sample), axis=0)
+  return sums
+
+
+def _time_sum(t):
+  return tf.reduce_sum(t, axis=list(range(1, len(t.shape) - 1)))
+
+
 def _channels_last(layer, t):
   if getattr(layer, "data_format", "channels_last") == "channels_first":
     rank = len(t.shape)
@@ -1218,6 +1554,11 @@ def _patches_supported(layer):
   if rank == 3 and any(d != 1 for d in layer.dilation_rate):
     return False  # tf.extract_volume_patches has no dilation.
   return rank in (1, 2, 3)
+
+
+def _strided(layer, x):
+  """The input at a pointwise (1×1) kernel's output positions."""
+  return x[(slice(None),) + tuple(slice(None, None, s) for s in layer.strides)]
 
 
 def _patches(layer, x):
