@@ -207,11 +207,27 @@ _MESH = flags.DEFINE_list(
 _MESH_AXES = flags.DEFINE_list(
     "mesh_axes", ["batch", "model"],
     "Names of the --mesh axes, data axis first.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None,
+    "Run --mesh (a classifier's run) over several processes (on one "
+    "machine or several): "
+    "process 0's host:port. Every process of the run gets the same flags, "
+    "--coordinator and --num_processes included, and its own --process_id; "
+    "the mesh spans all their devices. Every process reads --workdir (on "
+    "--resume); process 0 alone writes it.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 1, "The number of processes of a --coordinator run.",
+    lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", 0, "This process's number in a --coordinator run, from 0 "
+    "to --num_processes - 1 (0 writes --workdir).", lower_bound=0)
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "0: quiet, 1: progress.")
 
 
 def _main():
   logging.set_verbosity(logging.WARNING)
+  if _COORDINATOR.value:
+    cli.supervised()  # Returns in the child, which does the work.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if _VIRTUAL_CPUS.value:
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -225,6 +241,7 @@ def _main():
   }[_DISTRIBUTION.value]()
   tf.config.experimental.enable_op_determinism()
   _check_workdir()
+  _join_processes()
   distribution = _distribution() if _MESH.value else None
   init_model = None
   if _INIT_MODEL.value:
@@ -267,6 +284,33 @@ def _main():
     # The library's `model` is the user's --init_model here.
     raise ValueError(str(e).replace("argument `model`",
                                     "argument `init_model`")) from e
+
+
+def _join_processes():
+  """--coordinator: joins the run's other processes before any JAX work."""
+  if not (_COORDINATOR.value or _NUM_PROCESSES.value > 1
+          or _PROCESS_ID.value):
+    return
+  given = (f"--coordinator={_COORDINATOR.value} --num_processes="
+           f"{_NUM_PROCESSES.value} --process_id={_PROCESS_ID.value}")
+  if not _COORDINATOR.value or _NUM_PROCESSES.value < 2:
+    raise ValueError(
+        "Invalid value for argument `coordinator`. Expected process 0's "
+        "host:port and --num_processes of 2 or more together. Received: "
+        + given)
+  if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+    raise ValueError(
+        "Invalid value for argument `process_id`. Expected 0 to "
+        f"--num_processes - 1. Received: {given}")
+  if not _MESH.value or keras.backend.backend() != "jax":
+    raise ValueError(
+        "Invalid value for argument `coordinator`. Expected --mesh on "
+        "KERAS_BACKEND=jax (processes share one device mesh). Received: "
+        f"{given} with --mesh={','.join(_MESH.value or []) or None} on "
+        f"{keras.backend.backend()}")
+  keras.distribution.initialize(job_addresses=_COORDINATOR.value,
+                                num_processes=_NUM_PROCESSES.value,
+                                process_id=_PROCESS_ID.value)
 
 
 def _distribution():
@@ -392,6 +436,14 @@ def _run_corpora(lm, stop):
     raise ValueError(
         "Invalid value for argument `task_dirs`. Expected the text corpora "
         "for the causal LM --init_model. Received: none")
+  if _NUM_PROCESSES.value > 1:
+    # Not yet: its consolidation's normalization was seen to deadlock
+    # across processes (docs/guides/several-devices.md).
+    raise ValueError(
+        "Invalid value for argument `coordinator`. Expected a classifier's "
+        "run: a causal LM --init_model trains on one process's devices "
+        f"(--mesh without --coordinator). Received: --coordinator="
+        f"{_COORDINATOR.value} with --init_model={_INIT_MODEL.value}")
   given = {name: flag.value for name, flag in _LANGUAGE_FLAGS.items()
            if flags.FLAGS[flag.name].present}
   if _NORMALIZE_IMPORTANCE.present:

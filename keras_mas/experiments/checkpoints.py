@@ -21,6 +21,7 @@ import warnings
 import keras
 
 from keras_mas.core import models
+from keras_mas.core import multi_process
 
 __all__ = ["check_config", "check_writable", "copy_model", "is_chief",
            "latest", "latest_in_task", "load_model", "read_json",
@@ -37,7 +38,10 @@ _MODEL = "model.keras"
 
 
 def is_chief(strategy):
-  """Whether this worker writes the run's files (always without a cluster)."""
+  """Whether this worker writes the run's files (always without a cluster):
+  process 0 of a JAX run over several processes, or tf.distribute's chief."""
+  if multi_process.count() > 1:
+    return multi_process.index() == 0
   resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not resolver.cluster_spec().as_dict():
     return True
@@ -131,9 +135,16 @@ def write(workdir, k, net, state):
   os.makedirs(root, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".task_{k}.partial-", dir=root)
   with _staged(staging, f"the checkpoint of task {k}"):
-    net.save(os.path.join(staging, _MODEL))
+    _save(net, os.path.join(staging, _MODEL))
     write_json(os.path.join(staging, _STATE), state)
   replace_directory(staging, os.path.join(root, f"task_{k}"))
+
+
+def _save(net, path):
+  """`net.save(path)`; across processes, every process gathers the weights
+  that span processes (the others save into their scratch folder)."""
+  with multi_process.whole_values(net):
+    net.save(path)
 
 
 @contextlib.contextmanager
@@ -204,7 +215,7 @@ def copy_model(model, wrap=True):
   """
   with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, "copy.keras")
-    model.save(path)
+    _save(model, path)
     # The user handed this model over in memory: its code is trusted.
     copy = keras.models.load_model(path, compile=False, safe_mode=False)
   return models.MASModel.from_model(copy) if wrap else copy
@@ -256,7 +267,7 @@ def write_in_task(workdir, k, epoch, batch, net, state):
   os.makedirs(root, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{_IN_TASK}.partial-", dir=root)
   with _staged(staging, f"the checkpoint inside task {k}"):
-    net.save(os.path.join(staging, _MODEL))
+    _save(net, os.path.join(staging, _MODEL))
     write_json(os.path.join(staging, _STATE),
                {**state, "task": int(k), "epoch": int(epoch),
                 "batch": int(batch)})

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_mas.core import multi_process
 from keras_mas.data import pipelines
 from keras_mas.experiments import metrics as metrics_lib
 
@@ -134,8 +135,10 @@ def _jax_predict_logits(net, x, batch_size):
   trainable = [v.value for v in net.trainable_variables]
   non_trainable = [v.value for v in net.non_trainable_variables]
   step = _prediction_batch(x.shape[1:], batch_size)
+  # Across processes, outputs sharded over them are gathered.
   return np.concatenate([
-      np.asarray(infer(trainable, non_trainable, x[i:i + step]))
+      multi_process.whole_value(infer(trainable, non_trainable,
+                                      x[i:i + step]))
       for i in range(0, len(x), step)])
 
 

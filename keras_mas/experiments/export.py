@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_mas import _backend
+from keras_mas.core import multi_process
 
 __all__ = ["ServingExport", "export_serving"]
 
@@ -80,10 +81,12 @@ class ServingExport:
     if _backend.TORCH:
       self._write_programs(path, heads)
       return
-    if self._archive is None or heads != self._heads:
-      self._archive, self._heads = self._traced(heads), heads
-    _written_in_place(path, lambda staging: self._archive.write_out(
-        staging, verbose=False))
+    # Across processes, each reads the weights gathered whole.
+    with multi_process.whole_values(self.model):
+      if self._archive is None or heads != self._heads:
+        self._archive, self._heads = self._traced(heads), heads
+      _written_in_place(path, lambda staging: self._archive.write_out(
+          staging, verbose=False))
 
   def _write_programs(self, path, heads):
     """PyTorch: one `torch.export` program per endpoint, batch size free.

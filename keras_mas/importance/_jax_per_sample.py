@@ -35,6 +35,7 @@ from keras.src.backend.jax import trainer as jax_trainer
 import numpy as np
 import tensorflow as tf
 
+from keras_mas.core import multi_process
 from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
 
@@ -228,7 +229,9 @@ def placed(batch):
   effect, as Keras's JAX trainer places a training batch (each device
   computes its samples' gradients against its shards of the weights);
   unplaced without a distribution, or where the batch does not divide
-  among the batch axis's devices (a last, smaller batch: replicated)."""
+  among the batch axis's devices (a last, smaller batch: replicated).
+  Across processes each gives its own rows of the batch every process
+  holds (`multi_process.local_part`), as Keras shards `fit`'s dataset."""
   distribution = keras.distribution.distribution()
   if distribution is None:
     return batch
@@ -236,8 +239,10 @@ def placed(batch):
   axis = distribution.batch_dim_name
   devices = (mesh.shape[list(mesh.axis_names).index(axis)]
              if axis in mesh.axis_names else 1)
-  if int(_batch_size(batch[0])) % devices:
-    return batch
+  size = int(_batch_size(batch[0]))
+  if size % devices:
+    return batch  # Every process gives the whole batch: replicated.
+  batch = multi_process.local_part(batch, size)
   return jax_trainer._distribute_data(batch)  # pylint: disable=protected-access
 
 
