@@ -2,21 +2,27 @@
 
 `keras_mas.importance.estimators` computes, on TensorFlow, `Σ_k f(g_k)` from
 per-layer closed forms (`keras_mas.importance.per_sample`). On JAX the same
-sums come from `jax.vmap(jax.grad(...))`: the gradient of one sample's
-objective, through `stateless_call`, vectorized over the samples of a chunk.
-The chunks are sized so that at most `per_sample._CHUNK_VALUES` per-sample
-gradient values exist at once, and scanned (`jax.lax.scan`), so memory stays
-bounded whatever the batch, as on TensorFlow.
+sums come from the same per-layer forms (`_closed_forms`, in `keras.ops`)
+and, for layers without one, from `jax.vmap(jax.grad(...))`: a gradient for
+one sample, vectorized over the samples of a chunk. The chunks are sized
+so that at most `per_sample._CHUNK_VALUES` per-sample gradient values exist
+at once, and scanned (`jax.lax.scan`), so memory stays bounded whatever the
+batch, as on TensorFlow.
 
-* Global MAS and Fisher: the gradient of the sample's objective (the squared
-  norm of the outputs, or the log-likelihood) with respect to all trainable
-  variables. When every trainable variable belongs to a plain `Dense` layer
-  called once on `(batch, features)` inputs (the main job's MLP), the closed
-  form instead, as TensorFlow's `per_sample.DenseUnit`: one batched pass
-  gives each layer's inputs `a` and, through a zero probe added to its
-  pre-activation, each sample's gradient `δ` there (samples are independent
-  in inference mode); then `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)` for f = |·| or
-  (·)². 30× faster than the mapped gradients on that MLP.
+* Global MAS and Fisher: per layer, as on TensorFlow, for the layers of
+  `_closed_forms` (convolutions, embeddings, dense, einsum-dense and
+  normalization layers): one batched pass gives each layer's inputs and,
+  through zero probes added to its outputs, each sample's gradient `δ`
+  there (samples are independent in inference mode); then each layer's own
+  per-sample gradients from those (`Dense`: `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`
+  for f = |·| or (·)²; convolutions: patches ⊗ `δ` from
+  `jax.lax.conv_general_dilated_patches`; `Embedding`: `δ` into the rows of
+  the sample's ids). The variables of any other layer (recurrent, custom)
+  come from the gradient of the sample's objective (the squared norm of the
+  outputs, or the log-likelihood) through `stateless_call`, mapped, with
+  respect to those variables alone. A model of plain `Dense` layers on
+  `(batch, features)` (the main job's MLP) takes `_dense_sums`, 30× faster
+  than the mapped gradients.
 * Local MAS: for each unit of `per_sample.plan` (a layer and its own
   variables), the layer's calls are recorded during one forward pass; then
   the gradient of the squared norm of the layer's own output with respect to
@@ -36,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mas.core import multi_process
+from keras_mas.importance import _closed_forms
 from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
 
@@ -115,6 +122,97 @@ def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
   return _functional.dense_sums(model, units, f, inputs, deltas)
 
 
+def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
+                      x, y):
+  """`{id(variable): Σ_k f(g_k)}` of the variables of `units`
+  (`_closed_forms`): one batched pass, probed, then each layer alone."""
+  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
+  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  shapes = [[] for _ in units]
+
+  def shape_of(i, z):
+    shapes[i].append(z.shape)
+
+  jax.eval_shape(lambda: _closed_forms.probed_forward(
+      model, units, base, x, shape_of, [[] for _ in units]))
+  probes = [[jnp.zeros(shape, "float32") for shape in calls]
+            for calls in shapes]
+  structures = []
+
+  def total(probes):
+    taken = [iter(calls) for calls in probes]
+    calls = [[] for _ in units]
+    outputs = _closed_forms.probed_forward(
+        model, units, base, x, lambda i, z: next(taken[i]), calls)
+    # Only arrays leave the differentiated function: the calls' other
+    # arguments (flags, None) are kept aside, to be put back after.
+    structures[:] = calls
+    return objective(outputs, y), [
+        [[leaf for leaf in keras.tree.flatten(call) if _is_array(leaf)]
+         for call in unit_calls] for unit_calls in calls]
+
+  deltas, arrays = jax.grad(total, has_aux=True)(probes)
+  n = _batch_size(x)
+  sums = {}
+  for unit, unit_calls, unit_arrays, unit_deltas in zip(
+      units, structures, arrays, deltas):
+    calls = [_with_arrays(call, leaves)
+             for call, leaves in zip(unit_calls, unit_arrays)]
+    sums.update(_closed_forms.unit_sums(unit, calls, unit_deltas, f, base, n,
+                                        _grad_sums, _chunked_sums,
+                                        _patches_for))
+  return sums
+
+
+_DIMENSIONS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+               3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+def _patches_for(layer):
+  """A convolution's input patches, `(batch, positions, taps, channels)`
+  from channels-last inputs, padded as Keras's JAX convolution pads."""
+  padding = "VALID" if layer.padding in ("valid", "causal") else "SAME"
+
+  def patches(x):
+    p = jax.lax.conv_general_dilated_patches(
+        ops.cast(x, "float32"), tuple(layer.kernel_size),
+        tuple(layer.strides), padding,
+        rhs_dilation=tuple(layer.dilation_rate),
+        dimension_numbers=_DIMENSIONS[layer.rank],
+        # Copies, exactly: the default lets GPUs round them to TF32.
+        precision=jax.lax.Precision.HIGHEST)
+    # Features come channel-major: (channels, taps).
+    p = ops.reshape(p, (x.shape[0], -1, x.shape[-1],
+                        int(np.prod(layer.kernel_size))))
+    return ops.swapaxes(p, 2, 3)
+
+  return patches
+
+
+def _is_array(leaf):
+  return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def _with_arrays(call, arrays):
+  """`call` with its array leaves replaced by `arrays`, in order."""
+  it = iter(arrays)
+  return keras.tree.pack_sequence_as(
+      call, [next(it) if _is_array(leaf) else leaf
+             for leaf in keras.tree.flatten(call)])
+
+
+def _grad_sums(objective, own_values, samples, n, chunk, f):
+  """`Σ_k f(∂ objective(own_values, sample_k) / ∂ own_values)`, mapped over
+  the samples `chunk` at a time."""
+
+  def per_chunk(part):
+    grads = jax.vmap(lambda s: jax.grad(objective)(own_values, s))(part)
+    return [ops.sum(f(ops.cast(g, "float32")), axis=0) for g in grads]
+
+  return _chunked_sums(per_chunk, samples, n, chunk,
+                       [jnp.zeros(v.shape, "float32") for v in own_values])
+
+
 def global_step(model, per_sample, objective, transform, labels="none",
                 output_fn=None, seed=0):
   """A compiled `(trainable, non_trainable, batch) -> (sums, labels_ok)`.
@@ -138,12 +236,35 @@ def global_step(model, per_sample, objective, transform, labels="none",
   """
   variables = list(model.trainable_variables)
   f = _TRANSFORMS[transform]
-  chunk = _functional.chunk(variables)
   dense_units = (_functional.dense_units(model, variables) if per_sample
                  else None)
+  units, rest = (_closed_forms.split(model, variables) if per_sample
+                 else ([], variables))
+  # The variables no closed form covers: mapped gradients of the model.
+  rest_ids = {id(v) for v in rest}
+  rest_index = [i for i, v in enumerate(variables) if id(v) in rest_ids]
+  chunk = _functional.chunk(rest)
 
   def loss(trainable, non_trainable, x, y):
     return objective(_outputs(model, trainable, non_trainable, x), y)
+
+  def rest_sums(trainable, non_trainable, x, y):
+    def rest_loss(values, x_k, y_k):
+      full = list(trainable)
+      for i, value in zip(rest_index, values):
+        full[i] = value
+      return loss(full, non_trainable, _one(x_k),
+                  None if y_k is None else _one(y_k))
+
+    def per_chunk(part):
+      xs, ys = part
+      grads = jax.vmap(lambda x_k, y_k: jax.grad(rest_loss)(
+          [trainable[i] for i in rest_index], x_k, y_k))(xs, ys)
+      return [ops.sum(f(ops.cast(g, "float32")), axis=0) for g in grads]
+
+    zeros = [jnp.zeros(v.shape, "float32") for v in rest]
+    return dict(zip((id(v) for v in rest), _chunked_sums(
+        per_chunk, (x, y), _batch_size(x), chunk, zeros)))
 
   def step(trainable, non_trainable, batch):
     x = batch[0]
@@ -169,20 +290,13 @@ def global_step(model, per_sample, objective, transform, labels="none",
                          non_trainable, x, y)
       if sums is not None:
         return sums, ok
-
-    def per_chunk(part):
-      xs, ys = part
-
-      def one(x_k, y_k):
-        return jax.grad(loss)(trainable, non_trainable, _one(x_k),
-                              None if y_k is None else _one(y_k))
-
-      grads = jax.vmap(one)(xs, ys)
-      return [ops.sum(f(ops.cast(g, "float32")), axis=0) for g in grads]
-
-    zeros = [jnp.zeros(v.shape, "float32") for v in variables]
-    return _chunked_sums(per_chunk, (x, y), _batch_size(x), chunk,
-                         zeros), ok
+    sums = {}
+    if units:
+      sums.update(_closed_form_sums(model, units, objective, f, trainable,
+                                    non_trainable, x, y))
+    if rest:
+      sums.update(rest_sums(trainable, non_trainable, x, y))
+    return [sums[id(v)] for v in variables], ok
 
   return jax.jit(step)
 

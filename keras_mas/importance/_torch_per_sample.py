@@ -1,17 +1,21 @@
 """Exact per-sample importance on Keras's PyTorch backend.
 
 The sums `Σ_k f(g_k)` that TensorFlow forms from per-layer closed forms
-(`keras_mas.importance.per_sample`) come here from `torch.func`, as on JAX
-from `jax.vmap(jax.grad(...))` (`_jax_per_sample`, whose structure this
-follows; the shared parts are `_functional`):
+(`keras_mas.importance.per_sample`) come here from the same forms and
+`torch.func`, as on JAX (`_jax_per_sample`, whose structure this follows;
+the shared parts are `_functional` and `_closed_forms`):
 
-* Global MAS and Fisher: `torch.func.vmap(torch.func.grad(...))` of one
-  sample's objective through `stateless_call`, in chunks of at most
+* Global MAS and Fisher: per layer (`_closed_forms`, shared with JAX):
+  autograd's gradient at zero probes added to the outputs of the
+  convolution, embedding, dense and normalization layers gives every
+  sample's `δ` there; each layer's own per-sample gradients follow from its
+  recorded inputs (convolutions: patches from `torch.nn.functional.unfold`,
+  1D and 2D). Variables of other layers: `torch.func.vmap(
+  torch.func.grad(...))` of one sample's objective through `stateless_call`
+  with respect to those variables alone, in chunks of at most
   `per_sample._CHUNK_VALUES` per-sample gradient values, so memory stays
-  bounded. When every trainable variable belongs to a plain `Dense` layer
-  called once on `(batch, features)` inputs (the main job's MLP), the closed
-  form instead: autograd's gradient at a zero probe added to each
-  pre-activation gives every sample's `δ`, and `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`.
+  bounded. A model of plain `Dense` layers on `(batch, features)` (the main
+  job's MLP) takes `_dense_sums`: `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`.
 * Local MAS: each layer's calls are recorded during one forward pass; then
   the per-sample gradient of the squared norm of the layer's own output
   with respect to its own variables, its recorded inputs held fixed.
@@ -29,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import torch
 
+from keras_mas.importance import _closed_forms
 from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
 
@@ -94,6 +99,94 @@ def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
                                 [calls[0].detach() for calls in inputs], deltas)
 
 
+def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
+                      x, y):
+  """`{id(variable): Σ_k f(g_k)}` of the variables of `units`
+  (`_closed_forms`): one batched pass, probed, then each layer alone."""
+  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
+  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  probes = [[] for _ in units]
+
+  def probe(i, z):
+    probes[i].append(
+        torch.zeros_like(z, dtype=torch.float32, requires_grad=True))
+    return probes[i][-1]
+
+  calls = [[] for _ in units]
+  with torch.enable_grad():
+    outputs = _closed_forms.probed_forward(model, units, base, x, probe,
+                                           calls)
+    flat = [p for unit_probes in probes for p in unit_probes]
+    # A probe off the path to the outputs (another task's head) gets None.
+    grads = iter(torch.autograd.grad(objective(outputs, y), flat,
+                                     allow_unused=True))
+  n = _batch_size(x)
+  sums = {}
+  for unit, unit_calls, unit_probes in zip(units, calls, probes):
+    deltas = [_zero_if_none(next(grads), p) for p in unit_probes]
+    sums.update(_closed_forms.unit_sums(
+        unit, [_detached(call) for call in unit_calls], deltas, f, base, n,
+        _grad_sums, _chunked_sums, _patches_for))
+  return sums
+
+
+def _patches_for(layer):
+  """A 1D or 2D convolution's input patches, `(batch, positions, taps,
+  channels)` from channels-last inputs, padded as Keras's PyTorch
+  convolution pads (`unfold` has no 3D form: None)."""
+  if layer.rank > 2:
+    return None
+  # 1D as 2D over a height of one.
+  extra = (1,) * (2 - layer.rank)
+  kernel_size = extra + tuple(layer.kernel_size)
+  strides = extra + tuple(layer.strides)
+  dilation = extra + tuple(layer.dilation_rate)
+
+  def patches(x):
+    x = torch.movedim(ops.cast(x, "float32"), -1, 1)  # channels first
+    padding = 0
+    if layer.padding == "same":
+      x, padding = torch_nn._apply_same_padding(  # pylint: disable=protected-access
+          x, tuple(layer.kernel_size), tuple(layer.strides),
+          "channels_first", "conv", tuple(layer.dilation_rate))
+      if not isinstance(padding, int):
+        padding = (0,) * len(extra) + tuple(padding)
+    if layer.rank == 1:
+      x = x[:, :, None]
+    batch, channels = x.shape[:2]
+    # The samples folded into the channels: `unfold` loops over its batch,
+    # one parallel region per sample, slow where threads wait for cores.
+    p = torch.nn.functional.unfold(
+        torch.reshape(x, (1, batch * channels) + tuple(x.shape[2:])),
+        kernel_size, dilation=dilation, padding=padding, stride=strides)
+    # (batch·channels·taps, positions), channel-major.
+    p = torch.reshape(p, (batch, channels, -1, p.shape[-1]))
+    return torch.permute(p, (0, 3, 2, 1))
+
+  return patches
+
+
+def _zero_if_none(grad, like):
+  return torch.zeros_like(like) if grad is None else grad
+
+
+def _detached(tree):
+  return keras.tree.map_structure(
+      lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _grad_sums(objective, own_values, samples, n, chunk, f):
+  """`Σ_k f(∂ objective(own_values, sample_k) / ∂ own_values)`, mapped over
+  the samples `chunk` at a time."""
+
+  def per_chunk(part):
+    grads = torch.func.vmap(
+        lambda s: torch.func.grad(objective)(own_values, s))(part)
+    return [torch.sum(f(ops.cast(g, "float32")), dim=0) for g in grads]
+
+  return _chunked_sums(per_chunk, samples, n, chunk, _zeros(own_values))
+
+
 def global_step(model, per_sample, objective, transform, labels="none",
                 output_fn=None, seed=0):
   """A `(trainable, non_trainable, batch) -> (sums, labels_ok)` step.
@@ -103,12 +196,38 @@ def global_step(model, per_sample, objective, transform, labels="none",
   """
   variables = list(model.trainable_variables)
   f = _TRANSFORMS[transform]
-  chunk = _functional.chunk(variables)
   dense_units = (_functional.dense_units(model, variables) if per_sample
                  else None)
+  units, rest = (_closed_forms.split(model, variables) if per_sample
+                 else ([], variables))
+  # The variables no closed form covers: mapped gradients of the model.
+  rest_ids = {id(v) for v in rest}
+  rest_index = [i for i, v in enumerate(variables) if id(v) in rest_ids]
+  chunk = _functional.chunk(rest)
 
   def loss(trainable, non_trainable, x, y):
     return objective(_outputs(model, trainable, non_trainable, x), y)
+
+  def rest_sums(trainable, non_trainable, x, y):
+    def rest_loss(values, x_k, y_k):
+      full = list(trainable)
+      for i, value in zip(rest_index, values):
+        full[i] = value
+      return loss(full, non_trainable, _one(x_k),
+                  None if y_k is None else _one(y_k))
+
+    def one(x_k, y_k):
+      return torch.func.grad(rest_loss)([trainable[i] for i in rest_index],
+                                        x_k, y_k)
+
+    def per_chunk(part):
+      xs, ys = part
+      grads = torch.func.vmap(one, in_dims=(0, None if ys is None else 0))(
+          xs, ys)
+      return [torch.sum(f(ops.cast(g, "float32")), dim=0) for g in grads]
+
+    return dict(zip((id(v) for v in rest), _chunked_sums(
+        per_chunk, (x, y), _batch_size(x), chunk, _zeros(rest))))
 
   widths = []  # The logits' width, read from the first batch's first sample.
 
@@ -139,19 +258,13 @@ def global_step(model, per_sample, objective, transform, labels="none",
                          non_trainable, x, y)
       if sums is not None:
         return sums, True
-
-    def one(x_k, y_k):
-      return torch.func.grad(loss)(trainable, non_trainable, _one(x_k),
-                                   None if y_k is None else _one(y_k))
-
-    def per_chunk(part):
-      xs, ys = part
-      grads = torch.func.vmap(one, in_dims=(0, None if ys is None else 0))(
-          xs, ys)
-      return [torch.sum(f(ops.cast(g, "float32")), dim=0) for g in grads]
-
-    return _chunked_sums(per_chunk, (x, y), _batch_size(x), chunk,
-                         _zeros(variables)), True
+    sums = {}
+    if units:
+      sums.update(_closed_form_sums(model, units, objective, f, trainable,
+                                    non_trainable, x, y))
+    if rest:
+      sums.update(rest_sums(trainable, non_trainable, x, y))
+    return [sums[id(v)] for v in variables], True
 
   return _no_grad(step)
 
