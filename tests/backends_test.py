@@ -346,6 +346,37 @@ def _check_each_term_against_tensorflow(backend):
             > outcome["gradient"]["logs"][0][1])
 
 
+def test_pytorchs_penalty_gradient_is_the_same_with_the_scale_on_device(
+    torch_backend):
+  # On CPUs PyTorch's step reads `2λ` on the host and folds it into one
+  # addition; on an accelerator it stays on the device. The two give the
+  # same `g + c·Ω(θ − θ*)`, also where a gradient is missing or the
+  # variable's dtype is not float32.
+  result = _run("""
+    import torch
+    from keras_mas.core import penalty
+    rng = np.random.default_rng(0)
+    tensor = lambda *shape: torch.tensor(
+        rng.normal(size=shape).astype("float32"))
+    gradients = [tensor(3, 2), None, tensor(4)]
+    weighted = [tensor(3, 2), tensor(5), tensor(4)]
+    dtypes = ["float32", "float32", "float16"]
+    steps = {host: penalty._torch_steps(gradients, weighted, dtypes,
+                                        torch.tensor(0.7), host_scalar=host)
+             for host in (True, False)}
+    emit({"host": [s.float().tolist() for s in steps[True]],
+          "device": [s.float().tolist() for s in steps[False]],
+          "dtypes": [str(s.dtype) for s in steps[True] + steps[False]],
+          "expected": [((0 if g is None else g) + 0.7 * w).tolist()
+                       for g, w in zip(gradients, weighted)]})
+  """, torch_backend)
+  assert result["dtypes"] == ["torch.float32", "torch.float32",
+                              "torch.float16"] * 2
+  for key in ("host", "device"):
+    _close(result[key][:2], result["expected"][:2])
+    _close(result[key][2], result["expected"][2], rtol=1e-3)  # float16
+
+
 def test_penalty_keeps_important_weights_near_their_anchors_in_both_modes(
     backend):
   result = _run(backend=backend, code="""
@@ -622,8 +653,9 @@ def test_dense_closed_form_equals_the_mapped_gradients(backend):
       set_weights(sequences)
       on_sequences = measure(sequences, seq)
       closed = list(used)
-      from keras_mas.importance import _functional
+      from keras_mas.importance import _closed_forms, _functional
       _functional.dense_units = lambda model, variables: None
+      _closed_forms.CLOSED_FORM_UNITS = ()  # vmap(grad) of the whole model.
       emit({{"closed": closed, "flat": flat, "on_sequences": on_sequences,
             "mapped_flat": measure(mlp(), x, y),
             "mapped_sequences": measure(sequences, seq)}})

@@ -5,12 +5,19 @@ Its value (logged as `mas_penalty` and added to `loss`), its gradient
 through autodiff), and the proximal step that replaces the gradient in
 `penalty_mode="proximal"`. `PenaltyTerm` is the penalty as one term of
 `keras_mas.core.trainer`'s step. Written in `keras.ops`: TensorFlow traces it
-into its train step, PyTorch runs it eagerly after autograd, and JAX traces it
-inside a `keras.StatelessScope` mapping each variable to the trainer state's
-value (`keras_mas.core._jax_trainer`).
+into its train step, and JAX traces it inside a `keras.StatelessScope` mapping
+each variable to the trainer state's value (`keras_mas.core._jax_trainer`).
+PyTorch runs it eagerly after autograd, the penalty's passes as multi-tensor
+`torch._foreach_*` calls.
 """
 
+import keras
 from keras import ops
+
+from keras_mas import _backend
+
+if _backend.TORCH:
+  import torch  # pylint: disable=g-import-not-at-top
 
 __all__ = ["PENALTY_MODES", "PenaltyTerm", "penalized_gradients",
            "proximal_step", "total"]
@@ -34,7 +41,11 @@ def penalized_gradients(values, importances, anchors, gradients, dtypes,
 
   `Ω(θ − θ*)` is formed once and serves both the value and the gradient,
   and the gradient is added to the task gradient where it is made: the work
-  is element-wise and memory-bound (see benchmarks/RESULTS.md).
+  is element-wise and memory-bound (see benchmarks/RESULTS.md). PyTorch,
+  eager, runs each operation as one multi-tensor (`torch._foreach_*`) call
+  over all the variables rather than one call per variable; TensorFlow and
+  JAX trace the same operations in `keras.ops`, and JAX's compiled step
+  fuses them.
 
   Args:
     values: θ, float32 tensors.
@@ -52,6 +63,18 @@ def penalized_gradients(values, importances, anchors, gradients, dtypes,
     `(value, gradients)`: the penalty and the combined gradients (None
     where `dtype` is None).
   """
+  if not values:
+    return ops.zeros((), "float32"), []
+  if _backend.TORCH:
+    return _torch_penalized(values, importances, anchors, gradients, dtypes,
+                            strength, coefficient, due)
+  return _penalized(values, importances, anchors, gradients, dtypes,
+                    strength, coefficient, due)
+
+
+def _penalized(values, importances, anchors, gradients, dtypes, strength,
+               coefficient, due):
+  """`penalized_gradients` in `keras.ops`: TensorFlow's and JAX's."""
   pieces, combined = [], []
   for v, omega, anchor, g, dtype in zip(values, importances, anchors,
                                         gradients, dtypes):
@@ -65,11 +88,68 @@ def penalized_gradients(values, importances, anchors, gradients, dtypes,
       combined.append(step if g is None else g + step)
 
   def value():
+    # Not `ops.vdot`: TensorFlow's (a matrix product) measured slower on
+    # CPUs than the product and its sum.
     return strength * total([ops.sum(w * d) for w, d in pieces])
 
   if due is None:
     return value(), combined
   return ops.cond(due, value, lambda: ops.zeros((), "float32")), combined
+
+
+def _torch_penalized(values, importances, anchors, gradients, dtypes,
+                     strength, coefficient, due):
+  """PyTorch's: eager, so each call is a kernel (a parallel region on CPUs)
+  and some Python. One multi-tensor call per operation over all the
+  variables, and `g + c·Ω(θ − θ*)` as one addition scaled by `c`."""
+  # pylint: disable=protected-access
+  drifts = torch._foreach_sub(values, anchors)
+  weighted = torch._foreach_mul(drifts, importances)
+  combined = [None] * len(values)
+  wanted = [i for i, dtype in enumerate(dtypes) if dtype is not None]
+  if wanted:
+    for i, step in zip(wanted, _torch_steps(
+        [gradients[i] for i in wanted], [weighted[i] for i in wanted],
+        [dtypes[i] for i in wanted], coefficient,
+        host_scalar=coefficient.device.type == "cpu")):
+      combined[i] = step
+  if due is not None and not bool(due):
+    return torch.zeros((), dtype=torch.float32,
+                       device=values[0].device), combined
+  dots = [torch.dot(w.reshape(-1), d.reshape(-1))
+          for w, d in zip(weighted, drifts)]
+  return strength * torch.stack(dots).sum(), combined
+
+
+def _torch_steps(gradients, weighted, dtypes, coefficient, host_scalar):
+  """Each `g + c·w` (`c·w` where `g` is None), in its dtype.
+
+  `host_scalar`: read `c` on the host and fold it into the addition (free
+  on CPUs; on an accelerator the read would wait for the device).
+  """
+  # pylint: disable=protected-access
+  present = [k for k, g in enumerate(gradients) if g is not None]
+  tasks = [gradients[k].to(torch.float32) for k in present]
+  if host_scalar:
+    alpha = float(coefficient)
+    steps = [torch.mul(w, alpha) if g is None else None
+             for g, w in zip(gradients, weighted)]
+    sums = torch._foreach_add(tasks, [weighted[k] for k in present],
+                              alpha=alpha) if present else []
+  else:
+    steps = list(torch._foreach_mul(weighted, coefficient))
+    sums = torch._foreach_add(tasks, [steps[k] for k in present]) if (
+        present) else []
+  for k, s in zip(present, sums):
+    steps[k] = s
+  return [s.to(_torch_dtype(dtype)) for s, dtype in zip(steps, dtypes)]
+
+
+def _torch_dtype(dtype):
+  """A Keras dtype name (or a PyTorch dtype) as PyTorch's dtype."""
+  if isinstance(dtype, torch.dtype):
+    return dtype
+  return getattr(torch, keras.backend.standardize_dtype(dtype))
 
 
 def proximal_step(targets, importances, anchors, rate):
