@@ -19,7 +19,7 @@ from keras_mas.importance import per_sample as per_sample_lib
 __all__ = ["LabelsOutOfRange", "chunk", "dense_sums", "dense_units",
            "fisher_objective", "local_sums", "logits", "masked",
            "output_norm", "probed_forward", "recording",
-           "squared_output_norm"]
+           "squared_output_norm", "state_pairs"]
 
 _CHUNK_VALUES = per_sample_lib._CHUNK_VALUES  # pylint: disable=protected-access
 
@@ -274,3 +274,10 @@ def missing_output_error(model, output_fn):
       "output is produced by a layer with weights (e.g. a Dense head), "
       "so that the function can select part of that layer's output. "
       f"Received: output_fn={output_fn!r} for model '{model.name}'")
+
+
+def state_pairs(model, trainable, non_trainable):
+  """`(variable, value)` for every variable of `model`, trainable first:
+  what a stateless pass reads in place of the variables."""
+  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
+  return list(zip(refs, list(trainable) + list(non_trainable)))

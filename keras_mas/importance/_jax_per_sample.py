@@ -102,8 +102,7 @@ _TRANSFORMS = {"abs": jnp.abs, "square": jnp.square}
 def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
   """Per-sample sums by the Dense closed form (`_functional.probed_forward`),
   or None where a unit is not called exactly once on rank-2 inputs."""
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
-  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  base = _functional.state_pairs(model, trainable, non_trainable)
   shapes = [[] for _ in units]
   jax.eval_shape(lambda: _functional.probed_forward(model, units, base, x,
                                                     None, shapes))
@@ -126,8 +125,7 @@ def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
                       x, y):
   """`{id(variable): Σ_k f(g_k)}` of the variables of `units`
   (`_closed_forms`): one batched pass, probed, then each layer alone."""
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
-  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  base = _functional.state_pairs(model, trainable, non_trainable)
   shapes = [[] for _ in units]
 
   def shape_of(i, z):
@@ -310,11 +308,10 @@ def local_step(model, output_fn):
       the model's output.
   """
   units = per_sample_lib.plan(model, list(model.trainable_variables))
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
 
   def step(trainable, non_trainable, batch):
     x = batch[0]
-    base = list(zip(refs, list(trainable) + list(non_trainable)))
+    base = _functional.state_pairs(model, trainable, non_trainable)
     return _functional.local_sums(model, units, output_fn, base, x,
                                   _batch_size(x), _mapped_abs_grad_sums), (
                                       jnp.array(True))

@@ -78,8 +78,7 @@ def _zeros(variables):
 def _dense_sums(model, units, objective, f, trainable, non_trainable, x, y):
   """Per-sample sums by the Dense closed form (`_functional.probed_forward`),
   or None where a unit is not called exactly once on rank-2 inputs."""
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
-  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  base = _functional.state_pairs(model, trainable, non_trainable)
   probes = {}
 
   def probe(i, z):
@@ -103,8 +102,7 @@ def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
                       x, y):
   """`{id(variable): Σ_k f(g_k)}` of the variables of `units`
   (`_closed_forms`): one batched pass, probed, then each layer alone."""
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
-  base = list(zip(refs, list(trainable) + list(non_trainable)))
+  base = _functional.state_pairs(model, trainable, non_trainable)
   probes = [[] for _ in units]
 
   def probe(i, z):
@@ -284,11 +282,10 @@ def local_step(model, output_fn):
       the model's output.
   """
   units = per_sample_lib.plan(model, list(model.trainable_variables))
-  refs = list(model.trainable_variables) + list(model.non_trainable_variables)
 
   def step(trainable, non_trainable, batch):
     x = batch[0]
-    base = list(zip(refs, list(trainable) + list(non_trainable)))
+    base = _functional.state_pairs(model, trainable, non_trainable)
     return _functional.local_sums(model, units, output_fn, base, x,
                                   _batch_size(x), _mapped_abs_grad_sums), True
 
