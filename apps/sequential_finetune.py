@@ -188,6 +188,13 @@ _CHECKPOINT_SECONDS = flags.DEFINE_float(
 _CHECKPOINT_STEPS = flags.DEFINE_integer(
     "checkpoint_steps", None, "Inside a task, also checkpoint every this many "
     "training steps (for long epochs).", lower_bound=1)
+_EXPORT = flags.DEFINE_enum(
+    "export", "every_task", ["every_task", "last", "none"],
+    "SavedModels under --workdir/export/: one per task, the last task's "
+    "only, or none.")
+_IMPORTANCE_HISTOGRAMS = flags.DEFINE_bool(
+    "importance_histograms", True,
+    "Write each task's importance as TensorBoard histograms.")
 _DISTRIBUTION = flags.DEFINE_enum(
     "distribution", "none", ["none", "mirrored", "multi_worker"],
     "tf.distribute strategy: 'mirrored' over this machine's devices, or "
@@ -380,6 +387,7 @@ _SEQUENCE_FLAGS = {
     "batch_norm": _BATCH_NORM, "lora_rank": _LORA_RANK,
     "checkpoint_seconds": _CHECKPOINT_SECONDS,
     "checkpoint_steps": _CHECKPOINT_STEPS,
+    "export": _EXPORT, "importance_histograms": _IMPORTANCE_HISTOGRAMS,
 }
 
 
@@ -415,7 +423,8 @@ _CLASSIFIER_FLAGS = (
     _DATASET, _TASK_SPEC, _IMAGE_SIZE, _RECIPE, _SCENARIO, _NUM_TASKS,
     _TASK_BOUNDARIES, _MODEL, _HIDDEN_UNITS, _WEIGHTS, _FREEZE_BACKBONE,
     _BATCH_NORM, _PENALTY, _ALPHA, _FISHER, _TEMPERATURE, _MAX_ANGLE,
-    _DATA_DIR, _TFDS_SPLITS, _DISTRIBUTION, _VIRTUAL_CPUS)
+    _DATA_DIR, _TFDS_SPLITS, _DISTRIBUTION, _VIRTUAL_CPUS, _EXPORT,
+    _IMPORTANCE_HISTOGRAMS)
 
 
 def _normalization():

@@ -38,7 +38,9 @@ medians. Three times per run:
 
 keras_mas runs `run_sequence` (the library's runner, as the app calls it:
 `results.json`, TensorBoard logs, a checkpoint and a SavedModel per task),
-or with `/model` a `keras_mas.MASModel` driven by hand (`fit`, `predict`,
+with `/lean` the same writing a SavedModel of the last task only and no Ω
+histograms (`export="last"`, `importance_histograms=False`), or with
+`/model` a `keras_mas.MASModel` driven by hand (`fit`, `predict`,
 `consolidate`, `reset_optimizer`, nothing written). `run_sequence` takes
 an optimizer by name and sets only its learning rate, so the child
 registers `MomentumSGD` (Keras's SGD, momentum 0.9) under that name first.
@@ -68,6 +70,10 @@ from absl import flags
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PEER_SCRIPT = os.path.join(_ROOT, "benchmarks", "peer_avalanche.py")
 _TARGET = 0.5
+# `/lean`: run_sequence writing what a run that only wants its results
+# needs: the final SavedModel, no Ω histograms (checkpoints and the other
+# TensorBoard logs as usual).
+_LEAN = {"export": "last", "importance_histograms": False}
 
 _RECIPES = flags.DEFINE_list("recipes", ["split", "permuted"],
                              "Task recipes: split, permuted.")
@@ -76,8 +82,9 @@ _SIDES = flags.DEFINE_list(
     "What runs, in order: `peer` (Avalanche) or a Keras backend "
     "(`tensorflow`, `jax`, `torch`), each optionally `:N` (N threads for "
     "the process's math libraries; none: their defaults) and, for "
-    "keras_mas, `/model` (a MASModel driven by hand; default "
-    "`/run_sequence`).")
+    "keras_mas, `/model` (a MASModel driven by hand), `/lean` "
+    "(`run_sequence` exporting the last task only, without Ω histograms) "
+    "or the default `/run_sequence`.")
 _REFERENCE = flags.DEFINE_string(
     "reference", None,
     "The peer side the ratios divide by (default: the first peer side).")
@@ -159,7 +166,7 @@ def _keras_mas_child():
   loaded = time.perf_counter()
   n = len(sequence)
   timings = {}
-  if _MODE.value == "run_sequence":
+  if _MODE.value in ("run_sequence", "lean"):
 
     # run_sequence names its optimizer and sets only the learning rate: a
     # registered subclass is how a run gets SGD's momentum through it.
@@ -175,7 +182,7 @@ def _keras_mas_child():
           sequence, workdir, method="mas", strength=_STRENGTH.value,
           epochs=_EPOCHS.value, batch_size=128, learning_rate=0.01,
           optimizer="MomentumSGD", hidden_units=256, seed=_SEED.value,
-          verbose=0)
+          verbose=0, **_LEAN if _MODE.value == "lean" else {})
       finished = time.perf_counter()
     matrix = results["accuracy_matrix"]
     timings["setup_s"] = results["setup_s"]

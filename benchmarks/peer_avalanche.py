@@ -106,13 +106,14 @@ def make_tasks(source, recipe, num_tasks, seed):
     size = x_tr.shape[1]
     for t in range(num_tasks):
       perm = np.arange(size) if t == 0 else rng.permutation(size)
-      parts.append((x_tr[:, perm], y_tr, x_te[:, perm], y_te))
+      parts.append((np.take(x_tr, perm, axis=1), y_tr,
+                    np.take(x_te, perm, axis=1), y_te))
   else:
     raise ValueError(f"Unknown recipe {recipe!r}: 'split' or 'permuted'.")
   tasks = []
   for x_a, y_a, x_b, y_b in parts:
     order = rng.permutation(len(x_a))
-    tasks.append((x_a[order], y_a[order].astype("int64"), x_b,
+    tasks.append((np.take(x_a, order, axis=0), y_a[order].astype("int64"), x_b,
                   y_b.astype("int64")))
   return tasks
 

@@ -104,6 +104,39 @@ def test_resume_reaches_the_same_results_as_an_uninterrupted_run(
     np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_export_last_or_none_and_no_histograms_write_only_what_is_asked(
+    tmp_path, monkeypatch):
+  sequence = _tiny()
+  last = str(tmp_path / "last")
+  real_export = training._export
+
+  def crash_in_last_export(exporter, workdir, seq, k):
+    raise KeyboardInterrupt(f"simulated crash exporting task {k}")
+
+  monkeypatch.setattr(training, "_export", crash_in_last_export)
+  with pytest.raises(KeyboardInterrupt, match="exporting task 2"):
+    training.run_sequence(sequence, last, export="last",
+                          importance_histograms=False, **_FAST)
+  monkeypatch.setattr(training, "_export", real_export)
+  # The resume (which may change these settings) writes the missing export.
+  results = training.run_sequence(sequence, last, export="last",
+                                  importance_histograms=False, resume=True,
+                                  **_FAST)
+  assert sorted(os.listdir(os.path.join(last, "export"))) == ["task_2"]
+  assert os.path.isfile(os.path.join(last, "export", "task_2",
+                                     "saved_model.pb"))
+  tags = _tags(os.path.join(last, "tensorboard"))
+  assert "sequence/acc" in tags and "drift/hidden_0" in tags
+  assert not any(t.startswith("importance/") for t in tags), sorted(tags)
+  assert "export" not in results["config"]
+
+  none = str(tmp_path / "none")
+  training.run_sequence(sequence, none, export="none", **_FAST)
+  assert not os.path.exists(os.path.join(none, "export"))
+  assert "importance/hidden_0/kernel" in _tags(os.path.join(none,
+                                                            "tensorboard"))
+
+
 @pytest.mark.parametrize("method", ["mas", "finetune"])
 def test_earlier_task_heads_stay_exactly_as_they_were(tmp_path, method):
   workdir = str(tmp_path / method)
@@ -139,6 +172,8 @@ def test_local_mas_and_class_incremental_run(tmp_path):
     ({"learning_rate": -1.0}, "learning_rate"),
     ({"learning_rate": float("inf")}, "learning_rate"),
     ({"hidden_units": 0}, "hidden_units"),
+    ({"export": "sometimes"}, "export"),
+    ({"importance_histograms": "no"}, "importance_histograms"),
     ({"weights": "/no/such/file.h5", "model": "mobilenetv2"}, "weights"),
     ({"freeze_backbone": True}, "weights`/`freeze_backbone"),
     ({"model": keras.Sequential([keras.Input((4, 4, 1)),

@@ -33,13 +33,20 @@ from keras_mas.task_free import _checks
 from keras_mas.task_free import hard_buffer
 from keras_mas.task_free import loss_window
 
-__all__ = ["LANGUAGE_METHODS", "LanguageRun", "SequenceRun", "StreamRun"]
+__all__ = ["EXPORTS", "LANGUAGE_METHODS", "LanguageRun", "SequenceRun",
+           "StreamRun"]
 
 # Importance estimator of each language-model method (None: no penalty).
 LANGUAGE_METHODS = {"mas": "mas", "local_mas": "local_mas", "l2": "l2",
                     "finetune": None}
 # Timing options: a resume may change them.
 _TIMING = ("checkpoint_seconds", "checkpoint_steps")
+# What a run writes besides its results and checkpoints: a resume may
+# change it too.
+_OUTPUTS = ("export", "importance_histograms")
+# `SequenceRun.export`: a SavedModel after every task, after the last only,
+# or none.
+EXPORTS = ("every_task", "last", "none")
 
 
 def _set(run, name, value):
@@ -117,6 +124,12 @@ class SequenceRun:
       uninterrupted run. The default costs nothing on short tasks.
     checkpoint_steps: also write one every this many training steps, inside
       an epoch (for long epochs); None: only at epoch ends.
+    export: which tasks get a SavedModel under `export/task_<k>/`, one of
+      `EXPORTS`: `"every_task"` (each task's model, to serve or compare),
+      `"last"` (the final model only) or `"none"`. Exporting every task
+      was a fifth of a short run's time (benchmarks/PEER.md).
+    importance_histograms: write each task's Ω as TensorBoard histograms
+      (one per variable; a long pass over a large model's parameters).
 
   Raises:
     ValueError: naming the setting, for an invalid value.
@@ -142,9 +155,20 @@ class SequenceRun:
   normalize_importance: str = None
   checkpoint_seconds: float = 60.0
   checkpoint_steps: int = None
+  export: str = "every_task"
+  importance_histograms: bool = True
 
   def __post_init__(self):
     methods_lib.get(self.method)
+    if self.export not in EXPORTS:
+      raise ValueError(
+          f"Invalid value for argument `export`. Expected one of "
+          f"{list(EXPORTS)}. Received: export={self.export!r}")
+    if not isinstance(self.importance_histograms, (bool, np.bool_)):
+      raise ValueError(
+          "Invalid value for argument `importance_histograms`. Expected a "
+          "bool. Received: "
+          f"importance_histograms={self.importance_histograms!r}")
     _set(self, "strength", regularizers.validate_strength(self.strength))
     if self.penalty_mode not in models.PENALTY_MODES:
       raise ValueError(
@@ -187,15 +211,16 @@ class SequenceRun:
                        ("hidden_units", int), ("seed", int),
                        ("learning_rate", float), ("alpha", float),
                        ("temperature", float),
-                       ("freeze_backbone", bool)):
+                       ("freeze_backbone", bool),
+                       ("importance_histograms", bool)):
       _set(self, name, kind(getattr(self, name)))
 
   def recorded(self):
     """The settings as `results.json` records them and a resume compares
-    them: timing options left out, unset options absent (as runs recorded
-    them before these existed)."""
+    them: timing and output options left out, unset options absent (as
+    runs recorded them before these existed)."""
     kept = dataclasses.asdict(self)
-    for key in _TIMING:
+    for key in _TIMING + _OUTPUTS:
       kept.pop(key)
     for key in ("lora_rank", "normalize_importance"):
       if kept[key] is None:

@@ -74,7 +74,7 @@ def run_sequence(sequence, workdir, run=None, *, model=None,
   `timings` of `fit_s`, `evaluate_s`, `consolidate_s` and `save_s`
   (checkpoint and export)), TensorBoard logs under `tensorboard/`, a
   checkpoint per task under `checkpoints/` and a SavedModel per task under
-  `export/task_<k>/`.
+  `export/task_<k>/` (the last task's only, or none, as `run.export` says).
 
   Example:
 
@@ -266,7 +266,8 @@ def _learn_task(context, net, k, progress, statistics, exporter, old_x,
     net.consolidate(
         context.method_spec.consolidation_data(task, sequence.input_shape),
         **_consolidation(context.method_spec, task, run))
-    callbacks_lib.log_importance(context.writer, net, step=k)
+    if run.importance_histograms:
+      callbacks_lib.log_importance(context.writer, net, step=k)
   consolidated = time.perf_counter()
   progress.record(k, _old_accuracy(net, old_x, old_y, run.batch_size),
                   fit_s=trained - started, evaluate_s=evaluated - trained,
@@ -278,7 +279,8 @@ def _learn_task(context, net, k, progress, statistics, exporter, old_x,
   checkpoints.write(context.write_dir, k, net,
                     {"config": context.config, **progress.state()})
   checkpoints.remove_in_task(context.write_dir)
-  _export(exporter, context.write_dir, sequence, k)
+  if _exported(run, sequence, k):
+    _export(exporter, context.write_dir, sequence, k)
   # Known only once the checkpoint holding this task's timings is written.
   progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
   if context.verbose:
@@ -325,8 +327,8 @@ def _resume(context, checkpoint, in_task_at=None):
   with context.scope():
     net = checkpoints.load_model(path)
   checkpoints.remove_partial_writes(write_dir)
-  if k >= 0 and not os.path.isdir(
-      os.path.join(write_dir, "export", f"task_{k}")):
+  if (k >= 0 and _exported(context.run, sequence, k) and not os.path.isdir(
+      os.path.join(write_dir, "export", f"task_{k}"))):
     # Stopped mid-export.
     _export(export_lib.ServingExport(net, sequence.input_shape,
                                      text=sequence.text),
@@ -448,6 +450,12 @@ def _consolidate_deployed(net, method_spec, x, y, run):
                   **_consolidation(method_spec, deployed, run, num_samples=(
                       None if run.importance_samples is None
                       else min(run.importance_samples, len(x)))))
+
+
+def _exported(run, sequence, k):
+  """Whether task `k`'s model is exported under `run.export`."""
+  return (run.export == "every_task"
+          or run.export == "last" and k == len(sequence) - 1)
 
 
 def _export(exporter, workdir, sequence, k):
