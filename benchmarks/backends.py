@@ -244,10 +244,15 @@ _WHY = {
         "eager: each of the penalty's passes is a kernel, a parallel region "
         "of its own on CPUs (four per variable, in multi-tensor calls), and "
         "the regions wait for each other where the cores are shared",
-    ("importance", "jax"): "per-sample gradients of layers without a closed "
-                           "form (`vmap(grad)`)",
-    ("importance", "torch"): "per-sample gradients of layers without a "
-                             "closed form (`vmap(grad)`)",
+    ("importance", "jax"):
+        "the exact pass is the MLP's closed form (|X|ᵀ|Δ| per Dense layer): "
+        "a forward and a backward pass over every sample, the epoch's own "
+        "work less the optimizer's update, which XLA's compiled epoch makes "
+        "cheap",
+    ("importance", "torch"):
+        "the exact pass is the MLP's closed form (|X|ᵀ|Δ| per Dense layer): "
+        "a forward and a backward pass over every sample, the epoch's own "
+        "work less the optimizer's update",
     ("importance", "tensorflow"): "the per-layer closed forms' cost",
 }
 
