@@ -113,8 +113,8 @@ def make_tasks(source, recipe, num_tasks, seed):
   tasks = []
   for x_a, y_a, x_b, y_b in parts:
     order = rng.permutation(len(x_a))
-    tasks.append((np.take(x_a, order, axis=0), y_a[order].astype("int64"), x_b,
-                  y_b.astype("int64")))
+    tasks.append((np.take(x_a, order, axis=0), y_a[order].astype("int64"),
+                  x_b, y_b.astype("int64")))
   return tasks
 
 
