@@ -524,6 +524,10 @@ def test_from_model_on_functional_sequential_and_subclassed_models(backend):
   assert result["subclassed"] == ["WrappedMASModel", True, True, 4]
 
 
+# Slow: what it shows on JAX and PyTorch follows, in CI, from their steps
+# equalling TensorFlow's (test_fit_with_the_penalty_equals_tensorflow_...)
+# and TensorFlow's own two-task tests.
+@pytest.mark.slow
 def test_two_task_flow_mas_forgets_less_than_fine_tuning(backend):
   result = _run(backend=backend, code="""
       rng = np.random.default_rng(0)
