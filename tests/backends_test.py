@@ -1,9 +1,10 @@
 """keras_mas on Keras's JAX and PyTorch backends, against TensorFlow's results.
 
-Keras fixes its backend at import, so each test runs a small script in a
-subprocess with `KERAS_BACKEND=jax` or `torch` (and, to compare, the same
-script with `KERAS_BACKEND=tensorflow`). The scripts print one JSON line, the
-last of their output. A backend's tests skip where it is not installed
+Keras fixes its backend at import, so each test runs a small script in
+another process with `KERAS_BACKEND=jax` or `torch` (and, to compare, the
+same script with `KERAS_BACKEND=tensorflow`): a worker kept for the next
+script (`backend_processes`), or a new process where a test needs it. The
+scripts print one JSON line, the last of their output. A backend's tests skip where it is not installed
 (`pip install -e .[jax]`, `.[torch]`).
 """
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import backend_processes
 import numpy as np
 import pytest
 import tolerances
@@ -81,14 +83,8 @@ def emit(value):
 
 
 def _run(code, backend, timeout=300, **extra_env):
-  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
-             **extra_env)
-  env.pop("PYTHONPATH", None)
-  done = subprocess.run(
-      [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)], cwd=_ROOT,
-      env=env, capture_output=True, text=True, timeout=timeout)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return backend_processes.run(_PRELUDE + textwrap.dedent(code), backend,
+                               timeout, **extra_env)
 
 
 def _close(actual, expected, rtol=tolerances.RTOL):

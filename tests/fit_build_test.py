@@ -10,14 +10,9 @@ run's path. `MASModel` builds from the dataset's element spec instead.
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
+import backend_processes
 import pytest
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CODE = """
 import json
@@ -56,9 +51,4 @@ print(json.dumps([first, len(iterations)]))
 def test_fit_after_compile_iterates_once_per_epoch(backend):
   if backend != "tensorflow" and importlib.util.find_spec(backend) is None:
     pytest.skip(f"{backend} not installed")
-  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-  done = subprocess.run([sys.executable, "-c", _CODE], cwd=_ROOT, env=env,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert json.loads(done.stdout.strip().splitlines()[-1]) == [2, 3]
+  assert backend_processes.run(_CODE, backend) == [2, 3]

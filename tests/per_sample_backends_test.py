@@ -5,20 +5,15 @@ embedding, dense and normalization layer alone, from the `δ` of one batched
 pass; every result must equal the definition, the mapped (`vmap(grad)`)
 per-sample gradients of the whole model, computed in the same process with
 the closed forms switched off. Keras fixes its backend at import, so each
-backend runs in a subprocess, as in `backends_test`.
+backend runs in another process, as in `backends_test`.
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
+import backend_processes
 import pytest
 import tolerances
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _installed(backend, module):
@@ -83,13 +78,8 @@ labels = rng.integers(0, 3, 16)
 
 
 def _run(code, backend):
-  env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("PYTHONPATH", None)
-  done = subprocess.run(
-      [sys.executable, "-c", _PRELUDE + textwrap.dedent(code)], cwd=_ROOT,
-      env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return backend_processes.run(_PRELUDE + textwrap.dedent(code), backend,
+                               timeout=600)
 
 
 def _assert_equal_to_mapped(result):
