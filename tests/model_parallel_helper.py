@@ -103,12 +103,12 @@ def _largest(a, b):
              for p, q in zip(a, b))
 
 
-def main(kind, workdir, loras):
+def main(kind, workdir, loras, meshes=MESHES):
   report = {}
   for lora in loras:
     keras.distribution.set_distribution(None)
     _, omega_1, weights_1, _ = _run(kind, lora)
-    for shape in MESHES:
+    for shape in meshes:
       layout_map = (model_parallel.layout_map_of(keras_hub.models.GemmaBackbone)
                     if kind == "causal_lm" else None)
       keras.distribution.set_distribution(
@@ -134,5 +134,9 @@ def main(kind, workdir, loras):
 
 
 if __name__ == "__main__":
+  # argv: kind, workdir, LoRA settings ("0,1"), then optionally the meshes
+  # ("2x4,1x8"; all of MESHES by default).
   main(sys.argv[1], sys.argv[2],
-       [bool(int(v)) for v in sys.argv[3].split(",")])
+       [bool(int(v)) for v in sys.argv[3].split(",")],
+       [tuple(int(n) for n in m.split("x")) for m in sys.argv[4].split(",")]
+       if len(sys.argv) > 4 else MESHES)
