@@ -50,9 +50,11 @@ def uninterrupted(tmp_path_factory):
 
 
 # A checkpoint's and an export's half-writes are also covered by
-# checkpoints_test and export_test in-process: their app runs are slow.
+# checkpoints_test and export_test in-process, a kill between tasks by the
+# `fit` point here: their app runs are slow.
 @pytest.mark.parametrize("point", [
-    "fit", "consolidate", pytest.param("checkpoint", marks=pytest.mark.slow),
+    "fit", pytest.param("consolidate", marks=pytest.mark.slow),
+    pytest.param("checkpoint", marks=pytest.mark.slow),
     pytest.param("export", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(
     point, uninterrupted, tmp_path):
