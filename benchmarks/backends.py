@@ -246,9 +246,10 @@ _WHY = {
         "the regions wait for each other where the cores are shared",
     ("importance", "jax"):
         "the exact pass is the MLP's closed form (|X|ᵀ|Δ| per Dense layer): "
-        "a forward and a backward pass over every sample, the epoch's own "
-        "work less the optimizer's update, which XLA's compiled epoch makes "
-        "cheap",
+        "a forward and a backward pass over every sample with as much "
+        "arithmetic as the epoch (|X|ᵀ|Δ| is the size of the weight "
+        "gradient), and XLA's compiled epoch has no per-step overhead "
+        "beyond it",
     ("importance", "torch"):
         "the exact pass is the MLP's closed form (|X|ᵀ|Δ| per Dense layer): "
         "a forward and a backward pass over every sample, the epoch's own "

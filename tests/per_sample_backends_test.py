@@ -123,8 +123,7 @@ def test_convolutions_equal_the_mapped_gradients(backend):
 
 @pytest.mark.slow
 def test_3d_convolutions_equal_the_mapped_gradients(backend):
-  # JAX's patches are N-D; PyTorch has no 3D patches: the layer alone,
-  # mapped.
+  # The taps' shifted inputs are N-D on both backends.
   result = _run("""
       def build():
         x = keras.Input((4, 5, 6, 2))

@@ -15,9 +15,8 @@ batch, as on TensorFlow.
   through zero probes added to its outputs, each sample's gradient `δ`
   there (samples are independent in inference mode); then each layer's own
   per-sample gradients from those (`Dense`: `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`
-  for f = |·| or (·)²; convolutions: patches ⊗ `δ` from
-  `jax.lax.conv_general_dilated_patches`; `Embedding`: `δ` into the rows of
-  the sample's ids). The variables of any other layer (recurrent, custom)
+  for f = |·| or (·)²; convolutions: each tap's shifted inputs ⊗ `δ`;
+  `Embedding`: `δ` into the rows of the sample's ids). The variables of any other layer (recurrent, custom)
   come from the gradient of the sample's objective (the squared norm of the
   outputs, or the log-likelihood) through `stateless_call`, mapped, with
   respect to those variables alone. A model of plain `Dense` layers on
@@ -158,33 +157,17 @@ def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
              for call, leaves in zip(unit_calls, unit_arrays)]
     sums.update(_closed_forms.unit_sums(unit, calls, unit_deltas, f, base, n,
                                         _grad_sums, _chunked_sums,
-                                        _patches_for))
+                                        _same_padding))
   return sums
 
 
-_DIMENSIONS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
-               3: ("NDHWC", "DHWIO", "NDHWC")}
-
-
-def _patches_for(layer):
-  """A convolution's input patches, `(batch, positions, taps, channels)`
-  from channels-last inputs, padded as Keras's JAX convolution pads."""
-  padding = "VALID" if layer.padding in ("valid", "causal") else "SAME"
-
-  def patches(x):
-    p = jax.lax.conv_general_dilated_patches(
-        ops.cast(x, "float32"), tuple(layer.kernel_size),
-        tuple(layer.strides), padding,
-        rhs_dilation=tuple(layer.dilation_rate),
-        dimension_numbers=_DIMENSIONS[layer.rank],
-        # Copies, exactly: the default lets GPUs round them to TF32.
-        precision=jax.lax.Precision.HIGHEST)
-    # Features come channel-major: (channels, taps).
-    p = ops.reshape(p, (x.shape[0], -1, x.shape[-1],
-                        int(np.prod(layer.kernel_size))))
-    return ops.swapaxes(p, 2, 3)
-
-  return patches
+def _same_padding(layer, spatial_shape):
+  """`(low, high)` per spatial axis: the padding of Keras's JAX convolution
+  (XLA's "SAME") for inputs of `spatial_shape`."""
+  dilated = [(k - 1) * r + 1 for k, r in zip(layer.kernel_size,
+                                             layer.dilation_rate)]
+  return jax.lax.padtype_to_pads(spatial_shape, dilated, layer.strides,
+                                 "SAME")
 
 
 def _is_array(leaf):

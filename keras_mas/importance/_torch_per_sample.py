@@ -9,8 +9,8 @@ the shared parts are `_functional` and `_closed_forms`):
   autograd's gradient at zero probes added to the outputs of the
   convolution, embedding, dense and normalization layers gives every
   sample's `δ` there; each layer's own per-sample gradients follow from its
-  recorded inputs (convolutions: patches from `torch.nn.functional.unfold`,
-  1D and 2D). Variables of other layers: `torch.func.vmap(
+  recorded inputs (convolutions: each tap's shifted inputs ⊗ `δ`, as
+  batched matrix products). Variables of other layers: `torch.func.vmap(
   torch.func.grad(...))` of one sample's objective through `stateless_call`
   with respect to those variables alone, in chunks of at most
   `per_sample._CHUNK_VALUES` per-sample gradient values, so memory stays
@@ -124,44 +124,16 @@ def _closed_form_sums(model, units, objective, f, trainable, non_trainable,
     deltas = [_zero_if_none(next(grads), p) for p in unit_probes]
     sums.update(_closed_forms.unit_sums(
         unit, [_detached(call) for call in unit_calls], deltas, f, base, n,
-        _grad_sums, _chunked_sums, _patches_for))
+        _grad_sums, _chunked_sums, _same_padding))
   return sums
 
 
-def _patches_for(layer):
-  """A 1D or 2D convolution's input patches, `(batch, positions, taps,
-  channels)` from channels-last inputs, padded as Keras's PyTorch
-  convolution pads (`unfold` has no 3D form: None)."""
-  if layer.rank > 2:
-    return None
-  # 1D as 2D over a height of one.
-  extra = (1,) * (2 - layer.rank)
-  kernel_size = extra + tuple(layer.kernel_size)
-  strides = extra + tuple(layer.strides)
-  dilation = extra + tuple(layer.dilation_rate)
-
-  def patches(x):
-    x = torch.movedim(ops.cast(x, "float32"), -1, 1)  # channels first
-    padding = 0
-    if layer.padding == "same":
-      x, padding = torch_nn._apply_same_padding(  # pylint: disable=protected-access
-          x, tuple(layer.kernel_size), tuple(layer.strides),
-          "channels_first", "conv", tuple(layer.dilation_rate))
-      if not isinstance(padding, int):
-        padding = (0,) * len(extra) + tuple(padding)
-    if layer.rank == 1:
-      x = x[:, :, None]
-    batch, channels = x.shape[:2]
-    # The samples folded into the channels: `unfold` loops over its batch,
-    # one parallel region per sample, slow where threads wait for cores.
-    p = torch.nn.functional.unfold(
-        torch.reshape(x, (1, batch * channels) + tuple(x.shape[2:])),
-        kernel_size, dilation=dilation, padding=padding, stride=strides)
-    # (batch·channels·taps, positions), channel-major.
-    p = torch.reshape(p, (batch, channels, -1, p.shape[-1]))
-    return torch.permute(p, (0, 3, 2, 1))
-
-  return patches
+def _same_padding(layer, spatial_shape):
+  """`(low, high)` per spatial axis: the padding of Keras's PyTorch
+  convolution for inputs of `spatial_shape`."""
+  return [tuple(torch_nn._compute_padding_length(size, k, s, r))  # pylint: disable=protected-access
+          for size, k, s, r in zip(spatial_shape, layer.kernel_size,
+                                   layer.strides, layer.dilation_rate)]
 
 
 def _zero_if_none(grad, like):
