@@ -43,8 +43,12 @@ import math
 import keras
 from keras import ops
 
+from keras_mas import _backend
 from keras_mas.importance import _functional
 from keras_mas.importance import per_sample as per_sample_lib
+
+if _backend.TORCH:
+  import torch  # pylint: disable=g-import-not-at-top
 
 __all__ = ["CLOSED_FORM_UNITS", "probed_forward", "split", "unit_sums"]
 
@@ -208,14 +212,23 @@ def _embedding_sums(layer, calls, deltas, f, n, chunked_sums):
     summed = ops.matmul(same, part_grads)
     first = ops.equal(ops.sum(same * earlier[None], axis=2), 0.0)
     values = f(summed) * ops.cast(first, "float32")[:, :, None]
-    return [ops.segment_sum(ops.reshape(values, (-1, width)),
-                            ops.reshape(part_ids, (-1,)),
-                            num_segments=rows)]
+    return [_row_sums(ops.reshape(values, (-1, width)),
+                      ops.reshape(part_ids, (-1,)), rows)]
 
   chunk = max(1, _CHUNK_VALUES // max(1, positions * (positions + width)))
   total, = chunked_sums(per_chunk, (ids, grads), n, chunk,
                         [ops.zeros((rows, width), "float32")])
   return {id(table): total}
+
+
+def _row_sums(values, ids, rows):
+  """`(rows, width)`: row `i` the sum of the `values` whose id is `i`."""
+  if _backend.TORCH:
+    # Keras's PyTorch `segment_sum` first repeats each id across the row
+    # (`scatter_reduce` takes an index per element): one `index_add_`.
+    return torch.zeros((rows, values.shape[-1]), dtype=values.dtype,
+                       device=values.device).index_add_(0, ids.long(), values)
+  return ops.segment_sum(values, ids, num_segments=rows)
 
 
 def _padded(layer, x, same_padding):
