@@ -22,14 +22,13 @@ that layer is differentiated:
   every input taps times before one product.
 * Any other of them (separable convolutions, `Dense` elsewhere,
   `EinsumDense`, normalization layers, a convolution called with more than
-  its inputs): the
-  gradient of `Σ <layer(a_k), δ_k>` with respect to the layer's own
-  variables, mapped over the samples (the backend's `vmap(grad)`, in
-  chunks). The layer's own call is re-run on one sample, so padding,
-  strides, dilation and groups are Keras's own; a mapped convolution's
-  kernel gradient is one convolution with the samples folded into its
-  feature groups (XLA's and PyTorch's batching rules), slow on CPUs where
-  a layer has few channels.
+  its inputs): the gradient of `Σ <layer(a_k), δ_k>` with respect to the
+  layer's own variables, mapped over the samples (the backend's
+  `vmap(grad)`, in chunks). The layer's own call is re-run on one sample,
+  so padding, strides, dilation and groups are Keras's own; a mapped
+  convolution's kernel gradient is one convolution with the samples folded
+  into its feature groups (XLA's and PyTorch's batching rules), slow on
+  CPUs where a layer has few channels.
 
 Variables of any other unit (a recurrent layer, a custom layer's own
 weights, the model's) come from the mapped gradients of the whole model,

@@ -16,10 +16,11 @@ batch, as on TensorFlow.
   there (samples are independent in inference mode); then each layer's own
   per-sample gradients from those (`Dense`: `Σ_k f(a_k ⊗ δ_k) = f(A)ᵀ f(Δ)`
   for f = |·| or (·)²; convolutions: each tap's shifted inputs ⊗ `δ`;
-  `Embedding`: `δ` into the rows of the sample's ids). The variables of any other layer (recurrent, custom)
-  come from the gradient of the sample's objective (the squared norm of the
-  outputs, or the log-likelihood) through `stateless_call`, mapped, with
-  respect to those variables alone. A model of plain `Dense` layers on
+  `Embedding`: `δ` into the rows of the sample's ids). The variables of
+  any other layer (recurrent, custom) come from the gradient of the
+  sample's objective (the squared norm of the outputs, or the
+  log-likelihood) through `stateless_call`, mapped, with respect to those
+  variables alone. A model of plain `Dense` layers on
   `(batch, features)` (the main job's MLP) takes `_dense_sums`, 30× faster
   than the mapped gradients.
 * Local MAS: for each unit of `per_sample.plan` (a layer and its own
