@@ -50,26 +50,37 @@ def test_app_runs_and_resumes(tmp_path):
 def test_app_learns_task_free_on_a_stream(tmp_path):
   workdir = str(tmp_path / "stream")
   done = _run(f"--workdir={workdir}", "--task_boundaries=none", "--strength=1",
-              "--num_tasks=2", "--recipe=split", "--verbose=0")
+              "--num_tasks=2", "--recipe=split", "--export_consolidations",
+              "--verbose=0")
   assert done.returncode == 0, done.stderr
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["method"] == "mas"
   assert len(results["accuracy_matrix"]) == 2
   assert results["consolidations"] and 0 < results["online_accuracy"] <= 1
+  assert sorted(os.listdir(os.path.join(workdir, "export_consolidations"))) == (
+      sorted(f"step_{s}" for s in results["consolidations"]))
+  assert os.path.isfile(os.path.join(workdir, "online_accuracy.png"))
   wrong = _run(f"--workdir={tmp_path / 'ewc'}", "--task_boundaries=none",
                "--method=ewc", *_FAST)
   assert wrong.returncode == 1 and "argument `method`" in wrong.stderr
 
 
-def test_app_streams_the_tfrecords_of_a_task_spec(tmp_path):
-  records = str(tmp_path / "records")
+@pytest.fixture(scope="module")
+def task_spec_records(tmp_path_factory):
+  """`(spec, records)`: the example task spec and the TFRecords it reads."""
+  records = str(tmp_path_factory.mktemp("records"))
   written = subprocess.run(
       [sys.executable, os.path.join(_ROOT, "examples", "write_records.py"),
        records], capture_output=True, text=True, timeout=300,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert written.returncode == 0, written.stderr
-  spec = os.path.join(_ROOT, "examples", "task_spec.py")
+  return os.path.join(_ROOT, "examples", "task_spec.py"), records
+
+
+def test_app_streams_the_tfrecords_of_a_task_spec(task_spec_records,
+                                                  tmp_path):
+  spec, records = task_spec_records
   workdir = str(tmp_path / "run")
   done = _run(f"--workdir={workdir}", f"--task_spec={spec}", "--method=lwf",
               "--scenario=task", "--epochs=2", "--hidden_units=16",
@@ -81,7 +92,16 @@ def test_app_streams_the_tfrecords_of_a_task_spec(tmp_path):
   assert results["dataset"] == f"spec:{spec}"
   assert results["accuracy_matrix"][0][0] > 0.5  # 5 classes: chance 0.2
   assert os.path.isdir(os.path.join(workdir, "export", "task_1"))
+
+
+# Slow: task-free learning from pipelines is also task_free_test's (the
+# library's stream of them) and test_app_learns_task_free_on_a_stream's
+# (the app's), in CI.
+@pytest.mark.slow
+def test_app_learns_task_free_from_the_tfrecords_of_a_task_spec(
+    task_spec_records, tmp_path):
   # The same records as one stream, task-free: read from the pipelines.
+  spec, records = task_spec_records
   stream_dir = str(tmp_path / "stream")
   streamed = _run(f"--workdir={stream_dir}", f"--task_spec={spec}",
                   "--task_boundaries=none", "--export_consolidations",
