@@ -131,6 +131,20 @@ def test_next_token_loss_is_the_weighted_mean_of_the_tokens_nll(data):
   tolerances.assert_close(language.next_token_loss(net, part, 3), expected)
 
 
+def test_token_batches_cut_the_last_batch_to_a_multiple(data):
+  # 7 texts in batches of 4 on 2 data-parallel devices: 4 + 2, one left
+  # out, another one each epoch.
+  lm = keras_hub.models.CausalLM.from_preset(data["preset"])
+  part = np.array([f"text number {i} of seven" for i in range(7)])
+  batches = corpora.token_batches(lm.preprocessor, part, 4, seed=0,
+                                  multiple_of=2)
+  epochs = [[x["token_ids"].numpy() for x, _, _ in batches]
+            for _ in range(4)]
+  assert all([len(ids) for ids in epoch] == [4, 2] for epoch in epochs)
+  kept = [{tuple(row) for ids in epoch for row in ids} for epoch in epochs]
+  assert len({frozenset(k) for k in kept}) > 1
+
+
 def keras_mas_model(lm):
   import keras_mas  # pylint: disable=g-import-not-at-top
   return keras_mas.MASModel.from_model(lm)

@@ -46,5 +46,26 @@ def test_reshuffled_each_epoch_and_seeded():
   assert not np.array_equal(orders(1)[0], first)
 
 
+@pytest.mark.parametrize("count, sizes", [
+    (38, [8, 8, 8, 8, 4]),  # 6 left over: cut to 4.
+    (34, [8, 8, 8, 8]),     # 2 left over: fewer than 4, left out.
+    (32, [8, 8, 8, 8])])
+def test_last_batch_cut_to_a_multiple_drawn_anew_each_epoch(count, sizes):
+  # As a mesh's data axis of 4 devices needs: every batch splits evenly.
+  x = np.arange(count, dtype="float32")[:, None]
+  y = np.arange(count)
+  left_out = []
+  for batches in _epochs(pipelines.array_batches(x, y, 8, seed=5,
+                                                 multiple_of=4), 3):
+    assert [len(b[1]) for b in batches] == sizes
+    order = _order(batches)
+    assert len(set(order)) == len(order)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]),
+                                  x[order])
+    left_out.append(sorted(set(y) - set(order)))
+  if count % 8 % 4:
+    assert len({tuple(l) for l in left_out}) > 1  # not the same samples
+
+
 if __name__ == "__main__":
   raise SystemExit(pytest.main([__file__, "-q"]))

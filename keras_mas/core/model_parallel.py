@@ -165,9 +165,10 @@ def check_batch_size(batch_size):
   """Raises unless `batch_size` splits evenly among the data axis's devices.
 
   Keras's JAX trainer shards every training batch on the data axis, and a
-  batch that does not divide there fails inside `fit`; the runners drop
-  the last, smaller batch of an epoch for the same reason (as
-  `drop_remainder` does), and say so here.
+  batch that does not divide there fails inside `fit`; for the same reason
+  the runners cut each epoch's last batch to a multiple of the data axis
+  (`pipelines.array_batches`'s `multiple_of`), leaving out fewer samples
+  than the data axis has devices, drawn anew each epoch.
 
   Raises:
     ValueError: naming `batch_size`.

@@ -132,7 +132,7 @@ def load_corpus(directory, seed=0, passage_words=96, argument="task_dirs"):
 
 
 def token_batches(preprocessor, part, batch_size, seed=None,
-                  drop_remainder=False):
+                  drop_remainder=False, multiple_of=1):
   """A corpus part as batches of `(x, y, sample_weight)` token tensors.
 
   Args:
@@ -141,16 +141,21 @@ def token_batches(preprocessor, part, batch_size, seed=None,
     batch_size: texts per batch.
     seed: shuffle (reshuffled each epoch, seeded), or None to keep the
       order.
-    drop_remainder: leave out the last, smaller batch (one that would not
-      split among a mesh's data-parallel devices).
+    drop_remainder: leave out the last, smaller batch.
+    multiple_of: cut the last batch to a multiple of this many texts (a
+      mesh's data-parallel devices, which share every batch equally); the
+      texts left out are drawn anew each epoch where `seed` shuffles.
 
   Returns:
     A `tf.data.Dataset`; `MASModel` takes it as preprocessed.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from keras_mas.data import pipelines  # pylint: disable=g-import-not-at-top
   data = tf.data.Dataset.from_tensor_slices(part)
   if seed is not None:
     data = data.shuffle(_size(part), seed=seed, reshuffle_each_iteration=True)
+  data = data.take(pipelines.kept_samples(_size(part), batch_size,
+                                          multiple_of))
   data = data.batch(batch_size, drop_remainder=drop_remainder)
   pairs = takes_pairs(preprocessor)
   if isinstance(part, dict) and not pairs:

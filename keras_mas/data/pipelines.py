@@ -132,7 +132,8 @@ def training_batches(dataset, batch_size, seed, shuffle_buffer=SHUFFLE_BUFFER,
   return _sharded(dataset).prefetch(tf.data.AUTOTUNE)
 
 
-def array_batches(x, y, batch_size, seed, drop_remainder=False):
+def array_batches(x, y, batch_size, seed, drop_remainder=False,
+                  multiple_of=1):
   """In-memory arrays as `fit` batches them, reshuffled every epoch.
 
   A full shuffle of the sample indices (seeded), each batch gathered from the
@@ -149,8 +150,11 @@ def array_batches(x, y, batch_size, seed, drop_remainder=False):
     y: the labels or targets, an array with as many rows.
     batch_size: samples per batch; the last batch holds the remainder.
     seed: seeds the shuffle.
-    drop_remainder: leave the remainder out (a batch that would not split
-      among a mesh's data-parallel devices).
+    drop_remainder: leave the remainder out.
+    multiple_of: cut the last batch to a multiple of this many samples
+      (a mesh's data-parallel devices, which share every batch equally);
+      the samples left out are drawn anew each epoch. `batch_size` must be
+      a multiple of it.
 
   Returns:
     A `tf.data.Dataset` of `(x, y)` batches, one epoch per iteration.
@@ -160,10 +164,17 @@ def array_batches(x, y, batch_size, seed, drop_remainder=False):
   count = int(x.shape[0])
   dataset = (tf.data.Dataset.range(count)
              .shuffle(count, seed=seed, reshuffle_each_iteration=True)
+             .take(kept_samples(count, batch_size, multiple_of))
              .batch(batch_size, drop_remainder=drop_remainder)
              .map(lambda index: (tf.gather(x, index), tf.gather(y, index)),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
   return _sharded(dataset).prefetch(tf.data.AUTOTUNE)
+
+
+def kept_samples(count, batch_size, multiple_of):
+  """How many of `count` samples an epoch keeps when its last batch is cut
+  to a multiple of `multiple_of` (every other batch is `batch_size`)."""
+  return count - (count % batch_size) % multiple_of
 
 
 def distillation_batches(dataset, frozen, old_slice, batch_size, seed,

@@ -146,7 +146,7 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
       net, corpora_lib.token_batches(
           preprocessor, corpora[k].train, run.batch_size,
           seed=run.seed * 1009 + k,
-          drop_remainder=model_parallel.data_parallel_size() > 1),
+          multiple_of=model_parallel.data_parallel_size()),
       k, run.epochs, first, verbose, workdir, writer, [in_task])
   if stop is not None and stop.is_set():
     raise preemption.Preempted(stop.reason, k,

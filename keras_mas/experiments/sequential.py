@@ -417,7 +417,7 @@ def _fit(context, net, k, first=(0, 0), extra_callbacks=()):
   if y is not None:
     x = pipelines.array_batches(
         x, y, run.batch_size, run.seed * 1009 + k,
-        drop_remainder=model_parallel.data_parallel_size() > 1)
+        multiple_of=model_parallel.data_parallel_size())
   resumable.fit_task(net, x, k, run.epochs, first, context.verbose,
                      context.write_dir, context.writer, extra_callbacks)
 
