@@ -18,7 +18,8 @@ import tensorflow as tf
 
 __all__ = ["SHUFFLE_BUFFER", "array_batches", "check_elements",
            "distillation_batches",
-           "evaluation_batches", "importance_batches", "label_check",
+           "evaluation_batches", "importance_batches", "kept_samples",
+           "label_check",
            "rehearsal_batches", "size", "training_batches"]
 
 # Elements held by the shuffle buffer: enough to mix a task's order, small
