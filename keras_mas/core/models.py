@@ -18,6 +18,7 @@ from keras_mas.core import path_integral as path_integral_lib
 from keras_mas.core import penalty as penalty_lib
 from keras_mas.core import preprocessing
 from keras_mas.core import regularizers
+from keras_mas.core import scalar_mean
 from keras_mas.core import trainer
 
 __all__ = ["MASModel", "FunctionalMASModel", "WrappedMASModel", "ESTIMATORS"]
@@ -124,8 +125,8 @@ class MASModel(keras.Model):
     self._init_mas()
 
   def _init_mas(self):
-    self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
-    self.penalty_tracker = keras.metrics.Mean(name="mas_penalty")
+    self.task_loss_tracker = scalar_mean.ScalarMean(name="task_loss")
+    self.penalty_tracker = scalar_mean.ScalarMean(name="mas_penalty")
     self._mas = None
     self._si_path = None
     self._stop_on_divergence = True

@@ -13,6 +13,7 @@ PyTorch runs it eagerly after autograd, the penalty's passes as multi-tensor
 
 import keras
 from keras import ops
+from keras.src.backend import in_stateless_scope
 
 from keras_mas import _backend
 
@@ -152,6 +153,35 @@ def _torch_dtype(dtype):
   return getattr(torch, keras.backend.standardize_dtype(dtype))
 
 
+def _eager_torch():
+  return _backend.TORCH and not in_stateless_scope()
+
+
+def _reads(variables):
+  """The variables' tensors. Eager PyTorch takes each variable's own
+  parameter: Keras's `.value` first checks the autocast and stateless
+  scopes, a few µs a variable, and a step reads three (θ, Ω, θ*) for each
+  parameter tensor."""
+  if _eager_torch():
+    return [v._value for v in variables]  # pylint: disable=protected-access
+  return [v.value for v in variables]
+
+
+def _dtypes(variables, slots):
+  """The dtype of `variables[i]` for each `i` of `slots` (None: None), on
+  eager PyTorch without Keras's `dtype` property (its autocast check)."""
+  if _eager_torch():
+    # pylint: disable-next=protected-access
+    return [None if i is None else variables[i]._value.dtype for i in slots]
+  return [None if i is None else variables[i].dtype for i in slots]
+
+
+def _float32(tensor):
+  if _backend.TORCH:
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+  return ops.cast(tensor, "float32")
+
+
 def proximal_step(targets, importances, anchors, rate):
   """Moves each θ to the minimiser of its quadratic: `(θ + cθ*) / (1 + c)`.
 
@@ -202,11 +232,11 @@ class PenaltyTerm:
           ops.equal(step.optimizer.iterations % self.log_interval, 0))
     # Variables no longer trainable (frozen since) count in the value only.
     penalty, combined = penalized_gradients(
-        [ops.cast(v, "float32") for v in state.targets],
-        [o.value for o in state.importances], [a.value for a in state.anchors],
+        [_float32(t) for t in _reads(state.targets)],
+        _reads(state.importances), _reads(state.anchors),
         [None if i is None else step.gradients[i] for i in slots],
-        [None if i is None or self.proximal else step.variables[i].dtype
-         for i in slots],
+        [None if i is None or self.proximal else dtype
+         for i, dtype in zip(slots, _dtypes(step.variables, slots))],
         strength, coefficient, due)
     for i, g in zip(slots, combined):
       if g is not None:
