@@ -446,8 +446,9 @@ def _run_corpora(lm, stop):
         "Invalid value for argument `task_dirs`. Expected the text corpora "
         "for the causal LM --init_model. Received: none")
   if _NUM_PROCESSES.value > 1:
-    # Not yet: its consolidation's normalization was seen to deadlock
-    # across processes (docs/guides/several-devices.md).
+    # Not yet: over two processes the run finishes, but its loss matrix
+    # differs from one process's on the same mesh by about 1 % after the
+    # first corpus's fit (docs/guides/several-devices.md), unexplained.
     raise ValueError(
         "Invalid value for argument `coordinator`. Expected a classifier's "
         "run: a causal LM --init_model trains on one process's devices "

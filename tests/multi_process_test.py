@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import app_runner
+from keras_mas.core import models
 from keras_mas.core import multi_process
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
@@ -61,6 +62,47 @@ def test_local_part_leaves_batches_alone_without_auto_sharding(monkeypatch):
                       lambda: _Distribution(2, auto_shard=False))
   x = np.arange(8)
   assert multi_process.local_part(x, 8) is x
+
+
+def test_own_rows_feed_each_process_its_rows_of_every_batch(monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(multi_process, "count", lambda: 2)
+  monkeypatch.setattr(multi_process, "index", lambda: 1)
+  distribution = _Distribution(2, shard=1)
+  monkeypatch.setattr(multi_process.keras.distribution, "distribution",
+                      lambda: distribution)
+  # Mapped after batching, with a smaller last batch: Keras's own sharding
+  # reads no batch size from it, and would split the last one unevenly.
+  batches = tf.data.Dataset.range(10).batch(4).map(lambda x: (x, -x))
+  with multi_process.own_rows(batches) as own:
+    assert not distribution.auto_shard_dataset  # Keras leaves them alone.
+    rows = [x.numpy().tolist() for x, _ in own]
+  assert distribution.auto_shard_dataset
+  assert rows == [[2, 3], [6, 7], [9]]
+  with multi_process.own_rows(batches.map(lambda x, y: x)) as own:
+    assert [x.numpy().tolist() for x in own] == rows
+
+
+def test_own_rows_leave_one_process_alone():
+  data = object()
+  with multi_process.own_rows(data) as own:
+    assert own is data
+
+
+def test_normalization_runs_the_same_sums_whatever_each_array_is(
+    monkeypatch):
+  # Across processes some entries are global arrays and some local (a
+  # variable without measured importance): the computations must not
+  # depend on which, nor the result differ from one process's.
+  importances = [np.arange(4.0, dtype="float32").reshape(2, 2),
+                 models.keras.ops.zeros((3,))]
+  alone = models._normalized(importances, "mean")  # pylint: disable=protected-access
+  monkeypatch.setattr(multi_process, "count", lambda: 2)
+  shared = models._normalized(importances, "mean")  # pylint: disable=protected-access
+  for a, b in zip(shared, alone):
+    np.testing.assert_allclose(models.keras.ops.convert_to_numpy(a),
+                               models.keras.ops.convert_to_numpy(b),
+                               rtol=1e-6)
 
 
 class _Device:
@@ -202,3 +244,4 @@ def test_a_killed_process_stops_the_other_and_resume_finishes(
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-3000:]
   assert _matrix(workdir) == one_process
+

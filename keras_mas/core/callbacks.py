@@ -37,13 +37,26 @@ class DriftLogger(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     per_layer = {}
     for v, _, anchor in self.model.mas_variables:
-      diff = tf.cast(v, "float32") - anchor
       per_layer.setdefault(_layer_name(v), []).append(
-          tf.reduce_sum(tf.square(diff)))
+          _squared_distance(v, anchor))
     with self.writer.as_default():
       for layer, squares in per_layer.items():
         tf.summary.scalar(f"drift/{layer}", tf.sqrt(tf.add_n(squares)),
                           step=epoch)
+
+
+def _squared_distance(variable, anchor):
+  """`Σ (v − θ*)²` as a float32 scalar of TensorFlow.
+
+  On JAX the sum runs where the shards are: across processes no process
+  can fetch a weight sharded over another's devices, but each can the
+  replicated sum (every process runs it, as every one runs the callback).
+  """
+  if keras.backend.backend() == "tensorflow":
+    return tf.reduce_sum(tf.square(tf.cast(variable, "float32") - anchor))
+  ops = keras.ops
+  diff = ops.cast(variable.value, "float32") - anchor.value
+  return tf.constant(ops.convert_to_numpy(ops.sum(ops.square(diff))))
 
 
 def log_importance(writer, model, step):

@@ -13,6 +13,7 @@ from keras_mas import _backend
 from keras_mas import importance as importance_lib
 from keras_mas.core import callbacks as callbacks_lib
 from keras_mas.core import exact_state
+from keras_mas.core import multi_process
 from keras_mas.core import multi_worker
 from keras_mas.core import path_integral as path_integral_lib
 from keras_mas.core import penalty as penalty_lib
@@ -968,8 +969,11 @@ def _is_plain_graph(model):
 def _normalized(importances, statistic):
   """`importances` divided by their `statistic` (`"mean"`, `"max"`) over
   every entry; unchanged where that is 0 (nothing measured)."""
-  if not all(getattr(o, "is_fully_addressable", True) for o in importances):
-    # Sharded across processes (JAX): the statistic where the shards are.
+  if multi_process.count() > 1:
+    # The statistic where the shards are. Decided by the run, not by each
+    # array: every process must run the same computations, and whether an
+    # entry is laid out over other processes' devices may differ from one
+    # entry to the next (a variable without measured importance is local).
     ops = keras.ops
     if statistic == "mean":
       count = sum(int(np.prod(o.shape)) for o in importances)

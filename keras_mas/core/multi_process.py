@@ -8,10 +8,10 @@ program. Three things differ from one process:
 * **Writing.** Process 0 alone writes the run's files
   (`keras_mas.experiments.checkpoints.is_chief`); the others write into a
   scratch folder that is removed, so every process runs the same code.
-* **Feeding.** Each process gives its own part of every global batch, as
-  Keras's `distribute_dataset` shards a `tf.data.Dataset` for `fit`:
-  `local_part` takes the same rows from an array batch that every process
-  holds whole (`consolidate`'s importance batches).
+* **Feeding.** Each process gives its own part of every global batch,
+  the rows Keras's `distribute_dataset` would give it: `local_part` takes
+  them from an array batch that every process holds whole (`consolidate`'s
+  importance batches), `own_rows` from each batch of a dataset for `fit`.
 * **Reading.** A value sharded over devices of other processes cannot be
   fetched to NumPy by one process alone. `whole_value` gathers it (every
   process calls it), and `whole_values` lends a model's variables their
@@ -26,8 +26,8 @@ import contextlib
 import keras
 import numpy as np
 
-__all__ = ["count", "index", "local_part", "peer_lost", "whole_value",
-           "whole_values"]
+__all__ = ["count", "index", "local_part", "own_rows", "peer_lost",
+           "whole_value", "whole_values"]
 
 # What JAX's runtime says when another process of the run has gone: its
 # collectives' connections close, or the coordinator misses its heartbeats.
@@ -89,6 +89,47 @@ def local_part(batch, global_size):
       lambda a: a[shard * rows:(shard + 1) * rows], batch)
 
 
+@contextlib.contextmanager
+def own_rows(dataset):
+  """`dataset` as `fit` takes it while open: each process's rows of the
+  global batches it yields (`local_part`), Keras's own sharding off.
+
+  Keras's `distribute_dataset` needs a batch size it can read from the
+  dataset (none after a `map`, nor with a smaller last batch) and splits a
+  smaller last batch unevenly among the processes, which then hold global
+  batches of different shapes. Every process draws the same global batches
+  instead (the same seeded order) and keeps its rows of each, the last one
+  included: the steps are those of one process over all the devices.
+
+  Args:
+    dataset: a `tf.data.Dataset` of global batches, the same in every
+      process.
+
+  Yields:
+    `dataset` itself for one process, under no distribution, or where the
+    distribution's `auto_shard_dataset` is off (each process gives its own
+    samples then); else this process's part of each batch.
+  """
+  distribution = keras.distribution.distribution()
+  if (count() == 1 or distribution is None
+      or not distribution.auto_shard_dataset):
+    yield dataset
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def part(*batch):
+    size = tf.shape(tf.nest.flatten(batch)[0])[0]
+    rows = local_part(batch, size)
+    return rows if len(rows) > 1 else rows[0]
+
+  mapped = dataset.map(part)  # Traced now, while Keras still shards.
+  distribution.auto_shard_dataset = False
+  try:
+    yield mapped
+  finally:
+    distribution.auto_shard_dataset = True
+
+
 def _held_whole_by_each(sharding, shape):
   """Whether every process's devices hold every piece of an array."""
   pieces = {}
@@ -128,8 +169,10 @@ def whole_values(model):
   Keras's saving (`model.save`, an export) reads them.
 
   Every process of the run must enter it, at the same point (it gathers);
-  the values are put back on exit. Variables that this process holds whole
-  are left as they are: Keras reads those already.
+  the values are put back on exit. Variables laid out over the devices of
+  every process are moved too, those this process holds whole included:
+  saving may combine two values (KerasHub merges LoRA's factors into their
+  kernel), which must then lie on the same device.
   """
   if count() == 1:
     yield
@@ -139,7 +182,8 @@ def whole_values(model):
   optimizer = getattr(model, "optimizer", None)
   variables, seen = [], set()
   for v in list(model.variables) + list(getattr(optimizer, "variables", [])):
-    if id(v) not in seen and _spans_processes(v.value):
+    if id(v) not in seen and not getattr(v.value, "is_fully_addressable",
+                                         True):
       seen.add(id(v))
       variables.append(v)
   gathered = multihost_utils.process_allgather(

@@ -21,8 +21,11 @@ print(results["loss_matrix"], results["forgetting"])
 ```
 """
 
+import contextlib
 import os
 import random
+import shutil
+import tempfile
 import time
 import weakref
 
@@ -33,6 +36,7 @@ import tensorflow as tf
 
 from keras_mas.core import model_parallel
 from keras_mas.core import models
+from keras_mas.core import multi_process
 from keras_mas.data import corpora as corpora_lib
 from keras_mas.experiments import checkpoints
 from keras_mas.experiments import configs
@@ -105,35 +109,39 @@ def run_corpora(run, model, workdir, importance_corpus=None, resume=False,
   checkpoints.check_writable(workdir)
   config = {**run.recorded(), "model": f"{type(lm).__name__}:{lm.name}",
             "importance_corpus": None if old is None else old.name}
-  with checkpoints.workdir_lock(workdir):
+  write_dir = _write_dir(workdir)
+  with checkpoints.workdir_lock(write_dir):
     net, progress, first = _start(run, lm, config, corpora, old, workdir,
-                                  resume, verbose)
-    writer = tf.summary.create_file_writer(os.path.join(workdir,
+                                  resume, verbose, write_dir)
+    writer = tf.summary.create_file_writer(os.path.join(write_dir,
                                                         "tensorboard"))
     setup_s = time.perf_counter() - entered
     for k in range(progress.first_task, len(corpora)):
-      _learn(net, run, corpora, k, old, progress, workdir, writer, stop,
+      _learn(net, run, corpora, k, old, progress, write_dir, writer, stop,
              first if k == progress.first_task else (0, 0), config, verbose)
     writer.close()
     results = {"method": run.method, "corpora": [c.name for c in corpora],
                **progress.summary(), "config": config, "setup_s": setup_s,
                "extra": extra or {}}
-    checkpoints.write_json(os.path.join(workdir, "results.json"), results)
+    checkpoints.write_json(os.path.join(write_dir, "results.json"), results)
+  if write_dir != workdir:
+    shutil.rmtree(write_dir, ignore_errors=True)
   if verbose:
     print(format_losses(results))
   return results
 
 
-def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
-           config, verbose):
-  """Corpus `k`: fit, measure, consolidate, checkpoint, export, log."""
+def _learn(net, run, corpora, k, old, progress, write_dir, writer, stop,
+           first, config, verbose):
+  """Corpus `k`: fit, measure, consolidate, checkpoint, export, log (into
+  `write_dir`)."""
   if stop is not None and stop.is_set():
     raise preemption.Preempted(stop.reason, k, resumable.resumes_from(k, None))
   started = time.perf_counter()
   _seed(run.seed * 1009 + k)
   preprocessor = net.preprocessor
   in_task = resumable.InTaskCheckpoint(
-      workdir, k, run.epochs, first, run.checkpoint_seconds,
+      write_dir, k, run.epochs, first, run.checkpoint_seconds,
       run.checkpoint_steps, stop,
       lambda: {"config": config, **progress.state()})
   if first == (0, 0):
@@ -147,7 +155,7 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
           preprocessor, corpora[k].train, run.batch_size,
           seed=run.seed * 1009 + k,
           multiple_of=model_parallel.data_parallel_size()),
-      k, run.epochs, first, verbose, workdir, writer, [in_task])
+      k, run.epochs, first, verbose, write_dir, writer, [in_task])
   if stop is not None and stop.is_set():
     raise preemption.Preempted(stop.reason, k,
                                resumable.resumes_from(k, in_task.last))
@@ -165,9 +173,9 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
                   consolidate_s=consolidated - evaluated)
   samples = _samples(net, corpora, run.generate_length)
   _log(writer, progress, corpora, samples, k)
-  checkpoints.write(workdir, k, net, {"config": config, **progress.state()})
-  checkpoints.remove_in_task(workdir)
-  _export_preset(net.model, os.path.join(workdir, "export", f"task_{k}"))
+  checkpoints.write(write_dir, k, net, {"config": config, **progress.state()})
+  checkpoints.remove_in_task(write_dir)
+  _export_preset(net.model, os.path.join(write_dir, "export", f"task_{k}"))
   progress.timings[-1]["save_s"] = time.perf_counter() - consolidated
   if verbose:
     losses = " ".join(f"{v:.3f}" for v in progress.matrix[k])
@@ -176,8 +184,18 @@ def _learn(net, run, corpora, k, old, progress, workdir, writer, stop, first,
           f"consolidate {consolidated - evaluated:.1f}s")
 
 
-def _start(run, lm, config, corpora, old, workdir, resume, verbose):
-  """`(net, progress, first)`: a new run's, or the one in `workdir`'s."""
+def _write_dir(workdir):
+  """`workdir` for the process that writes the run's files; across JAX
+  processes, a scratch folder for the others, which run the same code."""
+  if checkpoints.is_chief(None):
+    return workdir
+  return tempfile.mkdtemp(prefix="keras_mas_worker_")
+
+
+def _start(run, lm, config, corpora, old, workdir, resume, verbose,
+           write_dir):
+  """`(net, progress, first)`: a new run's, or the one in `workdir`'s
+  (read by every process; `write_dir` is this process's to clean)."""
   done = checkpoints.latest(workdir)
   in_task = checkpoints.latest_in_task(workdir)
   if in_task is not None and in_task[0] != (done[0] + 1 if done else 0):
@@ -192,7 +210,7 @@ def _start(run, lm, config, corpora, old, workdir, resume, verbose):
     state = checkpoints.read_state(path, keys=_STATE_KEYS)
     checkpoints.check_config(state.get("config"), config, workdir)
     net = checkpoints.load_model(path)
-    checkpoints.remove_partial_writes(workdir)
+    checkpoints.remove_partial_writes(write_dir)
     progress = _Progress.from_state(k, state)
     first = in_task[1:3] if in_task else (0, 0)
     if progress.first_task < len(corpora):
@@ -371,11 +389,29 @@ def _samples(net, corpora, length):
   for corpus in corpora:
     first = (corpus.test["prompts"][0] if corpus.kind == "supervised"
              else " ".join(corpus.test[0].split()[:_PROMPT_WORDS]))
-    generated = net.model.generate(
-        [first] * copies if copies > 1 else first,
-        max_length=min(length, net.preprocessor.sequence_length))
+    with _gathered_before_postprocess(net.preprocessor):
+      generated = net.model.generate(
+          [first] * copies if copies > 1 else first,
+          max_length=min(length, net.preprocessor.sequence_length))
     samples[corpus.name] = str(generated[0] if copies > 1 else generated)
   return samples
+
+
+@contextlib.contextmanager
+def _gathered_before_postprocess(preprocessor):
+  """Across processes, `generate`'s tokens gathered whole before the
+  preprocessor reads them: sharded over every process's devices, no
+  process can fetch them alone (every process generates, and gathers)."""
+  if multi_process.count() == 1:
+    yield
+    return
+  postprocess = preprocessor.generate_postprocess
+  preprocessor.generate_postprocess = lambda x: postprocess(
+      keras.tree.map_structure(multi_process.whole_value, x))
+  try:
+    yield
+  finally:
+    del preprocessor.generate_postprocess
 
 
 def _log(writer, progress, corpora, samples, k):
@@ -391,11 +427,13 @@ def _log(writer, progress, corpora, samples, k):
 
 
 def _export_preset(lm, target):
-  """`lm` as a KerasHub preset at `target`, whole or not at all."""
+  """`lm` as a KerasHub preset at `target`, whole or not at all. Across
+  processes every process gathers the weights that span processes."""
   parent = os.path.dirname(target)
   os.makedirs(parent, exist_ok=True)
   staging = f"{target}.partial-{os.getpid()}"
-  lm.save_to_preset(staging)
+  with multi_process.whole_values(lm):
+    lm.save_to_preset(staging)
   checkpoints.replace_directory(staging, target)
 
 

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_mas.core import callbacks as callbacks_lib
+from keras_mas.core import multi_process
 from keras_mas.experiments import checkpoints
 
 __all__ = ["InTaskCheckpoint", "fit_task", "resumes_from"]
@@ -125,13 +126,14 @@ def fit_task(net, x, k, epochs, first, verbose, write_dir, writer,
         next(iterator)
       rest = tf.data.Dataset.from_generator(
           lambda: iterator, output_signature=x.element_spec)
-      net.fit(rest, initial_epoch=k * epochs + epoch,
-              epochs=k * epochs + epoch + 1, **fit_options)
+      with multi_process.own_rows(rest) as batches:
+        net.fit(batches, initial_epoch=k * epochs + epoch,
+                epochs=k * epochs + epoch + 1, **fit_options)
       if net.stop_training:
         return
       iter(x)  # The one an uninterrupted epoch makes at its end.
       epoch += 1
     if epoch < epochs:
-      net.fit(x,  # batched and shuffled
-              initial_epoch=k * epochs + epoch, epochs=(k + 1) * epochs,
-              **fit_options)
+      with multi_process.own_rows(x) as batches:  # Batched, shuffled.
+        net.fit(batches, initial_epoch=k * epochs + epoch,
+                epochs=(k + 1) * epochs, **fit_options)
