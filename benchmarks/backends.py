@@ -238,12 +238,16 @@ _WHY = {
     ("fit", "jax"):
         "the step is compiled whole and the penalty fuses; what remains is "
         "reading Ω and θ* (and the value's reduction) in every step, "
-        "memory-bound on a large layer, and fixed per-step costs of a short "
-        "step (Ω, θ* and MAS's two logged metrics carried through it)",
+        "memory-bound on a large layer (on the MLP, reading them once at "
+        "this machine's 24 GB/s is 0.22 ms, 5% of the 4 ms step: 1.05 is "
+        "the floor itself), and fixed per-step costs of a short step (Ω, "
+        "θ* and MAS's two logged metrics carried through it)",
     ("fit", "torch"):
-        "eager: each of the penalty's passes is a kernel, a parallel region "
-        "of its own on CPUs (four per variable, in multi-tensor calls), and "
-        "the regions wait for each other where the cores are shared",
+        "eager: the penalty's four passes (θ − θ*, Ω·, the addition, the "
+        "value's dot) are kernels of their own, reading and writing the "
+        "arrays about eleven times where one fused pass would five; the "
+        "penalty compiled alone by torch.compile took 0.63 ms of the MLP's "
+        "step against 0.90 ms, after 4 s of compiling in every new process",
     ("importance", "jax"):
         "the exact pass is the MLP's closed form (|X|ᵀ|Δ| per Dense layer): "
         "a forward and a backward pass over every sample with as much "

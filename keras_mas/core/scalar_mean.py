@@ -33,9 +33,7 @@ class ScalarMean(keras.metrics.Mean):
   tracker.result()  # 1.0
   ```
 
-  Args:
-    name: the metric's name, as it appears in the logs.
-    dtype: the dtype of its state and result.
+  Its arguments are `keras.metrics.Mean`'s (`name`, `dtype`).
   """
 
   def update_state(self, values, sample_weight=None):
