@@ -24,10 +24,9 @@ from keras_mas.core import models
 from keras_mas.core import multi_process
 
 __all__ = ["check_config", "check_writable", "copy_model", "is_chief",
-           "latest", "latest_in_task", "load_model", "read_json",
-           "read_state", "remove_in_task", "remove_partial_writes",
-           "replace_directory", "workdir_lock", "write", "write_in_task",
-           "write_json"]
+           "latest", "latest_in_task", "load_model", "read_json", "read_state",
+           "remove_in_task", "remove_partial_writes", "replace_directory",
+           "workdir_lock", "write", "write_dir", "write_in_task", "write_json"]
 
 _CHECKPOINTS = "checkpoints"
 _LOCK = ".lock"
@@ -50,6 +49,15 @@ def is_chief(strategy):
     return True
   return (task_type == "worker" and task_id == 0
           and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def write_dir(workdir, strategy=None):
+  """Where this worker writes the run's files: `workdir` for the one that
+  `is_chief`; for the others, which run the same code, a scratch folder
+  (theirs to remove at the end)."""
+  if is_chief(strategy):
+    return workdir
+  return tempfile.mkdtemp(prefix="keras_mas_worker_")
 
 
 def check_writable(workdir):

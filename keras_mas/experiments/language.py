@@ -25,7 +25,6 @@ import contextlib
 import os
 import random
 import shutil
-import tempfile
 import time
 import weakref
 
@@ -109,7 +108,7 @@ def run_corpora(run, model, workdir, importance_corpus=None, resume=False,
   checkpoints.check_writable(workdir)
   config = {**run.recorded(), "model": f"{type(lm).__name__}:{lm.name}",
             "importance_corpus": None if old is None else old.name}
-  write_dir = _write_dir(workdir)
+  write_dir = checkpoints.write_dir(workdir)
   with checkpoints.workdir_lock(write_dir):
     net, progress, first = _start(run, lm, config, corpora, old, workdir,
                                   resume, verbose, write_dir)
@@ -182,14 +181,6 @@ def _learn(net, run, corpora, k, old, progress, write_dir, writer, stop,
     print(f"task {k} ({corpora[k].name}): next-token loss on corpora 0.."
           f"{len(corpora) - 1}: {losses}  fit {trained - started:.1f}s  "
           f"consolidate {consolidated - evaluated:.1f}s")
-
-
-def _write_dir(workdir):
-  """`workdir` for the process that writes the run's files; across JAX
-  processes, a scratch folder for the others, which run the same code."""
-  if checkpoints.is_chief(None):
-    return workdir
-  return tempfile.mkdtemp(prefix="keras_mas_worker_")
 
 
 def _start(run, lm, config, corpora, old, workdir, resume, verbose,

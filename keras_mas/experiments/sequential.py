@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 import weakref
 
@@ -193,8 +192,7 @@ class _Context:
     self.verbose = verbose
     self.scope = (strategy.scope if strategy is not None
                   else contextlib.nullcontext)
-    self.write_dir = (workdir if checkpoints.is_chief(strategy)
-                      else tempfile.mkdtemp(prefix="keras_mas_worker_"))
+    self.write_dir = checkpoints.write_dir(workdir, strategy)
     self.writer = None
 
 
